@@ -1,0 +1,23 @@
+"""curate: turn a messy folder of images into a clean, captioned, bucketed LoRA training set."""
+
+from __future__ import annotations
+
+from .dataset import Dataset
+from .errors import CurateError
+
+__version__ = "0.1.0"
+
+
+def scan(path: str, **options):
+    """Scan ``path`` and return the scan summary (see :meth:`Dataset.scan`)."""
+    with Dataset.open(path) as ds:
+        return ds.scan(**options)
+
+
+def dedupe(path: str, **options):
+    """Group duplicates in ``path`` and keep the best copy of each (see :meth:`Dataset.dedupe`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.dedupe(**options)
+
+
+__all__ = ["Dataset", "CurateError", "scan", "dedupe", "__version__"]

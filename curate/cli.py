@@ -1,0 +1,321 @@
+"""The `curate` command: thin typer commands that parse options, call the library and print with rich."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated
+
+import typer
+
+from .dataset import Dataset
+from .ui import (
+    ConfigOpt,
+    DatasetArg,
+    JsonOpt,
+    ManifestOpt,
+    console,
+    handle_errors,
+    print_json,
+    progress_bar,
+    table,
+)
+
+app = typer.Typer(
+    help="Curate image datasets for LoRA training: scan, check, dedupe, filter, tag, caption, split, "
+    "bucket, export, plan, train.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command groups living in their own modules; each defines register(app).
+PLUGINS: list[str] = []
+
+
+def _open(path: str, manifest: str | None, config: str | None, create: bool = True) -> Dataset:
+    return Dataset.open(path, manifest=manifest, config=config, create=create)
+
+
+def _do_scan(ds: Dataset, as_json: bool) -> dict:
+    with progress_bar("scan", enabled=not as_json) as bar:
+        res = ds.scan(progress=bar)
+    return res.as_dict()
+
+
+def _print_scan(d: dict) -> None:
+    rows = [
+        ("files", d["total_files"]),
+        ("read", d["scanned"]),
+        ("new images decoded", d["decoded"]),
+        ("unchanged (skipped)", d["unchanged"]),
+        ("missing since last scan", d["missing"]),
+        *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
+        ("seconds", f"{d['seconds']:.2f}"),
+    ]
+    console.print(table("scan", ["", "count"], rows))
+
+
+@app.command()
+@handle_errors
+def scan(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
+    """Read every new or changed image once: metadata, quality scores, perceptual hashes."""
+    with _open(path, manifest, config) as ds:
+        d = _do_scan(ds, as_json)
+        d["summary"] = ds.summary()
+    if as_json:
+        print_json(d)
+    else:
+        _print_scan(d)
+        if d["interrupted"]:
+            console.print("[yellow]interrupted: rerun `curate scan` to continue[/]")
+
+
+def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
+    res = ds.apply()
+    if not as_json:
+        console.print(
+            f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
+        )
+        for p, why in res.skipped:
+            console.print(f"[yellow]skipped[/] {p}: {why}")
+    return res.as_dict()
+
+
+@app.command("filter")
+@handle_errors
+def filter_cmd(
+    path: DatasetArg,
+    min_side: Annotated[
+        int | None, typer.Option(help="Reject images whose short side is below this.")
+    ] = None,
+    max_aspect: Annotated[
+        float | None, typer.Option(help="Reject long/short side ratios above this.")
+    ] = None,
+    min_sharpness: Annotated[
+        float | None, typer.Option("--min-sharpness", help="Reject blurrier images (variance of Laplacian).")
+    ] = None,
+    min_brightness: Annotated[float | None, typer.Option(help="Reject darker images (mean 0..1).")] = None,
+    max_brightness: Annotated[float | None, typer.Option(help="Reject brighter images (mean 0..1).")] = None,
+    min_entropy: Annotated[float | None, typer.Option(help="Reject near-constant images (bits).")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="Accept a flag otherwise rejected: animated, cmyk, 16bit, alpha.")
+    ] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Move rejects into .curate/quarantine.")] = False,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Mark images that break quality thresholds as rejects, with a reason each (scores are not recomputed)."""
+    with _open(path, manifest, config, create=False) as ds:
+        flags = None
+        if allow:
+            flags = tuple(f for f in ds.config.filter.reject_flags if f not in allow)
+        res = ds.filter(
+            min_side=min_side,
+            max_aspect=max_aspect,
+            min_sharpness=min_sharpness,
+            min_brightness=min_brightness,
+            max_brightness=max_brightness,
+            min_entropy=min_entropy,
+            reject_flags=flags,
+        )
+        out = {"filter": res.as_dict()}
+        if not as_json:
+            rows = sorted(res.by_reason.items(), key=lambda kv: -kv[1])
+            console.print(
+                table(f"filter: {res.rejected} of {res.checked} images rejected", ["reason", "images"], rows)
+            )
+        if apply:
+            out["apply"] = _apply_and_print(ds, as_json)
+    if as_json:
+        print_json(out)
+
+
+@app.command()
+@handle_errors
+def dedupe(
+    path: DatasetArg,
+    method: Annotated[
+        str | None, typer.Option(help="phash, dhash, hash (pHash+dHash), clip, or both.")
+    ] = None,
+    phash_threshold: Annotated[int | None, typer.Option(help="Max pHash Hamming distance (0-64).")] = None,
+    dhash_threshold: Annotated[int | None, typer.Option(help="Max dHash Hamming distance (0-64).")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="CLIP cosine similarity threshold (clip/both).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="CLIP model: open_clip name, hf-hub: id or local path.")
+    ] = None,
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag or weights file.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="CLIP batch size.")] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="Keep-best order, comma separated: pixels,sharpness,filesize,png.")
+    ] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Move duplicates into .curate/quarantine.")] = False,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Group exact and near duplicates and keep the best copy of each group."""
+    from .errors import CurateError
+
+    for name, v in (("--phash-threshold", phash_threshold), ("--dhash-threshold", dhash_threshold)):
+        if v is not None and not 0 <= v <= 64:
+            raise CurateError(f"{name} must be between 0 and 64 (Hamming distance of a 64-bit hash), got {v}")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise CurateError(f"--threshold is a cosine similarity between -1 and 1, got {threshold}")
+    clip = {
+        k: v
+        for k, v in dict(
+            model=model, pretrained=pretrained, threshold=threshold, device=device, batch_size=batch_size
+        ).items()
+        if v is not None
+    }
+    with _open(path, manifest, config, create=False) as ds:
+        with progress_bar("dedupe", enabled=not as_json) as bar:
+            res = ds.dedupe(
+                method=method,
+                phash_threshold=phash_threshold,
+                dhash_threshold=dhash_threshold,
+                keep=tuple(keep.split(",")) if keep else None,
+                clip=clip,
+                progress=bar,
+            )
+        out = {"dedupe": res.as_dict()}
+        if not as_json:
+            rows = [
+                (g.id, g.method, g.keeper, len(g.members) - 1, "; ".join(g.members[1:])) for g in res.groups
+            ]
+            console.print(
+                table(
+                    f"dedupe: {len(res.groups)} groups, {res.rejected} files marked duplicate",
+                    ["group", "method", "kept", "dropped", "duplicates"],
+                    rows,
+                )
+            )
+        if apply:
+            out["apply"] = _apply_and_print(ds, as_json)
+    if as_json:
+        print_json(out)
+
+
+@app.command()
+@handle_errors
+def check(
+    path: DatasetArg,
+    rule: Annotated[list[str] | None, typer.Option(help="Only these rules (default: all).")] = None,
+    no_scan: Annotated[
+        bool, typer.Option("--no-scan", help="Use the manifest as is, do not rescan.")
+    ] = False,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Exit 1 with a table of every violated rule (use as a pre-commit hook on a dataset repo)."""
+    from .stages.check import RULES
+
+    if rule:
+        unknown = [r for r in rule if r not in RULES]
+        if unknown:
+            from .errors import CurateError
+
+            raise CurateError(f"unknown rule(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
+    with _open(path, manifest, config) as ds:
+        if not no_scan:
+            with progress_bar("scan", enabled=not as_json) as bar:
+                ds.scan(progress=bar)
+        violations = ds.check(rule)
+    if as_json:
+        print_json({"ok": not violations, "violations": [v.as_dict() for v in violations]})
+    elif violations:
+        console.print(
+            table(
+                f"check: {len(violations)} violation(s)",
+                ["file", "rule", "detail / fix"],
+                [(v.path, v.rule, v.detail) for v in violations],
+            )
+        )
+    else:
+        console.print("[green]check: all rules pass[/]")
+    raise typer.Exit(1 if violations else 0)
+
+
+@app.command()
+@handle_errors
+def report(
+    path: DatasetArg,
+    out: Annotated[
+        str | None, typer.Option(help="HTML file (default: <dataset>/.curate/report.html).")
+    ] = None,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Write an HTML page: summary, duplicate groups as contact sheets, rejects with reasons."""
+    with _open(path, manifest, config, create=False) as ds:
+        p = ds.report(out)
+    if as_json:
+        print_json({"report": str(p)})
+    else:
+        console.print(f"report written to {p}")
+
+
+@app.command()
+@handle_errors
+def apply(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
+    """Move every rejected file into <dataset>/.curate/quarantine (undo with `curate restore`)."""
+    with _open(path, manifest, config, create=False) as ds:
+        out = _apply_and_print(ds, as_json)
+    if as_json:
+        print_json(out)
+
+
+@app.command()
+@handle_errors
+def restore(
+    path: DatasetArg,
+    batch: Annotated[str | None, typer.Option(help="Restore only this apply batch (default: all).")] = None,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Undo --apply: move quarantined files back where they were (never overwriting)."""
+    with _open(path, manifest, config, create=False) as ds:
+        res = ds.restore(batch=batch)
+    if as_json:
+        print_json(res.as_dict())
+    else:
+        console.print(f"restored {len(res.moved)} file(s)")
+        for p, why in res.skipped:
+            console.print(f"[yellow]skipped[/] {p}: {why}")
+
+
+@app.command()
+@handle_errors
+def status(
+    path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
+):
+    """Counts from the manifest: files, distinct images, rejects, quarantined."""
+    with _open(path, manifest, config, create=False) as ds:
+        counts = ds.summary()
+    if as_json:
+        print_json(counts)
+    else:
+        console.print(table("status", ["", "count"], list(counts.items())))
+
+
+def _load_plugins() -> None:
+    for name in PLUGINS:
+        importlib.import_module(name).register(app)
+
+
+_load_plugins()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The Python entry point: ``Dataset.open(path)`` and one method per stage, each a call on the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_NAME, Config, override
+from .errors import CurateError
+from .manifest import ImageRecord, Manifest
+
+
+class Dataset:
+    """A folder of images plus its manifest and options."""
+
+    def __init__(self, root: Path, manifest: Manifest, config: Config) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.config = config
+
+    @classmethod
+    def open(
+        cls,
+        root: str | Path,
+        *,
+        manifest: str | Path | None = None,
+        config: str | Path | None = None,
+        create: bool = True,
+    ) -> Dataset:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise CurateError(f"dataset folder {root} does not exist; check the path")
+        if not root.is_dir():
+            raise CurateError(f"{root} is a file; pass the folder that holds the images")
+        if config is not None and not Path(config).exists():
+            raise CurateError(f"config file {config} does not exist")
+        cfg = Config.load(config if config is not None else root / CONFIG_NAME)
+        return cls(root.resolve(), Manifest(root, manifest, create=create), cfg)
+
+    def close(self) -> None:
+        self.manifest.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages ------------------------------------------------------------------------------------
+    def scan(self, *, progress=None, **options: Any):
+        """Read new/changed images; record metadata, quality scores and perceptual hashes."""
+        from .stages.scan import scan
+
+        return scan(self.manifest, override(self.config.scan, **options), progress=progress)
+
+    def filter(self, **options: Any):
+        """Mark images that break quality thresholds as rejects (stored scores only, no decoding)."""
+        from .stages.filter import filter_images
+
+        return filter_images(self.manifest, override(self.config.filter, **options))
+
+    def dedupe(self, *, clip: dict[str, Any] | None = None, progress=None, **options: Any):
+        """Group exact and near duplicates and keep the best copy of each group.
+
+        ``method`` is phash, dhash, hash (pHash and dHash agree), clip, or both (hash + CLIP).
+        ``clip`` holds options for the CLIP finder (model, pretrained, threshold, device, batch_size).
+        """
+        from .stages.dedupe import dedupe
+
+        cfg = override(self.config.dedupe, **options)
+        extra = None
+        if cfg.method in ("clip", "both"):
+            from .stages.clip_dedupe import clip_pair_finder
+
+            extra = clip_pair_finder(
+                self.manifest, progress=progress, **{**self.config.section("clip"), **(clip or {})}
+            )
+        elif cfg.method not in ("phash", "dhash", "hash"):
+            raise CurateError(
+                f"unknown dedupe method {cfg.method!r}; choose phash, dhash, hash, clip or both"
+            )
+        return dedupe(self.manifest, cfg, extra_pairs=extra)
+
+    def check(self, rules: list[str] | None = None):
+        from .stages.check import check
+
+        return check(self.manifest, self.config, rules)
+
+    def apply(self, *, dry_run: bool = False):
+        """Move rejected files into ``.curate/quarantine`` (undo with :meth:`restore`)."""
+        from .stages.quarantine import apply_rejects
+
+        return apply_rejects(self.manifest, dry_run=dry_run)
+
+    def restore(self, *, batch: str | None = None):
+        from .stages.quarantine import restore
+
+        return restore(self.manifest, batch=batch)
+
+    def report(self, out: str | Path | None = None) -> Path:
+        from .export.report import build_report
+
+        return build_report(self.manifest, Path(out) if out else None)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def images(self) -> list[ImageRecord]:
+        return self.manifest.images()
+
+    def kept(self) -> list[ImageRecord]:
+        """Images that survive every decision so far (one path each)."""
+        return self.manifest.kept_images()
+
+    def summary(self) -> dict[str, Any]:
+        return self.manifest.counts()
+
+    def with_options(self, section: str, **options: Any) -> Dataset:
+        cfg = dataclasses.replace(
+            self.config, **{section: override(getattr(self.config, section), **options)}
+        )
+        return Dataset(self.root, self.manifest, cfg)

@@ -1,0 +1,348 @@
+"""The dataset record: one row per distinct image (keyed by the SHA-256 of its bytes), one row per file path.
+
+Stored in SQLite (WAL) at ``<dataset>/.curate/manifest.db``. Every stage reads and writes this record;
+no stage keeps hidden state elsewhere. Decisions are rows in ``rejects`` (one per path and stage), so a
+stage can be re-run with new thresholds by replacing only its own rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CurateError
+from .io import STATE_DIR
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    sha256      TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    format      TEXT,
+    mode        TEXT,
+    width       INTEGER,
+    height      INTEGER,
+    n_frames    INTEGER DEFAULT 1,
+    flags       TEXT NOT NULL DEFAULT '[]',
+    error       TEXT,              -- reason code when the bytes cannot be used (truncated, not-an-image, ...)
+    error_detail TEXT,
+    scores      TEXT NOT NULL DEFAULT '{}',
+    phash       TEXT,              -- 64-bit, 16 hex digits
+    dhash       TEXT,
+    dup_group   INTEGER,           -- near/exact duplicate group id (NULL: no duplicate)
+    dup_keeper  INTEGER,           -- 1 for the copy kept in its group
+    dup_explain TEXT,
+    tags        TEXT,              -- JSON list, filled by the tagger
+    caption     TEXT,
+    split       TEXT,              -- 'train' | 'val'
+    bucket_w    INTEGER,
+    bucket_h    INTEGER,
+    scanned_at  REAL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path        TEXT PRIMARY KEY,  -- relative to the dataset root, POSIX separators
+    sha256      TEXT,              -- NULL when the file could not be read at all
+    size        INTEGER,
+    mtime_ns    INTEGER,
+    status      TEXT NOT NULL DEFAULT 'ok',   -- ok | quarantined | missing
+    error       TEXT,              -- reason when unreadable (permission, broken-symlink, ...)
+    error_detail TEXT,
+    seen_at     REAL
+);
+CREATE INDEX IF NOT EXISTS files_sha ON files(sha256);
+CREATE TABLE IF NOT EXISTS rejects (
+    path    TEXT NOT NULL,
+    stage   TEXT NOT NULL,         -- scan | filter | dedupe | ...
+    reason  TEXT NOT NULL,
+    detail  TEXT,
+    PRIMARY KEY (path, stage)
+);
+CREATE TABLE IF NOT EXISTS moves (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch   TEXT NOT NULL,
+    src     TEXT NOT NULL,         -- relative path in the dataset
+    dst     TEXT NOT NULL,         -- relative path under the quarantine folder
+    state   TEXT NOT NULL,         -- pending | done | restored
+    at      REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class ImageRecord:
+    """One distinct image as the manifest knows it."""
+
+    sha256: str
+    path: str  # representative path (relative), the first kept path
+    paths: list[str]
+    size: int
+    format: str | None
+    mode: str | None
+    width: int | None
+    height: int | None
+    flags: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    phash: str | None = None
+    dhash: str | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    dup_group: int | None = None
+    dup_keeper: bool | None = None
+    dup_explain: str | None = None
+    tags: list[str] | None = None
+    caption: str | None = None
+    split: str | None = None
+    bucket: tuple[int, int] | None = None
+
+    @property
+    def pixels(self) -> int:
+        return (self.width or 0) * (self.height or 0)
+
+
+def _decode_row(row: sqlite3.Row, paths: list[str]) -> ImageRecord:
+    return ImageRecord(
+        sha256=row["sha256"],
+        path=paths[0] if paths else "",
+        paths=paths,
+        size=row["size"],
+        format=row["format"],
+        mode=row["mode"],
+        width=row["width"],
+        height=row["height"],
+        flags=json.loads(row["flags"] or "[]"),
+        scores=json.loads(row["scores"] or "{}"),
+        phash=row["phash"],
+        dhash=row["dhash"],
+        error=row["error"],
+        error_detail=row["error_detail"],
+        dup_group=row["dup_group"],
+        dup_keeper=None if row["dup_keeper"] is None else bool(row["dup_keeper"]),
+        dup_explain=row["dup_explain"],
+        tags=json.loads(row["tags"]) if row["tags"] else None,
+        caption=row["caption"],
+        split=row["split"],
+        bucket=(row["bucket_w"], row["bucket_h"]) if row["bucket_w"] else None,
+    )
+
+
+def default_manifest_path(root: Path) -> Path:
+    return root / STATE_DIR / MANIFEST_NAME
+
+
+class Manifest:
+    """SQLite-backed dataset record. Cheap to open; safe to interrupt (every batch commits)."""
+
+    def __init__(
+        self, root: str | os.PathLike, path: str | os.PathLike | None = None, *, create: bool = True
+    ):
+        self.root = Path(root).resolve()
+        self.path = Path(path).resolve() if path else default_manifest_path(self.root)
+        if not self.path.exists() and not create:
+            raise CurateError(f"no manifest at {self.path}; run `curate scan {root}` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    # -- schema ---------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        # executescript commits implicitly, so it runs outside any explicit transaction.
+        self.conn.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+            self.set_meta("created_at", str(time.time()))
+        elif int(version) > SCHEMA_VERSION:
+            raise CurateError(
+                f"manifest {self.path} has schema v{version}, newer than this curate (v{SCHEMA_VERSION}); "
+                "upgrade curate: pip install -U curate"
+            )
+
+    def ensure_table(self, ddl: str) -> None:
+        """Create a stage-owned table (``CREATE TABLE IF NOT EXISTS ...``) if missing."""
+        self.conn.executescript(ddl)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; rolls back on error. Nested use joins the outer transaction."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- files ----------------------------------------------------------------------------------
+    def file_index(self) -> dict[str, tuple[str | None, int | None, int | None, str]]:
+        """path -> (sha256, size, mtime_ns, status) for every known file."""
+        rows = self.conn.execute("SELECT path, sha256, size, mtime_ns, status FROM files")
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+    def known_hashes(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT sha256 FROM images")}
+
+    def upsert_file(
+        self,
+        path: str,
+        sha256: str | None,
+        size: int | None,
+        mtime_ns: int | None,
+        *,
+        status: str = "ok",
+        error: str | None = None,
+        error_detail: str | None = None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO files(path, sha256, size, mtime_ns, status, error, error_detail, seen_at)"
+            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET sha256=excluded.sha256,"
+            " size=excluded.size, mtime_ns=excluded.mtime_ns, status=excluded.status,"
+            " error=excluded.error, error_detail=excluded.error_detail, seen_at=excluded.seen_at",
+            (path, sha256, size, mtime_ns, status, error, error_detail, time.time()),
+        )
+
+    def set_file_status(self, path: str, status: str) -> None:
+        self.conn.execute("UPDATE files SET status=? WHERE path=?", (status, path))
+
+    def upsert_image(self, row: dict[str, Any]) -> None:
+        cols = [
+            "sha256", "size", "format", "mode", "width", "height", "n_frames", "flags", "error",
+            "error_detail", "scores", "phash", "dhash", "scanned_at",
+        ]  # fmt: skip
+        values = [row.get(c) for c in cols]
+        values[cols.index("flags")] = json.dumps(row.get("flags") or [])
+        values[cols.index("scores")] = json.dumps(row.get("scores") or {})
+        placeholders = ",".join("?" * len(cols))
+        updates = ",".join(f"{c}=excluded.{c}" for c in cols[1:])
+        self.conn.execute(
+            f"INSERT INTO images({','.join(cols)}) VALUES ({placeholders})"
+            f" ON CONFLICT(sha256) DO UPDATE SET {updates}",
+            values,
+        )
+
+    # -- queries ----------------------------------------------------------------------------------
+    def _paths_by_sha(self, statuses: tuple[str, ...] = ("ok",)) -> dict[str, list[str]]:
+        q = f"SELECT sha256, path FROM files WHERE sha256 IS NOT NULL AND status IN ({','.join('?' * len(statuses))}) ORDER BY length(path), path"
+        out: dict[str, list[str]] = {}
+        for sha, path in self.conn.execute(q, statuses):
+            out.setdefault(sha, []).append(path)
+        return out
+
+    def images(
+        self, *, include_errors: bool = True, statuses: tuple[str, ...] = ("ok",)
+    ) -> list[ImageRecord]:
+        """Every distinct image that has at least one file with one of ``statuses``."""
+        paths = self._paths_by_sha(statuses)
+        rows = self.conn.execute("SELECT * FROM images ORDER BY sha256")
+        out = []
+        for row in rows:
+            p = paths.get(row["sha256"])
+            if not p:
+                continue
+            if not include_errors and row["error"]:
+                continue
+            out.append(_decode_row(row, p))
+        out.sort(key=lambda r: r.path)
+        return out
+
+    def image(self, sha256: str) -> ImageRecord | None:
+        row = self.conn.execute("SELECT * FROM images WHERE sha256=?", (sha256,)).fetchone()
+        if row is None:
+            return None
+        return _decode_row(row, self._paths_by_sha(("ok", "quarantined")).get(sha256, []))
+
+    def rejected_paths(self) -> dict[str, list[tuple[str, str, str | None]]]:
+        """path -> [(stage, reason, detail), ...]."""
+        out: dict[str, list[tuple[str, str, str | None]]] = {}
+        for path, stage, reason, detail in self.conn.execute(
+            "SELECT path, stage, reason, detail FROM rejects ORDER BY path, stage"
+        ):
+            out.setdefault(path, []).append((stage, reason, detail))
+        return out
+
+    def kept_images(self) -> list[ImageRecord]:
+        """Images with at least one present, un-rejected file; ``path`` is that file."""
+        rejected = self.rejected_paths()
+        out = []
+        for rec in self.images(include_errors=False):
+            keep = [p for p in rec.paths if p not in rejected]
+            if keep:
+                rec.paths = keep
+                rec.path = keep[0]
+                out.append(rec)
+        return out
+
+    def set_rejects(self, stage: str, rejects: dict[str, tuple[str, str | None]]) -> None:
+        """Replace every reject row of ``stage`` with ``rejects`` (path -> (reason, detail))."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM rejects WHERE stage=?", (stage,))
+            self.conn.executemany(
+                "INSERT INTO rejects(path, stage, reason, detail) VALUES (?,?,?,?)",
+                [(p, stage, r, d) for p, (r, d) in rejects.items()],
+            )
+
+    def update_images(self, column_values: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Set columns per image: iterable of (sha256, {column: value}). JSON-encodes lists/dicts."""
+        with self.transaction():
+            for sha, values in column_values:
+                if not values:
+                    continue
+                cols = list(values)
+                vals = [json.dumps(v) if isinstance(v, (list, dict)) else v for v in values.values()]
+                self.conn.execute(
+                    f"UPDATE images SET {', '.join(f'{c}=?' for c in cols)} WHERE sha256=?", [*vals, sha]
+                )
+
+    def file_errors(self) -> list[sqlite3.Row]:
+        """Files that could not be read at all (permissions, broken symlinks)."""
+        return list(
+            self.conn.execute("SELECT * FROM files WHERE error IS NOT NULL AND status='ok' ORDER BY path")
+        )
+
+    def counts(self) -> dict[str, int]:
+        c = self.conn
+        return {
+            "files": c.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0],
+            "images": c.execute(
+                "SELECT count(DISTINCT sha256) FROM files WHERE status='ok' AND sha256 IS NOT NULL"
+            ).fetchone()[0],
+            "quarantined": c.execute("SELECT count(*) FROM files WHERE status='quarantined'").fetchone()[0],
+            "rejected_files": c.execute(
+                "SELECT count(DISTINCT r.path) FROM rejects r JOIN files f ON f.path=r.path WHERE f.status='ok'"
+            ).fetchone()[0],
+        }

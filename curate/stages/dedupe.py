@@ -1,0 +1,293 @@
+"""Hash dedupe: exact copies (same SHA-256) and perceptual near-duplicates (64-bit pHash / dHash).
+
+Near-duplicate search is multi-index hashing: the 64-bit code is cut into four 16-bit blocks, and two
+codes within Hamming distance t agree within t // 4 bits on at least one block (pigeonhole). So each
+block is bucketed once and probed with every mask of at most t // 4 bits; candidates are verified with
+XOR + popcount. No Python loop over pairs. Groups are connected components of the pair graph
+(union-find), and each group keeps its best copy by a configurable policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from ..config import DedupeConfig
+from ..manifest import ImageRecord, Manifest
+
+_BLOCK_BITS = 16
+_N_BLOCKS = 64 // _BLOCK_BITS
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Bit count of each uint64."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _POPCOUNT8[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1)
+
+
+def hex_to_u64(hexes: Sequence[str]) -> np.ndarray:
+    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+
+
+def _masks(bits: int, radius: int) -> np.ndarray:
+    out = [0]
+    for r in range(1, radius + 1):
+        for combo in combinations(range(bits), r):
+            out.append(sum(1 << b for b in combo))
+    return np.array(out, dtype=np.int64)
+
+
+def near_pairs(codes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (i < j) with Hamming distance <= threshold. Returns (i, j, distance)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint64)
+    n = len(codes)
+    empty = np.zeros(0, np.int64)
+    if n < 2 or threshold < 0:
+        return empty, empty, empty
+    if n <= 4096 or threshold >= 4 * _N_BLOCKS:
+        return _pairs_bruteforce(codes, threshold)
+    radius = threshold // _N_BLOCKS
+    masks = _masks(_BLOCK_BITS, radius)
+    found_i, found_j = [], []
+    idx = np.arange(n, dtype=np.int64)
+    for b in range(_N_BLOCKS):
+        vals = ((codes >> np.uint64(b * _BLOCK_BITS)) & np.uint64(0xFFFF)).astype(np.int64)
+        order = np.argsort(vals, kind="stable")
+        counts = np.bincount(vals, minlength=1 << _BLOCK_BITS)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        for m in masks:
+            q = vals ^ m
+            c = counts[q]
+            total = int(c.sum())
+            if total == 0:
+                continue
+            i_rep = np.repeat(idx, c)
+            offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+            j = order[np.repeat(starts[q], c) + offs]
+            sel = i_rep < j
+            i_rep, j = i_rep[sel], j[sel]
+            d = popcount64(codes[i_rep] ^ codes[j])
+            ok = d <= threshold
+            if ok.any():
+                found_i.append(i_rep[ok])
+                found_j.append(j[ok])
+    if not found_i:
+        return empty, empty, empty
+    keys = np.unique(np.concatenate(found_i) * n + np.concatenate(found_j))
+    i, j = keys // n, keys % n
+    return i, j, popcount64(codes[i] ^ codes[j]).astype(np.int64)
+
+
+def _pairs_bruteforce(codes: np.ndarray, threshold: int, block: int = 1024):
+    n = len(codes)
+    out_i, out_j, out_d = [], [], []
+    for s in range(0, n, block):
+        a = codes[s : s + block]
+        d = popcount64(a[:, None] ^ codes[None, :])
+        ii, jj = np.nonzero(d <= threshold)
+        ii = ii + s
+        sel = ii < jj
+        out_i.append(ii[sel])
+        out_j.append(jj[sel])
+        out_d.append(d[ii[sel] - s, jj[sel]])
+    return (
+        np.concatenate(out_i).astype(np.int64),
+        np.concatenate(out_j).astype(np.int64),
+        np.concatenate(out_d).astype(np.int64),
+    )
+
+
+def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
+    """Union-find over pairs: lists of member indices for every component with 2+ members."""
+    if n == 0 or len(i) == 0:
+        return []
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    return [g.tolist() for g in np.split(order, bounds) if len(g) > 1]
+
+
+# -- keep-best ---------------------------------------------------------------------------------------
+KEY_FUNCS = {
+    "pixels": lambda r: r.pixels,
+    "sharpness": lambda r: r.scores.get("sharpness", 0.0),
+    "filesize": lambda r: r.size,
+    "png": lambda r: 1 if (r.format or "").upper() in ("PNG", "WEBP", "TIFF", "BMP") else 0,
+}
+_KEY_WORDS = {"pixels": "more pixels", "sharpness": "sharper", "filesize": "larger file", "png": "lossless"}
+
+
+def rank_key(policy: Sequence[str]):
+    unknown = [p for p in policy if p not in KEY_FUNCS]
+    if unknown:
+        from ..errors import CurateError
+
+        raise CurateError(f"unknown keep policy {unknown}; choose from {', '.join(KEY_FUNCS)}")
+    return lambda r: (*(KEY_FUNCS[p](r) for p in policy), r.path)
+
+
+def why_better(keeper: ImageRecord, other: ImageRecord, policy: Sequence[str]) -> str:
+    for p in policy:
+        a, b = KEY_FUNCS[p](keeper), KEY_FUNCS[p](other)
+        if a != b:
+            return _KEY_WORDS[p]
+    return "tie; first by path"
+
+
+@dataclass
+class DupGroup:
+    """One group of duplicates: the copy kept, the others, and why."""
+
+    id: int
+    keeper: str
+    members: list[str]  # paths, keeper first
+    method: str
+    explain: list[str] = field(default_factory=list)
+    edges: list[dict[str, Any]] = field(default_factory=list)  # pairs with their distances/similarity
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def describe(r: ImageRecord) -> str:
+    return f"{r.width}x{r.height}, sharpness {r.scores.get('sharpness', 0):.0f}, {r.size / 1024:.0f} KiB"
+
+
+def build_groups(
+    records: list[ImageRecord],
+    pairs: list[tuple[int, int, dict[str, Any]]],
+    policy: Sequence[str],
+    method: str,
+    start_id: int = 1,
+) -> list[DupGroup]:
+    """Turn pairs of record indices into groups with a keeper chosen by ``policy``."""
+    if not pairs:
+        return []
+    i = np.array([p[0] for p in pairs], np.int64)
+    j = np.array([p[1] for p in pairs], np.int64)
+    key = rank_key(policy)
+    edges_by_node: dict[int, list[int]] = {}
+    for k, (a, b, _) in enumerate(pairs):
+        edges_by_node.setdefault(a, []).append(k)
+    groups = []
+    for gid, members in enumerate(connected_groups(len(records), i, j), start=start_id):
+        recs = sorted((records[m] for m in members), key=key, reverse=True)
+        keeper = recs[0]
+        member_set = set(members)
+        edges = []
+        for m in members:
+            for k in edges_by_node.get(m, []):
+                a, b, info = pairs[k]
+                if b in member_set:
+                    edges.append({"a": records[a].path, "b": records[b].path, **info})
+        explain = [f"kept {keeper.path} ({describe(keeper)})"]
+        for r in recs[1:]:
+            explain.append(f"dropped {r.path} ({describe(r)}): keeper is {why_better(keeper, r, policy)}")
+        groups.append(DupGroup(gid, keeper.path, [r.path for r in recs], method, explain, edges))
+    return groups
+
+
+def hash_pairs(records: list[ImageRecord], cfg: DedupeConfig) -> list[tuple[int, int, dict[str, Any]]]:
+    """Near-duplicate pairs by perceptual hash, per ``cfg.method`` (phash, dhash or hash = both agree)."""
+    if not records:
+        return []
+    ph = hex_to_u64([r.phash or "0" for r in records])
+    dh = hex_to_u64([r.dhash or "0" for r in records])
+    if cfg.method == "dhash":
+        i, j, d = near_pairs(dh, cfg.dhash_threshold)
+        return [(int(a), int(b), {"dhash": int(x)}) for a, b, x in zip(i, j, d, strict=True)]
+    i, j, d = near_pairs(ph, cfg.phash_threshold)
+    dd = popcount64(dh[i] ^ dh[j]).astype(np.int64) if len(i) else np.zeros(0, np.int64)
+    if cfg.method in ("hash", "both"):
+        ok = dd <= cfg.dhash_threshold
+        i, j, d, dd = i[ok], j[ok], d[ok], dd[ok]
+    return [
+        (int(a), int(b), {"phash": int(x), "dhash": int(y)}) for a, b, x, y in zip(i, j, d, dd, strict=True)
+    ]
+
+
+def exact_groups(manifest: Manifest) -> list[DupGroup]:
+    """Identical bytes at several paths: keep the shortest path."""
+    groups = []
+    for rec in manifest.images(include_errors=True):
+        if len(rec.paths) > 1:
+            keeper = rec.paths[0]
+            explain = [f"kept {keeper}"] + [
+                f"dropped {p}: identical bytes (SHA-256 {rec.sha256[:12]})" for p in rec.paths[1:]
+            ]
+            groups.append(DupGroup(0, keeper, list(rec.paths), "exact", explain))
+    return groups
+
+
+@dataclass
+class DedupeResult:
+    groups: list[DupGroup]
+    rejected: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+
+
+def dedupe(
+    manifest: Manifest,
+    cfg: DedupeConfig = DedupeConfig(),
+    *,
+    extra_pairs=None,
+) -> DedupeResult:
+    """Group exact and near duplicates, store groups and keep/reject decisions in the manifest.
+
+    ``extra_pairs(records) -> pairs`` lets other methods (CLIP) contribute pairs that are merged
+    with the hash pairs before grouping.
+    """
+    rejected_elsewhere = {
+        p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
+    }
+    exact = exact_groups(manifest)
+    # Near-duplicate search over distinct images that are otherwise usable.
+    records = [r for r in manifest.images(include_errors=False) if r.path not in rejected_elsewhere]
+    pairs: list[tuple[int, int, dict[str, Any]]] = []
+    if cfg.method in ("phash", "dhash", "hash", "both"):
+        pairs += hash_pairs(records, cfg)
+    if extra_pairs is not None:
+        pairs += extra_pairs(records)
+    method = cfg.method
+    near = build_groups(records, pairs, cfg.keep, method)
+    for k, g in enumerate(exact, start=len(near) + 1):
+        g.id = k
+    rejects: dict[str, tuple[str, str | None]] = {}
+    updates: dict[str, dict[str, Any]] = {}
+    everything = manifest.images(include_errors=True)
+    by_sha = {r.sha256: r for r in everything}
+    sha_of = {p: r.sha256 for r in everything for p in r.paths}
+    for r in everything:
+        updates[r.sha256] = {"dup_group": None, "dup_keeper": None, "dup_explain": None}
+    for g in near:
+        for p in g.members:
+            sha = sha_of[p]
+            updates[sha] = {
+                "dup_group": g.id,
+                "dup_keeper": 1 if p == g.keeper else 0,
+                "dup_explain": "\n".join(g.explain),
+            }
+            if p != g.keeper:
+                for q in by_sha[sha].paths:
+                    rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({method})")
+    for g in exact:
+        for p in g.members[1:]:
+            rejects.setdefault(p, ("duplicate", f"exact copy of {g.keeper}"))
+        sha = sha_of[g.keeper]
+        if updates[sha]["dup_group"] is None:
+            updates[sha] = {"dup_group": g.id, "dup_keeper": 1, "dup_explain": "\n".join(g.explain)}
+    manifest.update_images(updates.items())
+    manifest.set_rejects("dedupe", rejects)
+    return DedupeResult(near + exact, len(rejects))

@@ -1,0 +1,211 @@
+"""Scan: read every new or changed image once, in parallel, and record metadata, scores and hashes.
+
+One decode per image feeds every metric. Unchanged files (same size and mtime) are not read again;
+changed files are hashed first and only decoded when their bytes are new. Results commit in small
+batches, so an interrupted scan keeps what it did and a rerun continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ScanConfig
+from ..io import DecodeError, decode_image, iter_image_files
+from ..manifest import Manifest
+from .quality import analysis_view, compute_scores
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+_KNOWN: frozenset[str] = frozenset()
+_CFG = ScanConfig()
+
+
+@dataclass
+class ScanResult:
+    total_files: int = 0
+    scanned: int = 0  # files whose bytes were read
+    decoded: int = 0  # new distinct images decoded
+    unchanged: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # reason -> count
+    missing: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _init_worker(known: frozenset[str], cfg: ScanConfig) -> None:
+    global _KNOWN, _CFG
+    _KNOWN, _CFG = known, cfg
+
+
+def analyse_bytes(data: bytes, cfg: ScanConfig = ScanConfig()) -> dict[str, Any]:
+    """Decode once and compute everything the manifest stores about an image's content."""
+    import imagehash
+
+    row: dict[str, Any] = {"size": len(data)}
+    try:
+        dec = decode_image(data, max_pixels=cfg.max_pixels, draft_size=cfg.draft_size)
+    except DecodeError as exc:
+        row.update(error=exc.reason, error_detail=exc.detail)
+        return row
+    view = analysis_view(dec.image)
+    row.update(
+        format=dec.format,
+        mode=dec.mode,
+        width=dec.width,
+        height=dec.height,
+        n_frames=dec.n_frames,
+        flags=dec.flags,
+        scores=compute_scores(view),
+        phash=str(imagehash.phash(view.grey_image)),
+        dhash=str(imagehash.dhash(view.grey_image)),
+    )
+    return row
+
+
+def _read_one(path: str) -> tuple[str, dict[str, Any]]:
+    """Worker: hash the file, and analyse it unless its bytes are already known."""
+    try:
+        data = Path(path).read_bytes()
+    except PermissionError:
+        return path, {"file_error": "unreadable", "detail": "permission denied; fix with chmod +r"}
+    except FileNotFoundError:
+        return path, {"file_error": "missing", "detail": "file vanished during the scan"}
+    except IsADirectoryError:
+        return path, {"file_error": "not-a-file", "detail": "is a directory"}
+    except OSError as exc:
+        return path, {"file_error": "unreadable", "detail": str(exc)[:200]}
+    sha = hashlib.sha256(data).hexdigest()
+    if sha in _KNOWN:
+        return path, {"sha256": sha, "size": len(data), "known": True}
+    row = analyse_bytes(data, _CFG)
+    row["sha256"] = sha
+    return path, row
+
+
+def scan(
+    manifest: Manifest,
+    cfg: ScanConfig = ScanConfig(),
+    *,
+    progress: Progress | None = None,
+    batch_size: int = 64,
+) -> ScanResult:
+    """Bring the manifest up to date with the files under ``manifest.root``."""
+    t0 = time.perf_counter()
+    root = manifest.root
+    res = ScanResult()
+    index = manifest.file_index()
+    todo: list[tuple[str, int, int]] = []  # (rel, size, mtime_ns)
+    seen: set[str] = set()
+    file_errors: list[tuple[str, str, str]] = []
+    for p in iter_image_files(root):
+        rel = p.relative_to(root).as_posix()
+        seen.add(rel)
+        res.total_files += 1
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            file_errors.append((rel, "broken-symlink", f"link target {os.readlink(p)!r} does not exist"))
+            continue
+        except OSError as exc:
+            file_errors.append((rel, "unreadable", str(exc)[:200]))
+            continue
+        prev = index.get(rel)
+        if prev and prev[0] and prev[1] == st.st_size and prev[2] == st.st_mtime_ns and prev[3] == "ok":
+            res.unchanged += 1
+            continue
+        todo.append((rel, st.st_size, st.st_mtime_ns))
+
+    with manifest.transaction():
+        for rel, reason, detail in file_errors:
+            manifest.upsert_file(rel, None, None, None, error=reason, error_detail=detail)
+            res.errors[reason] = res.errors.get(reason, 0) + 1
+        # Files we knew that are gone (and not quarantined by us) are marked missing, never forgotten.
+        for rel, (_sha, _size, _mtime, status) in index.items():
+            if rel not in seen and status == "ok":
+                manifest.set_file_status(rel, "missing")
+                res.missing += 1
+
+    total = len(todo)
+    if progress:
+        progress(0, total)
+    meta = {rel: (size, mtime) for rel, size, mtime in todo}
+    known = frozenset(manifest.known_hashes())
+    workers = cfg.workers or os.cpu_count() or 1
+    abs_paths = [str(root / rel) for rel, _, _ in todo]
+
+    def record(path: str, row: dict[str, Any]) -> None:
+        rel = Path(path).relative_to(root).as_posix()
+        size, mtime = meta[rel]
+        res.scanned += 1
+        if "file_error" in row:
+            if row["file_error"] == "missing":
+                manifest.set_file_status(rel, "missing")
+                res.missing += 1
+                return
+            manifest.upsert_file(rel, None, size, mtime, error=row["file_error"], error_detail=row["detail"])
+            res.errors[row["file_error"]] = res.errors.get(row["file_error"], 0) + 1
+            return
+        if not row.get("known"):
+            row["scanned_at"] = time.time()
+            manifest.upsert_image(row)
+            res.decoded += 1
+            if row.get("error"):
+                res.errors[row["error"]] = res.errors.get(row["error"], 0) + 1
+        manifest.upsert_file(rel, row["sha256"], size, mtime)
+
+    def run(results) -> None:
+        pending = 0
+        manifest.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for done, (path, row) in enumerate(results, 1):
+                record(path, row)
+                pending += 1
+                if pending >= batch_size:
+                    manifest.conn.execute("COMMIT")
+                    manifest.conn.execute("BEGIN IMMEDIATE")
+                    pending = 0
+                if progress:
+                    progress(done, total)
+        finally:
+            # Commit what finished, also on Ctrl-C: nothing already analysed is lost.
+            manifest.conn.execute("COMMIT")
+
+    try:
+        if workers <= 1 or total < 16:
+            _init_worker(known, cfg)
+            run(map(_read_one, abs_paths))
+        else:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(known, cfg)) as pool:
+                try:
+                    run(pool.map(_read_one, abs_paths, chunksize=4))
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    except KeyboardInterrupt:
+        res.interrupted = True
+    res.seconds = time.perf_counter() - t0
+    _write_scan_rejects(manifest)
+    return res
+
+
+def _write_scan_rejects(manifest: Manifest) -> None:
+    """Unusable files become 'scan' rejects with their reason."""
+    rejects: dict[str, tuple[str, str | None]] = {}
+    for row in manifest.conn.execute(
+        "SELECT f.path, i.error, i.error_detail FROM files f JOIN images i ON i.sha256=f.sha256"
+        " WHERE i.error IS NOT NULL AND f.status='ok'"
+    ):
+        rejects[row[0]] = (row[1], row[2])
+    for row in manifest.file_errors():
+        rejects[row["path"]] = (row["error"], row["error_detail"])
+    manifest.set_rejects("scan", rejects)
