@@ -177,7 +177,7 @@ def build_groups(
     j = np.array([p[1] for p in pairs], np.int64)
     key = rank_key(policy)
     edges_by_node: dict[int, list[int]] = {}
-    for k, (a, b, _) in enumerate(pairs):
+    for k, (a, _b, _) in enumerate(pairs):
         edges_by_node.setdefault(a, []).append(k)
     groups = []
     for gid, members in enumerate(connected_groups(len(records), i, j), start=start_id):
