@@ -173,7 +173,8 @@ def dedupe(
         if v is not None
     }
     with _open(path, manifest, config, create=False) as ds:
-        with progress_bar("dedupe", enabled=not as_json) as bar:
+        uses_clip = (method or ds.config.dedupe.method) in ("clip", "both")
+        with progress_bar("embed", enabled=uses_clip and not as_json) as bar:
             res = ds.dedupe(
                 method=method,
                 phash_threshold=phash_threshold,

@@ -40,8 +40,8 @@ class FilterConfig:
     min_side: int = 512  # shortest side in pixels
     min_pixels: int = 0
     max_aspect: float = 3.0  # long side / short side
-    min_sharpness: float = 40.0  # variance of Laplacian on the 256x256-area grey image
-    min_brightness: float = 0.08  # mean luminance 0..1
+    min_sharpness: float = 10.0  # variance of Laplacian on the 256x256-area grey image
+    min_brightness: float = 0.05  # mean luminance 0..1
     max_brightness: float = 0.96
     min_entropy: float = 2.0  # bits; flat or near-constant images fall below
     reject_flags: tuple[str, ...] = ("animated", "cmyk", "16bit", "alpha")

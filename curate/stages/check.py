@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import Config
 from ..manifest import Manifest
-from .dedupe import dedupe
+from .dedupe import find_duplicates
 from .filter import reasons_for
 
 
@@ -61,9 +61,9 @@ def _duplicates(m: Manifest, cfg: Config) -> list[Violation]:
     method = cfg.dedupe.method if cfg.dedupe.method in ("phash", "dhash", "hash") else "hash"
     from dataclasses import replace
 
-    res = dedupe(m, replace(cfg.dedupe, method=method))
+    groups, _, _ = find_duplicates(m, replace(cfg.dedupe, method=method))
     out = []
-    for g in res.groups:
+    for g in groups:
         for p in g.members[1:]:
             out.append(Violation(p, "duplicate", f"{g.method} duplicate of {g.keeper}"))
     return out

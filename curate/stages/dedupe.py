@@ -127,16 +127,21 @@ KEY_FUNCS = {
 _KEY_WORDS = {"pixels": "more pixels", "sharpness": "sharper", "filesize": "larger file", "png": "lossless"}
 
 
-def rank_key(policy: Sequence[str]):
+def rank_key(policy: Sequence[str], demote: frozenset[str] = frozenset()):
+    """Sort key, larger is better: images rejected by another stage only win if nothing else is left."""
     unknown = [p for p in policy if p not in KEY_FUNCS]
     if unknown:
         from ..errors import CurateError
 
         raise CurateError(f"unknown keep policy {unknown}; choose from {', '.join(KEY_FUNCS)}")
-    return lambda r: (*(KEY_FUNCS[p](r) for p in policy), r.path)
+    return lambda r: (r.path not in demote, *(KEY_FUNCS[p](r) for p in policy), r.path)
 
 
-def why_better(keeper: ImageRecord, other: ImageRecord, policy: Sequence[str]) -> str:
+def why_better(
+    keeper: ImageRecord, other: ImageRecord, policy: Sequence[str], demote: frozenset[str] = frozenset()
+) -> str:
+    if other.path in demote and keeper.path not in demote:
+        return "not rejected by another check"
     for p in policy:
         a, b = KEY_FUNCS[p](keeper), KEY_FUNCS[p](other)
         if a != b:
@@ -169,13 +174,17 @@ def build_groups(
     policy: Sequence[str],
     method: str,
     start_id: int = 1,
+    demote: frozenset[str] = frozenset(),
 ) -> list[DupGroup]:
-    """Turn pairs of record indices into groups with a keeper chosen by ``policy``."""
+    """Turn pairs of record indices into groups with a keeper chosen by ``policy``.
+
+    Paths in ``demote`` (rejected by another stage) stay in their group but are kept only as a last resort.
+    """
     if not pairs:
         return []
     i = np.array([p[0] for p in pairs], np.int64)
     j = np.array([p[1] for p in pairs], np.int64)
-    key = rank_key(policy)
+    key = rank_key(policy, demote)
     edges_by_node: dict[int, list[int]] = {}
     for k, (a, _b, _) in enumerate(pairs):
         edges_by_node.setdefault(a, []).append(k)
@@ -192,7 +201,9 @@ def build_groups(
                     edges.append({"a": records[a].path, "b": records[b].path, **info})
         explain = [f"kept {keeper.path} ({describe(keeper)})"]
         for r in recs[1:]:
-            explain.append(f"dropped {r.path} ({describe(r)}): keeper is {why_better(keeper, r, policy)}")
+            explain.append(
+                f"dropped {r.path} ({describe(r)}): keeper is {why_better(keeper, r, policy, demote)}"
+            )
         groups.append(DupGroup(gid, keeper.path, [r.path for r in recs], method, explain, edges))
     return groups
 
@@ -238,6 +249,54 @@ class DedupeResult:
         return {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
 
 
+def find_duplicates(
+    manifest: Manifest,
+    cfg: DedupeConfig = DedupeConfig(),
+    *,
+    extra_pairs=None,
+) -> tuple[list[DupGroup], dict[str, tuple[str, str | None]], dict[str, dict[str, Any]]]:
+    """Compute duplicate groups, the paths to reject and per-image group columns, without writing."""
+    rejected_elsewhere = frozenset(
+        p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
+    )
+    exact = exact_groups(manifest)
+    # Near-duplicate search over every decodable image; rejected ones join groups but rarely win.
+    records = manifest.images(include_errors=False)
+    pairs: list[tuple[int, int, dict[str, Any]]] = []
+    if cfg.method in ("phash", "dhash", "hash", "both"):
+        pairs += hash_pairs(records, cfg)
+    if extra_pairs is not None:
+        pairs += extra_pairs(records)
+    near = build_groups(records, pairs, cfg.keep, cfg.method, demote=rejected_elsewhere)
+    for k, g in enumerate(exact, start=len(near) + 1):
+        g.id = k
+    everything = manifest.images(include_errors=True)
+    by_sha = {r.sha256: r for r in everything}
+    sha_of = {p: r.sha256 for r in everything for p in r.paths}
+    rejects: dict[str, tuple[str, str | None]] = {}
+    updates: dict[str, dict[str, Any]] = {
+        r.sha256: {"dup_group": None, "dup_keeper": None, "dup_explain": None} for r in everything
+    }
+    for g in near:
+        for p in g.members:
+            sha = sha_of[p]
+            updates[sha] = {
+                "dup_group": g.id,
+                "dup_keeper": int(p == g.keeper),
+                "dup_explain": "\n".join(g.explain),
+            }
+            if p != g.keeper:
+                for q in by_sha[sha].paths:
+                    rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({g.method})")
+    for g in exact:
+        for p in g.members[1:]:
+            rejects.setdefault(p, ("duplicate", f"exact copy of {g.keeper}"))
+        sha = sha_of[g.keeper]
+        if updates[sha]["dup_group"] is None:
+            updates[sha] = {"dup_group": g.id, "dup_keeper": 1, "dup_explain": "\n".join(g.explain)}
+    return near + exact, rejects, updates
+
+
 def dedupe(
     manifest: Manifest,
     cfg: DedupeConfig = DedupeConfig(),
@@ -249,45 +308,7 @@ def dedupe(
     ``extra_pairs(records) -> pairs`` lets other methods (CLIP) contribute pairs that are merged
     with the hash pairs before grouping.
     """
-    rejected_elsewhere = {
-        p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
-    }
-    exact = exact_groups(manifest)
-    # Near-duplicate search over distinct images that are otherwise usable.
-    records = [r for r in manifest.images(include_errors=False) if r.path not in rejected_elsewhere]
-    pairs: list[tuple[int, int, dict[str, Any]]] = []
-    if cfg.method in ("phash", "dhash", "hash", "both"):
-        pairs += hash_pairs(records, cfg)
-    if extra_pairs is not None:
-        pairs += extra_pairs(records)
-    method = cfg.method
-    near = build_groups(records, pairs, cfg.keep, method)
-    for k, g in enumerate(exact, start=len(near) + 1):
-        g.id = k
-    rejects: dict[str, tuple[str, str | None]] = {}
-    updates: dict[str, dict[str, Any]] = {}
-    everything = manifest.images(include_errors=True)
-    by_sha = {r.sha256: r for r in everything}
-    sha_of = {p: r.sha256 for r in everything for p in r.paths}
-    for r in everything:
-        updates[r.sha256] = {"dup_group": None, "dup_keeper": None, "dup_explain": None}
-    for g in near:
-        for p in g.members:
-            sha = sha_of[p]
-            updates[sha] = {
-                "dup_group": g.id,
-                "dup_keeper": 1 if p == g.keeper else 0,
-                "dup_explain": "\n".join(g.explain),
-            }
-            if p != g.keeper:
-                for q in by_sha[sha].paths:
-                    rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({method})")
-    for g in exact:
-        for p in g.members[1:]:
-            rejects.setdefault(p, ("duplicate", f"exact copy of {g.keeper}"))
-        sha = sha_of[g.keeper]
-        if updates[sha]["dup_group"] is None:
-            updates[sha] = {"dup_group": g.id, "dup_keeper": 1, "dup_explain": "\n".join(g.explain)}
+    groups, rejects, updates = find_duplicates(manifest, cfg, extra_pairs=extra_pairs)
     manifest.update_images(updates.items())
     manifest.set_rejects("dedupe", rejects)
-    return DedupeResult(near + exact, len(rejects))
+    return DedupeResult(groups, len(rejects))

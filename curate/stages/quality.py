@@ -30,8 +30,8 @@ def analysis_view(rgb: Image.Image) -> Analysis:
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     grey = rgb.convert("L")
     if size != grey.size:
-        method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-        grey = grey.resize(size, method)
+        # Lanczos keeps edge contrast comparable across scales (box and bilinear soften by scale).
+        grey = grey.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     return Analysis(np.asarray(grey, dtype=np.float32), grey)
 
 

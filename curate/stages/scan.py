@@ -23,7 +23,7 @@ from .quality import analysis_view, compute_scores
 
 Progress = Callable[[int, int], None]  # (done, total)
 
-_KNOWN: frozenset[str] = frozenset()
+_KNOWN: set[str] = set()
 _CFG = ScanConfig()
 
 
@@ -44,7 +44,7 @@ class ScanResult:
 
 def _init_worker(known: frozenset[str], cfg: ScanConfig) -> None:
     global _KNOWN, _CFG
-    _KNOWN, _CFG = known, cfg
+    _KNOWN, _CFG = set(known), cfg
 
 
 def analyse_bytes(data: bytes, cfg: ScanConfig = ScanConfig()) -> dict[str, Any]:
@@ -89,6 +89,7 @@ def _read_one(path: str) -> tuple[str, dict[str, Any]]:
         return path, {"sha256": sha, "size": len(data), "known": True}
     row = analyse_bytes(data, _CFG)
     row["sha256"] = sha
+    _KNOWN.add(sha)  # an exact copy later in this worker's share is not decoded again
     return path, row
 
 
@@ -143,6 +144,8 @@ def scan(
     workers = cfg.workers or os.cpu_count() or 1
     abs_paths = [str(root / rel) for rel, _, _ in todo]
 
+    inserted: set[str] = set()
+
     def record(path: str, row: dict[str, Any]) -> None:
         rel = Path(path).relative_to(root).as_posix()
         size, mtime = meta[rel]
@@ -155,7 +158,8 @@ def scan(
             manifest.upsert_file(rel, None, size, mtime, error=row["file_error"], error_detail=row["detail"])
             res.errors[row["file_error"]] = res.errors.get(row["file_error"], 0) + 1
             return
-        if not row.get("known"):
+        if not row.get("known") and row["sha256"] not in inserted:
+            inserted.add(row["sha256"])
             row["scanned_at"] = time.time()
             manifest.upsert_image(row)
             res.decoded += 1
