@@ -306,6 +306,24 @@ def status(
         console.print(table("status", ["", "count"], list(counts.items())))
 
 
+@app.command("run")
+@handle_errors
+def run_all(
+    path: DatasetArg,
+    out: Annotated[str | None, typer.Option(help="Export the curated set here (kohya layout).")] = None,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
+    """The whole curation in one go: scan, filter, dedupe, report (and export with --out)."""
+    from .pipeline import run_pipeline
+
+    with _open(path, manifest, config) as ds:
+        summary = run_pipeline(ds, out=out, show=not as_json)
+    if as_json:
+        print_json(summary)
+
+
 def _load_plugins() -> None:
     for name in PLUGINS:
         importlib.import_module(name).register(app)
