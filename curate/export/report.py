@@ -22,8 +22,11 @@ def _thumb(manifest: Manifest, rec: ImageRecord, path: str) -> str:
     tdir = manifest.root / STATE_DIR / "thumbs"
     out = tdir / f"{rec.sha256[:20]}.jpg"
     if not out.exists():
+        src = manifest.root / path
+        if not src.exists():  # applied decisions live in the quarantine
+            src = manifest.root / STATE_DIR / "quarantine" / path
         try:
-            img = open_rgb(manifest.root / path, max_side=THUMB * 2)
+            img = open_rgb(src, max_side=THUMB * 2)
             img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
             tdir.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")
