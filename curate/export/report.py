@@ -45,7 +45,7 @@ def _card(src: str, caption: str, cls: str = "") -> str:
 def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     """Write the report (default ``.curate/report.html``) and return its path."""
     out = out or manifest.root / STATE_DIR / "report.html"
-    recs = manifest.images(include_errors=True)
+    recs = manifest.images(include_errors=True, statuses=("ok", "quarantined"))
     by_path = {p: r for r in recs for p in r.paths}
     rejected = manifest.rejected_paths()
     counts = manifest.counts()
