@@ -49,7 +49,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     by_path = {p: r for r in recs for p in r.paths}
     rejected = manifest.rejected_paths()
     counts = manifest.counts()
-    reasons = Counter(reason for items in rejected.values() for _, reason, _ in items)
+    reasons = Counter(r for items in rejected.values() for _, reason, _ in items for r in reason.split(","))
     parts = [
         "<!doctype html><meta charset=utf-8><title>curate report</title><style>",
         "body{font:14px system-ui,sans-serif;margin:2em;color:#222}figure{display:inline-block;margin:4px;"
