@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..manifest import Manifest
 from ..stages.bucket import BucketSettings
-from .common import ExportResult, check_target, collect, resolve_settings, staging, write_image
+from .common import ExportResult, check_target, collect, resolve_settings, staging, write_images
 
 SPLIT_DIRS = {"train": "train", "val": "validation"}
 
@@ -31,7 +31,7 @@ def export_diffusers(
     out = Path(out)
     check_target(out, manifest.root)
     items, warnings = collect(manifest, trigger, class_word)
-    settings = resolve_settings(manifest, settings)
+    settings = resolve_settings(manifest, settings, warnings)
     res = ExportResult(out.resolve(), "diffusers", warnings=warnings)
     with staging(out) as tmp:
         for split, folder in SPLIT_DIRS.items():
@@ -40,8 +40,8 @@ def export_diffusers(
                 continue
             (tmp / folder).mkdir()
             lines = []
-            for it in chosen:
-                name = write_image(it, tmp / folder, res, resize=settings if resize else None, link=link)
+            names = write_images(chosen, tmp / folder, res, resize=settings if resize else None, link=link)
+            for it, name in zip(chosen, names, strict=True):
                 lines.append(json.dumps({"file_name": name, "text": it.caption}, ensure_ascii=False))
             (tmp / folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
             res.files.append(f"{folder}/metadata.jsonl")

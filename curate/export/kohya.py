@@ -19,7 +19,7 @@ from ..errors import CurateError
 from ..io import atomic_write_text
 from ..manifest import Manifest
 from ..stages.bucket import BucketSettings
-from .common import ExportResult, check_target, collect, resolve_settings, staging, write_image
+from .common import ExportResult, check_target, collect, resolve_settings, staging, write_images
 
 CAPTION_EXTENSION = ".txt"
 TOML_HEADER = "# Written by `curate export --format kohya`. Train with: --dataset_config {name}\n"
@@ -82,7 +82,7 @@ def export_kohya(
     out = Path(out)
     check_target(out, manifest.root)
     items, warnings = collect(manifest, trigger, class_word)
-    settings = resolve_settings(manifest, settings)
+    settings = resolve_settings(manifest, settings, warnings)
     if shuffle_caption is None:  # tag lists shuffle well; sentences do not
         shuffle_caption = sum(1 for it in items if not (it.rec.caption or "").strip()) > len(items) / 2
     keep_tokens = 1 if trigger else 0
@@ -96,8 +96,8 @@ def export_kohya(
                 continue
             rel = Path(top) / folder_name(n_rep, trigger, class_word)
             (tmp / rel).mkdir(parents=True)
-            for it in chosen:
-                name = write_image(it, tmp / rel, res, resize=settings if resize else None, link=link)
+            names = write_images(chosen, tmp / rel, res, resize=settings if resize else None, link=link)
+            for it, name in zip(chosen, names, strict=True):
                 if it.caption:
                     (tmp / rel / (Path(name).stem + CAPTION_EXTENSION)).write_text(it.caption + "\n", "utf-8")
                 records.append({"file": str(rel / name), "source": it.rec.path, "sha256": it.rec.sha256,

@@ -74,8 +74,8 @@ VRAM_TABLE: dict[str, list[dict[str, Any]]] = {
 MIN_SNR_GAMMA: dict[str, float] = {"anime": 5.0, "realistic": 7.0}
 # Tags that vote for a style (WD14-style names); a style needs STYLE_VOTE of the images.
 STYLE_TAGS: dict[str, list[str]] = {
-    "anime": ["anime", "anime coloring", "anime_coloring", "manga", "cel shading", "chibi", "1girl", "1boy",
-              "2girls", "multiple girls", "multiple_girls"],
+    # Not 1girl/1boy: taggers put those on photos too.
+    "anime": ["anime", "anime coloring", "anime_coloring", "manga", "cel shading", "chibi", "comic", "pixel art"],
     "realistic": ["realistic", "photorealistic", "photo (medium)", "photo_(medium)", "photo", "photograph"],
 }  # fmt: skip
 STYLE_VOTE = 0.3
