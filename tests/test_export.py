@@ -260,3 +260,18 @@ def test_diffusers_export_loads_in_hf_datasets(prepared, tmp_path):
         for row in loaded[split]:
             assert row["text"].startswith("mychar")
             assert row["text"] in want[(split, row["image"].size)]
+
+
+def test_caption_rules():
+    from curate.export.common import make_caption
+    from curate.manifest import ImageRecord
+
+    r = ImageRecord("0" * 64, "p.png", ["p.png"], 1, "PNG", "RGB", 8, 8)
+    assert make_caption(r, "mychar", "woman") == "mychar woman"  # nothing else: kohya's class_tokens fallback
+    assert make_caption(r) == ""
+    r.caption = "a photo of mychar\nat the beach"
+    assert make_caption(r, "mychar") == "a photo of mychar at the beach"  # named already; one line
+    r.caption, r.tags = None, ["smile", "mychar", "short_hair"]
+    assert make_caption(r, "mychar") == "mychar, smile, short hair"
+    r.tags = ["smile"]
+    assert make_caption(r, "mychar") == "mychar, smile"

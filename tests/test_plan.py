@@ -43,7 +43,7 @@ def test_size_tiers(n, unet, te, epochs, repeats, steps):
     assert p.total_steps == steps == n * repeats * epochs // 4
     assert (t["network_dim"], t["network_alpha"]) == (32, 16.0)
     assert t["lr_warmup_steps"] == -(-steps * 5 // 100)
-    assert f"= {steps} optimizer steps" in p.reasons["max_steps"]
+    assert f"= {steps} optimizer steps" in p.reasons["total_steps"]
     assert all(p.reasons[k] for k in ("unet_lr", "epochs", "batch_size", "network_dim", "min_snr_gamma"))
 
 

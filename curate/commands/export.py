@@ -74,6 +74,13 @@ def bucket(
     ]
     console.print(table(f"buckets: {len(rep.placements)} images in {len(rep.counts)} buckets",
                         ["bucket", "aspect", "images", ""], rows))  # fmt: skip
+    worst = sorted(rep.placements.items(), key=lambda kv: -kv[1].crop_loss)[:5]
+    if worst and worst[0][1].crop_loss > 0:
+        wrows = [
+            (p, f"{pl.bucket[0]}x{pl.bucket[1]}", f"{pl.crop_loss:.1%}", f"x{pl.scale:.2f}")
+            for p, pl in worst
+        ]
+        console.print(table("largest crops", ["image", "bucket", "crop loss", "scale"], wrows))
     console.print(f"mean crop loss {rep.mean_crop:.1%}; upscaled images: {len(rep.upscaled)}")
     _warn(rep.warnings)
 
@@ -149,10 +156,10 @@ def plan(
     keys = ["unet_lr", "text_encoder_lr", "epochs", "num_repeats", "batch_size", "grad_accum", "network_dim",
             "network_alpha", "min_snr_gamma", "gradient_checkpointing", "max_steps"]  # fmt: skip
     rows = [(k, p.train[k], p.reasons.get(k, "")) for k in keys]
-    rows.append(("total steps", p.total_steps, p.reasons["max_steps"].split("; ", 1)[-1]))
+    rows.append(("total steps", p.total_steps, p.reasons["total_steps"]))
     console.print(table(f"plan: {model}, {vram:g} GiB, {p.images} training images ({p.style})",
                         ["option", "value", "why"], rows))  # fmt: skip
-    console.print(f"wrote {target}  (train with it: [train] table)")
+    console.print(f"wrote {target} (its \\[train] table is the trainer's config)", highlight=False)
     _warn(p.warnings)
 
 

@@ -68,14 +68,14 @@ def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str |
     """Caption text for one image: its caption, else its tags; the trigger word first when given."""
     text = (rec.caption or "").strip() or tag_caption(rec.tags or [])
     text = " ".join(text.split())  # trainers read the first line only
+    if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
+        return " ".join(w for w in (trigger, class_word) if w)
     if trigger:
         parts = [p.strip() for p in text.split(",")] if text else []
         if trigger in parts:  # a tag: move it first, where keep_tokens = 1 holds it when captions shuffle
             text = ", ".join([trigger, *(p for p in parts if p != trigger)])
         elif trigger not in text.split():  # a sentence that already names it is left as written
             text = f"{trigger}, {text}" if text else trigger
-    if not text and class_word:
-        text = class_word
     return text
 
 

@@ -181,8 +181,9 @@ class Plan:
     reasons: dict[str, str]
     images: int
     style: str
-    total_steps: int
-    steps_per_epoch: int
+    dataset: str = ""
+    total_steps: int = 0
+    steps_per_epoch: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -190,6 +191,7 @@ class Plan:
 
     def to_toml(self) -> str:
         plan = {
+            "dataset": self.dataset,
             "images": self.images,
             "style": self.style,
             "steps_per_epoch": self.steps_per_epoch,
@@ -319,7 +321,8 @@ def plan_training(
             "gradient_checkpointing": "needed to fit this batch in memory"
             if mem["gradient_checkpointing"]
             else "enough memory without it (faster)",
-            "max_steps": "0: the epochs decide; " + steps_why,
+            "max_steps": "0: the epochs decide the length",
+            "total_steps": steps_why,
             "lr_warmup_steps": f"{t['warmup_fraction']:.0%} of {total} steps",
             "lr_scheduler": f"{t['lr_scheduler']} decay lets the last epochs settle",
             "network_dim": f"dim {t['network_dim']} / alpha {t['network_alpha']:g}: enough capacity for a character or style, "
@@ -343,7 +346,10 @@ def plan_training(
             "mixed_precision": "bf16 avoids fp16 overflow on modern GPUs",
         }
     )
-    return Plan(tr, reasons, n_images, style, total, opt_per_epoch, warnings)
+    reasons["output_dir"] = "relative to where you start the trainer"
+    return Plan(
+        tr, reasons, n_images, style, total_steps=total, steps_per_epoch=opt_per_epoch, warnings=warnings
+    )
 
 
 def plan(
@@ -376,6 +382,15 @@ def plan(
         output_name="".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "lora",
         overrides=overrides,
     )
+    p.dataset = str(manifest.root)
+    from .bucket import stored_settings
+
+    bs = stored_settings(manifest)
+    if bs is not None and bs.resolution != p.train["resolution"]:
+        p.warnings.append(
+            f"buckets are stored for resolution {bs.resolution} but {model} trains at {p.train['resolution']}; "
+            f"rerun `curate bucket --resolution {p.train['resolution']}` for exact steps and buckets"
+        )
     if counts is None:
         p.warnings.append(
             "no buckets stored: steps assume one bucket; run `curate bucket` for the exact count"
