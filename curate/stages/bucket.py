@@ -224,8 +224,8 @@ def _warnings(rep: BucketReport) -> list[str]:
     zero = [p for p, pl in rep.placements.items() if 0 in pl.bucket]
     if zero:
         out.append(
-            f"{len(zero)} image(s) are smaller than one step ({rep.settings.step} px) and get an empty "
-            f"bucket (e.g. {zero[0]}); remove them (curate filter --min-side)"
+            f"{len(zero)} image(s) get a bucket side of 0 (a side under {rep.settings.step} px after scaling: "
+            f"tiny or extremely elongated, e.g. {zero[0]}); sd-scripts fails on these: remove or crop them"
         )
     return out
 
