@@ -20,4 +20,16 @@ def dedupe(path: str, **options):
         return ds.dedupe(**options)
 
 
-__all__ = ["Dataset", "CurateError", "scan", "dedupe", "__version__"]
+def split(path: str, val: float = 0.1, seed: int = 0, **options):
+    """Grouped train/val split of ``path`` (see :meth:`Dataset.split`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.split(val, seed, **options)
+
+
+def export(path: str, out: str, format: str = "kohya", **options):
+    """Export the kept images of ``path`` for a trainer (see :meth:`Dataset.export`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.export(out, format, **options)
+
+
+__all__ = ["Dataset", "CurateError", "scan", "dedupe", "split", "export", "__version__"]

@@ -99,9 +99,45 @@ class Dataset:
         return restore(self.manifest, batch=batch)
 
     def report(self, out: str | Path | None = None) -> Path:
-        from .export.report import build_report
+        from .export.report import SECTIONS, build_report
+        from .stages.bucket import report_section
 
+        if report_section not in SECTIONS:
+            SECTIONS.append(report_section)
         return build_report(self.manifest, Path(out) if out else None)
+
+    def split(self, val: float = 0.1, seed: int = 0, **options: Any):
+        """Train/val split of the kept images, grouped so no near-duplicate crosses it (images.split)."""
+        from .stages.split import split
+
+        return split(self.manifest, val, seed, **options)
+
+    def bucket(self, **settings: Any):
+        """Assign kept images to the trainer's aspect buckets (images.bucket_w/h) and report the cost."""
+        from .stages.bucket import BucketSettings, bucket_images
+
+        return bucket_images(
+            self.manifest, BucketSettings(**{k: v for k, v in settings.items() if v is not None})
+        )
+
+    def export(self, out: str | Path, format: str = "kohya", **options: Any):
+        """Write kept images with captions for a trainer: kohya folders + TOML, or HF imagefolder."""
+        if format == "kohya":
+            from .export.kohya import export_kohya
+
+            return export_kohya(self.manifest, Path(out), **options)
+        if format == "diffusers":
+            from .export.diffusers import export_diffusers
+
+            options.pop("repeats", None)
+            return export_diffusers(self.manifest, Path(out), **options)
+        raise CurateError(f"unknown export format {format!r}; choose kohya or diffusers")
+
+    def plan(self, **options: Any):
+        """Training plan (LRs, epochs, repeats, batch, steps) with a reason per value; [plan] overrides tables."""
+        from .stages.plan import plan
+
+        return plan(self.manifest, overrides=self.config.section("plan"), **options)
 
     # -- reading -------------------------------------------------------------------------------------
     def images(self) -> list[ImageRecord]:

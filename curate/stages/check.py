@@ -69,6 +69,13 @@ def _duplicates(m: Manifest, cfg: Config) -> list[Violation]:
     return out
 
 
+@rule("split")
+def _split(m: Manifest, cfg: Config) -> list[Violation]:
+    from .split import split_violations
+
+    return [Violation(paths[0], "split-leak", detail) for paths, detail in split_violations(m)]
+
+
 def check(manifest: Manifest, cfg: Config, rules: list[str] | None = None) -> list[Violation]:
     """Evaluate the named rules (default: all) against the manifest's current state."""
     names = rules or list(RULES)

@@ -1,0 +1,202 @@
+"""What every exporter shares: the staging folder (atomic, never overwriting), captions, image files.
+
+An export is built in a hidden sibling folder and renamed onto the target in one step, so the target
+either does not exist or is complete. Source images are never modified: files are hard-linked when
+the trainer can read them as they are, and re-encoded (never in place) when it cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import CurateError
+from ..io import open_rgb
+from ..manifest import ImageRecord, Manifest
+from ..stages.bucket import BucketSettings, place, stored_settings
+
+# Extensions sd-scripts and HF imagefolder both read as they are.
+PASSTHROUGH = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# Flags meaning the bytes on disk are not what the trainer should see (sd-scripts ignores EXIF rotation).
+REENCODE_FLAGS = {"exif-rotated", "cmyk", "16bit", "alpha", "animated"}
+PNG_LEVEL = 1  # zlib level for written PNGs: level 6 is ~5x slower for a few % smaller files
+
+
+@dataclass
+class ExportItem:
+    """One image to export: where it comes from, its caption, its split and (optionally) its bucket."""
+
+    rec: ImageRecord
+    source: Path
+    caption: str
+    split: str  # train | val
+    name: str  # file stem in the export
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    train: int = 0
+    val: int = 0
+    linked: int = 0
+    copied: int = 0
+    reencoded: int = 0
+    resized: int = 0
+    files: list[str] = field(default_factory=list)  # config files written (relative to out)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "out": str(self.out)}
+
+
+def tag_caption(tags: list[str]) -> str:
+    """Tags as a caption: comma separated, underscores as spaces (kaomoji like ^_^ kept as they are)."""
+    return ", ".join(t.replace("_", " ") if len(t) > 3 else t for t in tags)
+
+
+def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
+    """Caption text for one image: its caption, else its tags; the trigger word first when given."""
+    text = (rec.caption or "").strip() or tag_caption(rec.tags or [])
+    text = " ".join(text.split())  # trainers read the first line only
+    if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
+        return " ".join(w for w in (trigger, class_word) if w)
+    if trigger:
+        parts = [p.strip() for p in text.split(",")] if text else []
+        if trigger in parts:  # a tag: move it first, where keep_tokens = 1 holds it when captions shuffle
+            text = ", ".join([trigger, *(p for p in parts if p != trigger)])
+        elif trigger not in text.split():  # a sentence that already names it is left as written
+            text = f"{trigger}, {text}" if text else trigger
+    return text
+
+
+def check_target(out: Path, dataset_root: Path) -> None:
+    """Refuse targets that would overwrite anything or land inside the dataset."""
+    out = out.resolve()
+    root = dataset_root.resolve()
+    if out == root or root in out.parents:
+        raise CurateError(
+            f"export target {out} is inside the dataset folder (the next scan would read it); "
+            "choose a folder outside it"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CurateError(
+            f"{out} already exists and is not empty; export never overwrites: choose a new folder"
+        )
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` on success and disappears on failure."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked before); fails loudly if someone filled it meanwhile
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def collect(
+    manifest: Manifest, trigger: str | None, class_word: str | None
+) -> tuple[list[ExportItem], list[str]]:
+    """Kept images with their captions and splits; warnings for what the user should know."""
+    warnings = []
+    index = manifest.file_index()
+    items = []
+    records = manifest.kept_images()
+    if not records:
+        raise CurateError("no kept images to export; run `curate scan` (and check `curate status`)")
+    if all(r.split is None for r in records):
+        warnings.append("no split stored: every image goes to train; run `curate split` for a validation set")
+    no_caption = 0
+    for rec in records:
+        src = manifest.root / rec.path
+        known = index.get(rec.path)
+        try:
+            st = src.stat()
+        except OSError:
+            raise CurateError(f"{rec.path} is gone since the last scan; run `curate scan` again") from None
+        if known and (known[1] != st.st_size or known[2] != st.st_mtime_ns):
+            raise CurateError(f"{rec.path} changed since the last scan; run `curate scan` again")
+        caption = make_caption(rec, trigger, class_word)
+        no_caption += not caption
+        split = "val" if rec.split == "val" else "train"
+        items.append(ExportItem(rec, src, caption, split, rec.sha256[:16]))
+    if no_caption:
+        warnings.append(
+            f"{no_caption} image(s) have no caption, tags or trigger word; run the tagger or pass --trigger"
+        )
+    return items, warnings
+
+
+def resolve_settings(
+    manifest: Manifest, settings: BucketSettings | None, warnings: list[str] | None = None
+) -> BucketSettings:
+    """Explicit settings, else those of the last `curate bucket`, else the defaults (with a warning)."""
+    found = settings or stored_settings(manifest)
+    if found is None and warnings is not None:
+        d = BucketSettings()
+        warnings.append(
+            f"no `curate bucket` run: the config uses resolution {d.resolution}, buckets {d.min_size}-"
+            f"{d.max_size} step {d.step}; run `curate bucket` first to choose and check them"
+        )
+    return found or BucketSettings()
+
+
+def write_images(
+    items: list[ExportItem], dest_dir: Path, res: ExportResult, *, resize: BucketSettings | None, link: bool
+) -> list[str]:
+    """Write ``items`` into ``dest_dir`` on a few threads (PIL and zlib release the GIL); file names in order."""
+    workers = min(8, os.cpu_count() or 1, max(1, len(items)))
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(lambda it: write_image(it, dest_dir, resize=resize, link=link), items))
+    for _, kind in done:
+        setattr(res, kind, getattr(res, kind) + 1)
+    return [name for name, _ in done]
+
+
+def write_image(
+    item: ExportItem, dest_dir: Path, *, resize: BucketSettings | None, link: bool
+) -> tuple[str, str]:
+    """Put one image into ``dest_dir``: (file name, how). Hard link > copy > re-encode > resize."""
+    rec = item.rec
+    ext = item.source.suffix.lower()
+    if resize is not None and rec.width and rec.height:
+        pl = place(rec.width, rec.height, resize)
+        img = open_rgb(item.source)
+        if img.size != pl.resized:
+            img = img.resize(pl.resized, Image.Resampling.LANCZOS)
+        left = (pl.resized[0] - pl.bucket[0]) // 2
+        top = (pl.resized[1] - pl.bucket[1]) // 2
+        img = img.crop((left, top, left + pl.bucket[0], top + pl.bucket[1]))
+        name = f"{item.name}.png"
+        img.save(dest_dir / name, "PNG", compress_level=PNG_LEVEL)
+        return name, "resized"
+    if ext not in PASSTHROUGH or REENCODE_FLAGS & set(rec.flags):
+        name = f"{item.name}.png"
+        open_rgb(item.source).save(dest_dir / name, "PNG", compress_level=PNG_LEVEL)
+        return name, "reencoded"
+    name = f"{item.name}{'.jpg' if ext == '.jpeg' else ext}"
+    dest = dest_dir / name
+    if link:
+        try:
+            os.link(item.source, dest)
+            return name, "linked"
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    shutil.copy2(item.source, dest)
+    return name, "copied"

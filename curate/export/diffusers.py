@@ -1,0 +1,49 @@
+"""Hugging Face ``imagefolder`` layout: ``train/`` and ``validation/``, each with a metadata.jsonl.
+
+``datasets.load_dataset("imagefolder", data_dir=out)`` gives a ``train`` and a ``validation`` split
+with ``image`` and ``text`` columns, which is what the diffusers LoRA scripts read
+(``--dataset_name out --caption_column text``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..manifest import Manifest
+from ..stages.bucket import BucketSettings
+from .common import ExportResult, check_target, collect, resolve_settings, staging, write_images
+
+SPLIT_DIRS = {"train": "train", "val": "validation"}
+
+
+def export_diffusers(
+    manifest: Manifest,
+    out: Path,
+    *,
+    trigger: str | None = None,
+    class_word: str | None = None,
+    settings: BucketSettings | None = None,
+    resize: bool = False,
+    link: bool = True,
+) -> ExportResult:
+    """Write the imagefolder layout to ``out`` (which must not exist or be empty)."""
+    out = Path(out)
+    check_target(out, manifest.root)
+    items, warnings = collect(manifest, trigger, class_word)
+    settings = resolve_settings(manifest, settings, warnings)
+    res = ExportResult(out.resolve(), "diffusers", warnings=warnings)
+    with staging(out) as tmp:
+        for split, folder in SPLIT_DIRS.items():
+            chosen = [it for it in items if it.split == split]
+            if not chosen:
+                continue
+            (tmp / folder).mkdir()
+            lines = []
+            names = write_images(chosen, tmp / folder, res, resize=settings if resize else None, link=link)
+            for it, name in zip(chosen, names, strict=True):
+                lines.append(json.dumps({"file_name": name, "text": it.caption}, ensure_ascii=False))
+            (tmp / folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+            res.files.append(f"{folder}/metadata.jsonl")
+            setattr(res, split, len(chosen))
+    return res
