@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from export_helpers import fresh_copy
+from tests.export_helpers import fresh_copy
 from PIL import Image
 
 from curate.errors import CurateError

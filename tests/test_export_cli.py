@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import tomllib
-from export_helpers import fresh_copy
+from tests.export_helpers import fresh_copy
 from typer.testing import CliRunner
 
 from curate.cli import app

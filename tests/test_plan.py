@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import tomllib
-from export_helpers import fresh_copy
+from tests.export_helpers import fresh_copy
 
 from curate.dataset import Dataset
 from curate.errors import CurateError

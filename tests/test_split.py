@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from export_helpers import fresh_copy
+from tests.export_helpers import fresh_copy
 
 from curate.errors import CurateError
 from curate.manifest import ImageRecord
