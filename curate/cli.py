@@ -310,16 +310,37 @@ def status(
 @handle_errors
 def run_all(
     path: DatasetArg,
-    out: Annotated[str | None, typer.Option(help="Export the curated set here (kohya layout).")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(help="Export the curated set here (kohya layout + dataset TOML + train.toml)."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Target model family: sd15 (512 px buckets) or sdxl (1024).")
+    ] = "sdxl",
+    trigger: Annotated[str | None, typer.Option(help="Trigger word put first in every caption.")] = None,
+    class_word: Annotated[
+        str | None, typer.Option("--class", help="Class word for the kohya folder name.")
+    ] = None,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
-    """The whole curation in one go: scan, filter, dedupe, report (and export with --out)."""
+    """The whole curation in one go: scan, filter, dedupe, split, bucket, report; export + plan with --out."""
     from .pipeline import run_pipeline
 
     with _open(path, manifest, config) as ds:
-        summary = run_pipeline(ds, out=out, show=not as_json)
+        summary = run_pipeline(
+            ds,
+            out=out,
+            model=model,
+            trigger=trigger,
+            class_word=class_word,
+            val=val,
+            seed=seed,
+            show=not as_json,
+        )
     if as_json:
         print_json(summary)
 

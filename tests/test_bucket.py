@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.export_helpers import fresh_copy
 
 from curate.errors import CurateError
 from curate.stages.bucket import (
@@ -16,6 +15,7 @@ from curate.stages.bucket import (
     report_section,
     stored_settings,
 )
+from tests.export_helpers import fresh_copy
 
 # resolution 512, min 256, max 1024, step 64 (sd-scripts defaults): area 262144
 BUCKETS_512 = [

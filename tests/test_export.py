@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from tests.export_helpers import fresh_copy
 from PIL import Image
 
 from curate.errors import CurateError
 from curate.export import common as common_mod
 from curate.stages.bucket import BucketSettings, assign_bucket, bucket_images, make_buckets
+from tests.export_helpers import fresh_copy
 
 # -- sd-scripts' dataset config schema (library/config_util.py, ConfigSanitizer), re-expressed ---------
 NUM = (int, float)

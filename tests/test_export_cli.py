@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import tomllib
-from tests.export_helpers import fresh_copy
 from typer.testing import CliRunner
 
 from curate.cli import app
+from tests.export_helpers import fresh_copy
 
 runner = CliRunner()
 

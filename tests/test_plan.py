@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import tomllib
-from tests.export_helpers import fresh_copy
 
 from curate.dataset import Dataset
 from curate.errors import CurateError
 from curate.stages.plan import plan_training
+from tests.export_helpers import fresh_copy
 
 # The [train] names trainer_bridge.TrainConfig reads, with the type of its defaults.
 TRAIN_TYPES = {

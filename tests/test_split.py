@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from tests.export_helpers import fresh_copy
 
 from curate.errors import CurateError
 from curate.manifest import ImageRecord
 from curate.stages.check import check
 from curate.stages.dedupe import hex_to_u64, popcount64
 from curate.stages.split import assign, leak_groups, split
+from tests.export_helpers import fresh_copy
 
 
 @pytest.fixture
