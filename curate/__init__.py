@@ -20,4 +20,10 @@ def dedupe(path: str, **options):
         return ds.dedupe(**options)
 
 
-__all__ = ["Dataset", "CurateError", "scan", "dedupe", "__version__"]
+def outliers(path: str, **options):
+    """Score images by CLIP similarity to their nearest neighbours (see :meth:`Dataset.outliers`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.outliers(**options)
+
+
+__all__ = ["Dataset", "CurateError", "scan", "dedupe", "outliers", "__version__"]

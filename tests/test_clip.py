@@ -287,6 +287,21 @@ def test_ivf_index_recall_against_exact():
     assert res.recall is not None and res.recall >= 0.9
 
 
+def test_torch_exact_pairs_match_faiss_flat():
+    from curate.stages.similarity import exact_pairs, exact_pairs_torch
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    x[2000:] = x[:1000] + rng.normal(scale=0.3, size=(1000, 32))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    a = exact_pairs(x, 0.95)
+    b = exact_pairs_torch(x, 0.95, "cpu", block=700)  # odd block: crosses block edges
+    assert len(a[0]) > 500
+    assert set(zip(*map(np.ndarray.tolist, a[:2]), strict=True)) == set(
+        zip(*map(np.ndarray.tolist, b[:2]), strict=True)
+    )
+
+
 def test_two_models_share_one_decode(tiny, tmp_path, monkeypatch):
     from curate import io as cio
     from curate.models.clip import load_clip

@@ -67,7 +67,9 @@ def clip_pair_finder(
             manifest, records, [cm], batch_size=batch_size, workers=workers, progress=progress
         )
         idx = np.flatnonzero(ok)
-        res = similar_pairs(emb[idx], threshold, exact_max=exact_max or EXACT_MAX, index=index)
+        res = similar_pairs(
+            emb[idx], threshold, exact_max=exact_max or EXACT_MAX, index=index, device=cm.device
+        )
         find.stats.update({"model": cm.model_id, "pretrained": cm.pretrained, "threshold": threshold,
                            "embedded": int(len(idx)), **res.as_dict()})  # fmt: skip
         return [

@@ -37,15 +37,14 @@ Spec = tuple[int, str, str]  # (size, interpolation, resize_mode)
 
 def crop_for(img, spec: Spec) -> np.ndarray:
     """open_clip's eval transform up to ToTensor, on a PIL RGB image -> uint8 array [3, S, S]."""
-    from PIL import Image
-
     size, interp, mode = spec
     resample = _RESAMPLE.get(interp, 3)
     w, h = img.size
     if mode == "squash":
         img = img.resize((size, size), resample)
     else:
-        # "shortest": short side -> size, then centre crop. ("longest" pads; rare, treated the same.)
+        # "shortest": short side -> size, then centre crop (open_clip's Resize + CenterCrop).
+        # "longest" (resize + pad) is used by no built-in config; it is treated as "shortest".
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
@@ -55,8 +54,6 @@ def crop_for(img, spec: Spec) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
-    assert arr.shape == (size, size, 3), arr.shape
-    _ = Image  # keep the import local (workers import PIL anyway)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -107,7 +104,6 @@ def encode_paths(
     Returns (ok mask [N], [embeddings float32 [N, D_m] per model]); rows of undecodable files are zero.
     ``on_batch(indices, [emb per model])`` is called after each batch (used to commit to the cache).
     """
-    import torch
     from torch.utils.data import DataLoader
 
     n = len(paths)
@@ -147,7 +143,6 @@ def encode_paths(
         done += len(ii)
         if progress:
             progress(done, n)
-    del torch
     return ok_all, outs
 
 
@@ -213,5 +208,6 @@ def embed_records(
         for k, s in enumerate(shas):
             if s in h:
                 arr[k] = h[s]
-        outs.append(arr)
+        norm = np.linalg.norm(arr, axis=1, keepdims=True)
+        outs.append(np.divide(arr, norm, out=arr, where=norm > 0))  # undo float16 rounding of the norm
     return ok, outs
