@@ -194,6 +194,17 @@ def dedupe(
                     rows,
                 )
             )
+            if res.clip:
+                c = res.clip
+                recall = (
+                    f", sampled recall vs exact {c['recall_vs_exact']:.3f}"
+                    if c.get("recall_vs_exact")
+                    else ""
+                )
+                console.print(
+                    f"CLIP {c['model']} ({c['pretrained']}): {c['embedded']} images, {c['pairs']} pairs >= "
+                    f"{c['threshold']}, index {c['index']} in {c['seconds']} s{recall}"
+                )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:

@@ -232,6 +232,8 @@ def test_cli_dedupe_clip_errors_and_json(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     members = [set(g["members"]) for g in out["dedupe"]["groups"]]
+    stats = out["dedupe"]["clip"]
+    assert stats["index"] == "flat" and stats["embedded"] == 10 and stats["model"] == "local:tiny-test"
     assert {"img0.png", "img0_flip.png"} in members and {"img1.png", "img1_small.jpg"} in members
 
 

@@ -265,9 +265,13 @@ def exact_groups(manifest: Manifest) -> list[DupGroup]:
 class DedupeResult:
     groups: list[DupGroup]
     rejected: int
+    clip: dict[str, Any] = field(default_factory=dict)  # CLIP search stats: index, seconds, recall
 
     def as_dict(self) -> dict[str, Any]:
-        return {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+        out = {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+        if self.clip:
+            out["clip"] = self.clip
+        return out
 
 
 def dedupe(
@@ -323,4 +327,4 @@ def dedupe(
             updates[sha] = {"dup_group": g.id, "dup_keeper": 1, "dup_explain": "\n".join(g.explain)}
     manifest.update_images(updates.items())
     manifest.set_rejects("dedupe", rejects)
-    return DedupeResult(near + exact, len(rejects))
+    return DedupeResult(near + exact, len(rejects), dict(getattr(extra_pairs, "stats", {}) or {}))
