@@ -32,4 +32,10 @@ def export(path: str, out: str, format: str = "kohya", **options):
         return ds.export(out, format, **options)
 
 
-__all__ = ["Dataset", "CurateError", "scan", "dedupe", "split", "export", "__version__"]
+def outliers(path: str, **options):
+    """Score images by CLIP similarity to their nearest neighbours (see :meth:`Dataset.outliers`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.outliers(**options)
+
+
+__all__ = ["Dataset", "CurateError", "scan", "dedupe", "outliers", "split", "export", "__version__"]

@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 # Command groups living in their own modules; each defines register(app).
-PLUGINS: list[str] = ["curate.commands.export"]
+PLUGINS: list[str] = ["curate.commands.export", "curate.commands.clip"]
 
 
 def _open(path: str, manifest: str | None, config: str | None, create: bool = True) -> Dataset:
@@ -195,6 +195,17 @@ def dedupe(
                     rows,
                 )
             )
+            if res.clip:
+                c = res.clip
+                recall = (
+                    f", sampled recall vs exact {c['recall_vs_exact']:.3f}"
+                    if c.get("recall_vs_exact")
+                    else ""
+                )
+                console.print(
+                    f"CLIP {c['model']} ({c['pretrained']}): {c['embedded']} images, {c['pairs']} pairs >= "
+                    f"{c['threshold']}, index {c['index']} in {c['seconds']} s{recall}"
+                )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:

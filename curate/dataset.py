@@ -82,6 +82,15 @@ class Dataset:
             )
         return dedupe(self.manifest, cfg, extra_pairs=extra)
 
+    def outliers(self, *, progress=None, **clip: Any):
+        """Score kept images by CLIP similarity to their k nearest neighbours; flag the lowest for review."""
+        from .stages.clip_dedupe import outliers
+
+        opts = {**self.config.section("clip"), **{k: v for k, v in clip.items() if v is not None}}
+        for key in ("threshold", "exact_max", "index"):  # dedupe-only options of the shared [clip] section
+            opts.pop(key, None)
+        return outliers(self.manifest, progress=progress, **opts)
+
     def check(self, rules: list[str] | None = None):
         from .stages.check import check
 

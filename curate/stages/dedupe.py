@@ -168,6 +168,33 @@ def describe(r: ImageRecord) -> str:
     return f"{r.width}x{r.height}, sharpness {r.scores.get('sharpness', 0):.0f}, {r.size / 1024:.0f} KiB"
 
 
+MAX_EXPLAIN_EDGES = 20
+
+
+def _edge_text(edge: dict[str, Any]) -> str:
+    """'CLIP similarity 0.973, pHash distance 3' for one pair."""
+    words = {"clip": "CLIP similarity", "phash": "pHash distance", "dhash": "dHash distance"}
+    return ", ".join(f"{words.get(k, k)} {v}" for k, v in edge.items() if k not in ("a", "b"))
+
+
+def _group_method(edges: list[dict[str, Any]], method: str) -> str:
+    """For --method both: which signal linked the group ("hash", "clip" or "both")."""
+    if method != "both":
+        return method
+    clip = any("clip" in e for e in edges)
+    hashed = any("phash" in e or "dhash" in e for e in edges)
+    return "both" if clip and hashed else "clip" if clip else "hash"
+
+
+def merge_pairs(pairs: list[tuple[int, int, dict[str, Any]]]) -> list[tuple[int, int, dict[str, Any]]]:
+    """One entry per (i, j) with the info of every method that found it (hash + CLIP)."""
+    merged: dict[tuple[int, int], dict[str, Any]] = {}
+    for a, b, info in pairs:
+        key = (a, b) if a < b else (b, a)
+        merged.setdefault(key, {}).update(info)
+    return [(a, b, info) for (a, b), info in sorted(merged.items())]
+
+
 def build_groups(
     records: list[ImageRecord],
     pairs: list[tuple[int, int, dict[str, Any]]],
@@ -204,7 +231,12 @@ def build_groups(
             explain.append(
                 f"dropped {r.path} ({describe(r)}): keeper is {why_better(keeper, r, policy, demote)}"
             )
-        groups.append(DupGroup(gid, keeper.path, [r.path for r in recs], method, explain, edges))
+        explain += [f"  {e['a']} ~ {e['b']}: {_edge_text(e)}" for e in edges[:MAX_EXPLAIN_EDGES]]
+        if len(edges) > MAX_EXPLAIN_EDGES:
+            explain.append(f"  ... and {len(edges) - MAX_EXPLAIN_EDGES} more pairs")
+        groups.append(
+            DupGroup(gid, keeper.path, [r.path for r in recs], _group_method(edges, method), explain, edges)
+        )
     return groups
 
 
@@ -244,9 +276,13 @@ def exact_groups(manifest: Manifest) -> list[DupGroup]:
 class DedupeResult:
     groups: list[DupGroup]
     rejected: int
+    clip: dict[str, Any] = field(default_factory=dict)  # CLIP search stats: index, seconds, recall
 
     def as_dict(self) -> dict[str, Any]:
-        return {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+        out = {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+        if self.clip:
+            out["clip"] = self.clip
+        return out
 
 
 def find_duplicates(
@@ -267,6 +303,7 @@ def find_duplicates(
         pairs += hash_pairs(records, cfg)
     if extra_pairs is not None:
         pairs += extra_pairs(records)
+    pairs = merge_pairs(pairs)
     near = build_groups(records, pairs, cfg.keep, cfg.method, demote=rejected_elsewhere)
     for k, g in enumerate(exact, start=len(near) + 1):
         g.id = k
@@ -311,4 +348,4 @@ def dedupe(
     groups, rejects, updates = find_duplicates(manifest, cfg, extra_pairs=extra_pairs)
     manifest.update_images(updates.items())
     manifest.set_rejects("dedupe", rejects)
-    return DedupeResult(groups, len(rejects))
+    return DedupeResult(groups, len(rejects), dict(getattr(extra_pairs, "stats", {}) or {}))
