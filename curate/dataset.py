@@ -103,8 +103,17 @@ class Dataset:
 
         return build_report(self.manifest, Path(out) if out else None)
 
-    def tag(self, *, model: str | None = None, device: str | None = None, batch_size: int | None = None,
-            force: bool | None = None, overwrite: bool = False, progress=None, **caption: Any):
+    def tag(
+        self,
+        *,
+        model: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        force: bool | None = None,
+        overwrite: bool = False,
+        progress=None,
+        **caption: Any,
+    ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
 
         ``caption`` holds caption options (general, character, mcut, trigger, drop_common, blacklist,
@@ -127,8 +136,15 @@ class Dataset:
         caption["tagger"] = run.model
         return Outcome(run, apply_changes(self.manifest, self.config, caption, overwrite=overwrite))
 
-    def caption(self, *, combine: bool = False, overwrite: bool = False, progress=None,
-                caption: dict[str, Any] | None = None, **options: Any):
+    def caption(
+        self,
+        *,
+        combine: bool = False,
+        overwrite: bool = False,
+        progress=None,
+        caption: dict[str, Any] | None = None,
+        **options: Any,
+    ):
         """Caption kept images with BLIP (batched; cached per model and options), then rewrite captions.
 
         ``combine`` merges the sentence with stored tags ("trigger, characters, sentence, tags").
@@ -142,8 +158,15 @@ class Dataset:
         changes = {**(caption or {}), "source": "both" if combine else "caption"}
         return Outcome(run, apply_changes(self.manifest, self.config, changes, overwrite=overwrite))
 
-    def edit(self, *, remove: list[str] | None = None, replace: list[str] | None = None,
-             reset: bool = False, overwrite: bool = False, **caption: Any):
+    def edit(
+        self,
+        *,
+        remove: list[str] | None = None,
+        replace: list[str] | None = None,
+        reset: bool = False,
+        overwrite: bool = False,
+        **caption: Any,
+    ):
         """Change caption options (blacklist / replace add to earlier ones) and rewrite captions; no model runs."""
         from .stages.captions import SETTINGS_KEY, Outcome, apply_changes, current_config
 

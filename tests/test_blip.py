@@ -28,7 +28,9 @@ def ds_path(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
     for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / f"n{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            root / f"n{i}.png"
+        )
     for i, c in enumerate([(255, 0, 0), (0, 0, 255), (20, 200, 20)]):
         Image.new("RGB", (30 + 10 * i, 60), c).save(root / f"c{i}.png")
     with Dataset.open(root) as ds:
@@ -50,7 +52,9 @@ def test_blip_batched_equals_unbatched_and_is_cached(ds_path, blip_dir):
             sentence = batched[rec.sha256]
             if sentence:
                 assert (ds_path / rec.path).with_suffix(".txt").read_text() == f"mychar, {sentence}"
-        again = ds.caption(model=str(blip_dir), device="cpu", batch_size=4, num_beams=1, min_length=3, max_length=10)
+        again = ds.caption(
+            model=str(blip_dir), device="cpu", batch_size=4, num_beams=1, min_length=3, max_length=10
+        )
         assert again.run.generated == 0 and again.run.cached == 6
         one = ds.caption(model=str(blip_dir), device="cpu", batch_size=1, num_beams=1, min_length=3,
                          max_length=10, force=True)  # fmt: skip

@@ -45,7 +45,9 @@ def test_thresholds_categories_order_and_forms():
     assert t["sha1"] == "kagamine rin, 1girl, simple background, blue eyes"  # "eyes" implied by "blue eyes"
     assert t["sha2"] == "1girl, smile, white background, >_<"
     t = texts(general=0.35, character=0.6, implied=False, escape=False, underscores=False)
-    assert t["sha0"] == ("hatsune_miku, kagamine_rin, 1girl, solo, long_hair, ^_^, hair, hatsune_miku_(cosplay)")
+    assert t["sha0"] == (
+        "hatsune_miku, kagamine_rin, 1girl, solo, long_hair, ^_^, hair, hatsune_miku_(cosplay)"
+    )
 
 
 def test_trigger_keep_tokens_common_blacklist_replace_max_tags():
@@ -78,10 +80,10 @@ def test_mcut():
         make_config({"replace": ["no-equals"]})
 
 
-def test_clip_token_counts_equal_open_clip():
+def test_clip_token_counts_equal_open_clip(tmp_path):
     from open_clip.tokenizer import SimpleTokenizer
 
-    from curate.models.clip_tokenizer import count_tokens
+    from curate.models.clip_tokenizer import _fast_counter, _transformers_counter, count_tokens
 
     st = SimpleTokenizer()
     samples = [
@@ -90,6 +92,12 @@ def test_clip_token_counts_equal_open_clip():
         "Ünïcödé 日本語 テキスト 😀, o_o, +_+, (o)_(o)",
         ", ".join(f"tag{i} word" for i in range(60)),
     ]
-    counts = count_tokens(samples)
-    assert counts == [len(st.encode(s)) for s in samples]
-    assert counts[3] > 75
+    expect = [len(st.encode(s)) for s in samples]
+    assert expect[3] > 75
+    assert _fast_counter(tmp_path) is None
+    built = _transformers_counter(tmp_path)  # derives vocab.json + merges.txt from open_clip's BPE
+    assert (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    fast = _fast_counter(tmp_path)
+    assert [built(s) for s in samples] == expect
+    assert [fast(s) for s in samples] == expect
+    assert count_tokens(samples) == expect

@@ -116,7 +116,9 @@ def test_tag_scores_equal_reference_and_are_cached(ds_path, model_dir):
             txt = (ds_path / rec.path).with_suffix(".txt").read_text()
             assert txt == rec.caption
             sc = stored[rec.sha256]
-            chosen = [n for n, p in sc.items() if (cats[n] == 0 and p >= 0.35) or (cats[n] == 4 and p >= 0.85)]
+            chosen = [
+                n for n, p in sc.items() if (cats[n] == 0 and p >= 0.35) or (cats[n] == 4 and p >= 0.85)
+            ]
             assert len(rec.tags) <= len(chosen)
 
 

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ["a", "photo", "of", "cat", "dog", "on", "the", "grass", "red", "blue", "car", "sitting", "with", "house"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "cat",
+    "dog",
+    "on",
+    "the",
+    "grass",
+    "red",
+    "blue",
+    "car",
+    "sitting",
+    "with",
+    "house",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 
 
@@ -34,8 +49,6 @@ def build(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(cfg).eval()
     model.save_pretrained(folder, safe_serialization=True)
-    proc = BlipProcessor(
-        BlipImageProcessor(size={"height": image_size, "width": image_size}), tok
-    )
+    proc = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tok)
     proc.save_pretrained(folder)
     return folder

@@ -8,15 +8,30 @@ import typer
 
 from ..dataset import Dataset
 from ..errors import CurateError
-from ..ui import ConfigOpt, DatasetArg, JsonOpt, ManifestOpt, console, err_console, handle_errors, print_json, progress_bar, table
+from ..ui import (
+    ConfigOpt,
+    DatasetArg,
+    JsonOpt,
+    ManifestOpt,
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    progress_bar,
+    table,
+)
 
 Trigger = Annotated[
     list[str] | None, typer.Option(help="Trigger word(s), first in every caption (repeat or comma-separate).")
 ]
-Format = Annotated[str | None, typer.Option("--format", help="txt (default), caption, or jsonl (metadata.jsonl).")]
+Format = Annotated[
+    str | None, typer.Option("--format", help="txt (default), caption, or jsonl (metadata.jsonl).")
+]
 Overwrite = Annotated[
     bool,
-    typer.Option("--overwrite", help="Replace captions curate did not write or you edited (backed up first)."),
+    typer.Option(
+        "--overwrite", help="Replace captions curate did not write or you edited (backed up first)."
+    ),
 ]
 DropCommon = Annotated[
     float | None, typer.Option(help="Drop tags present in more than this fraction of images (0 = off).")
@@ -59,7 +74,9 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
     ]
     console.print(table(title, ["", ""], rows))
     if w["kept_user"] or w["kept_edited"]:
-        err_console.print("[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]")
+        err_console.print(
+            "[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]"
+        )
     for p, n in cap["over_limit"][:10]:
         err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
 
@@ -70,20 +87,33 @@ def register(app: typer.Typer) -> None:
     def tag(
         path: DatasetArg,
         model: Annotated[
-            str | None, typer.Option(help="WD14 tagger: Hugging Face repo id or folder with model.onnx + selected_tags.csv.")
+            str | None,
+            typer.Option(
+                help="WD14 tagger: Hugging Face repo id or folder with model.onnx + selected_tags.csv."
+            ),
         ] = None,
-        general: Annotated[float | None, typer.Option(help="Threshold for general tags (default 0.35).")] = None,
+        general: Annotated[
+            float | None, typer.Option(help="Threshold for general tags (default 0.35).")
+        ] = None,
         threshold: Annotated[float | None, typer.Option(help="Same as --general.")] = None,
-        character: Annotated[float | None, typer.Option(help="Threshold for character tags (default 0.85).")] = None,
-        mcut: Annotated[bool | None, typer.Option("--mcut/--no-mcut", help="Adaptive MCut thresholds.")] = None,
-        rating: Annotated[bool | None, typer.Option("--rating/--no-rating", help="Add the rating tag.")] = None,
+        character: Annotated[
+            float | None, typer.Option(help="Threshold for character tags (default 0.85).")
+        ] = None,
+        mcut: Annotated[
+            bool | None, typer.Option("--mcut/--no-mcut", help="Adaptive MCut thresholds.")
+        ] = None,
+        rating: Annotated[
+            bool | None, typer.Option("--rating/--no-rating", help="Add the rating tag.")
+        ] = None,
         trigger: Trigger = None,
         drop_common: DropCommon = None,
         max_tags: MaxTags = None,
         fmt: Format = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Images per model call.")] = None,
-        force: Annotated[bool, typer.Option("--force", help="Re-run the model on images already scored.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Re-run the model on images already scored.")
+        ] = False,
         overwrite: Overwrite = False,
         manifest: ManifestOpt = None,
         config: ConfigOpt = None,
@@ -107,11 +137,15 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def caption(
         path: DatasetArg,
-        model: Annotated[str | None, typer.Option(help="BLIP model: Hugging Face repo id or local folder.")] = None,
+        model: Annotated[
+            str | None, typer.Option(help="BLIP model: Hugging Face repo id or local folder.")
+        ] = None,
         combine: Annotated[
             bool, typer.Option("--combine", help="Caption = trigger, characters, sentence, stored tags.")
         ] = False,
-        prompt: Annotated[str | None, typer.Option(help="Text the caption starts with, e.g. 'a photograph of'.")] = None,
+        prompt: Annotated[
+            str | None, typer.Option(help="Text the caption starts with, e.g. 'a photograph of'.")
+        ] = None,
         num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
         min_length: Annotated[int | None, typer.Option(help="Minimum caption length in tokens.")] = None,
         max_length: Annotated[int | None, typer.Option(help="Maximum caption length in tokens.")] = None,
@@ -120,7 +154,9 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
         dtype: Annotated[str | None, typer.Option(help="auto (bf16/fp16 on GPU), fp32, fp16, bf16.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Images per generate call.")] = None,
-        force: Annotated[bool, typer.Option("--force", help="Caption again images that have a caption.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Caption again images that have a caption.")
+        ] = False,
         overwrite: Overwrite = False,
         manifest: ManifestOpt = None,
         config: ConfigOpt = None,
@@ -142,15 +178,21 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def edit(
         path: DatasetArg,
-        remove: Annotated[list[str] | None, typer.Option(help="Tag to leave out of every caption (repeatable).")] = None,
-        replace: Annotated[list[str] | None, typer.Option(help="old=new tag replacement (repeatable).")] = None,
+        remove: Annotated[
+            list[str] | None, typer.Option(help="Tag to leave out of every caption (repeatable).")
+        ] = None,
+        replace: Annotated[
+            list[str] | None, typer.Option(help="old=new tag replacement (repeatable).")
+        ] = None,
         trigger: Trigger = None,
         drop_common: DropCommon = None,
         general: Annotated[float | None, typer.Option(help="Threshold for general tags.")] = None,
         character: Annotated[float | None, typer.Option(help="Threshold for character tags.")] = None,
         max_tags: MaxTags = None,
         fmt: Format = None,
-        reset: Annotated[bool, typer.Option("--reset", help="Forget earlier edit/tag choices first.")] = False,
+        reset: Annotated[
+            bool, typer.Option("--reset", help="Forget earlier edit/tag choices first.")
+        ] = False,
         overwrite: Overwrite = False,
         manifest: ManifestOpt = None,
         config: ConfigOpt = None,

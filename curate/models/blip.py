@@ -47,7 +47,11 @@ def load_blip(model: str, device: str = "auto", dtype: str = "auto"):
     local = Path(src).is_dir()
     if not local and (model.count("/") != 1 or Path(model).exists()):
         raise CurateError(f"captioner {model!r} is neither a model folder nor a Hugging Face repo id")
-    attempts = [True] if local or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("CURATE_OFFLINE") else [True, False]
+    attempts = (
+        [True]
+        if local or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("CURATE_OFFLINE")
+        else [True, False]
+    )
     last: Exception | None = None
     for offline in attempts:
         try:

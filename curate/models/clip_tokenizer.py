@@ -53,32 +53,52 @@ def write_tokenizer_files(bpe_gz: str | os.PathLike, out: Path) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def token_counter() -> Callable[[str], int] | None:
-    """A function text -> number of CLIP tokens (without BOS/EOS), or None if no tokenizer is available."""
+def _fast_counter(d: Path) -> Callable[[str], int] | None:
+    """The saved tokenizer.json through the Rust ``tokenizers`` package: no transformers import."""
+    if not (d / "tokenizer.json").exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception:
+        return None
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def _transformers_counter(d: Path) -> Callable[[str], int] | None:
+    """Build a transformers CLIPTokenizer from open_clip's BPE once; save tokenizer.json for the fast path."""
     try:
         from open_clip.tokenizer import default_bpe
-    except Exception:
-        default_bpe = None
-    d = cache_dir()
-    try:
         from transformers import CLIPTokenizer
 
         if not (d / "vocab.json").exists():
-            if default_bpe is None:
-                raise ImportError("open_clip missing")
             write_tokenizer_files(default_bpe(), d)
         tok = CLIPTokenizer.from_pretrained(str(d), model_max_length=77)
-        return lambda text: len(tok(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+        try:
+            tok.save_pretrained(str(d))
+        except OSError:
+            pass
     except Exception:
-        pass
+        return None
+    return lambda text: len(tok(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+
+def _open_clip_counter() -> Callable[[str], int] | None:
     try:
         from open_clip.tokenizer import SimpleTokenizer
 
         st = SimpleTokenizer()
-        return lambda text: len(st.encode(text))
     except Exception:
         return None
+    return lambda text: len(st.encode(text))
+
+
+@functools.lru_cache(maxsize=1)
+def token_counter() -> Callable[[str], int] | None:
+    """A function text -> number of CLIP tokens (without BOS/EOS), or None if no tokenizer is available."""
+    d = cache_dir()
+    return _fast_counter(d) or _transformers_counter(d) or _open_clip_counter()
 
 
 def count_tokens(texts: list[str]) -> list[int | None]:

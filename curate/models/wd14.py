@@ -76,7 +76,9 @@ def resolve_model(model: str) -> tuple[Path, Path]:
         onnx_path, csv_path = p / MODEL_FILE, p / TAGS_FILE
         missing = [f.name for f in (onnx_path, csv_path) if not f.exists()]
         if missing:
-            raise CurateError(f"tagger folder {p} lacks {' and '.join(missing)}; put {MODEL_FILE} and {TAGS_FILE} there")
+            raise CurateError(
+                f"tagger folder {p} lacks {' and '.join(missing)}; put {MODEL_FILE} and {TAGS_FILE} there"
+            )
         return onnx_path, csv_path
     if p.suffix == ".onnx" and p.exists():
         csv_path = p.with_name(TAGS_FILE)
@@ -162,7 +164,6 @@ class WD14Tagger:
     """An ONNX WD14 tagger. ``predict`` takes preprocessed NHWC batches of any length."""
 
     def __init__(self, model: str, *, device: str = "auto", threads: int = 0) -> None:
-        ort = require("onnxruntime", "tag")
         self.model = model
         onnx_path, csv_path = resolve_model(model)
         self.labels = read_labels(csv_path)
@@ -172,7 +173,9 @@ class WD14Tagger:
         inp = self.session.get_inputs()[0]
         shape = inp.shape
         if len(shape) != 4 or shape[3] != 3:
-            raise CurateError(f"{onnx_path} does not take NHWC RGB input (input shape {shape}); not a WD14 tagger")
+            raise CurateError(
+                f"{onnx_path} does not take NHWC RGB input (input shape {shape}); not a WD14 tagger"
+            )
         self.size = shape[1] if isinstance(shape[1], int) else 448
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
@@ -190,9 +193,10 @@ class WD14Tagger:
                     pass
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.labels):
-            raise CurateError(f"{onnx_path} outputs {n_out} scores but {csv_path} lists {len(self.labels)} tags")
+            raise CurateError(
+                f"{onnx_path} outputs {n_out} scores but {csv_path} lists {len(self.labels)} tags"
+            )
         self._pool = None if self.dynamic else ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
-        self._ort = ort
 
     def _session(self, path: Path):
         ort = require("onnxruntime", "tag")

@@ -118,7 +118,11 @@ def caption_images(
                     futures.append(pool.map(read, chunks[k + 1]))
                 loaded = list(futures[k])
                 good = [(r, img) for r, (img, _) in zip(chunk, loaded, strict=True) if img is not None]
-                failed += [(r.path, e or "unreadable") for r, (img, e) in zip(chunk, loaded, strict=True) if img is None]
+                failed += [
+                    (r.path, e or "unreadable")
+                    for r, (img, e) in zip(chunk, loaded, strict=True)
+                    if img is None
+                ]
                 if good:
                     texts = generate_captions(
                         processor,
@@ -134,11 +138,16 @@ def caption_images(
                     with manifest.transaction():
                         manifest.conn.executemany(
                             "INSERT OR REPLACE INTO nl_captions(sha256, model, opts, text, at) VALUES (?,?,?,?,?)",
-                            [(r.sha256, key, digest, t, time.time()) for (r, _), t in zip(good, texts, strict=True)],
+                            [
+                                (r.sha256, key, digest, t, time.time())
+                                for (r, _), t in zip(good, texts, strict=True)
+                            ],
                         )
                 done += len(chunk)
                 if progress:
                     progress(done, len(todo))
     manifest.set_meta("caption.model", key)
     manifest.set_meta("caption.options", json.dumps(asdict(cfg)))
-    return CaptionRun(key, len(todo) - len(failed), len(records) - len(todo), failed, time.perf_counter() - t0)
+    return CaptionRun(
+        key, len(todo) - len(failed), len(records) - len(todo), failed, time.perf_counter() - t0
+    )

@@ -17,7 +17,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import CurateError
@@ -306,7 +306,8 @@ class _Writer:
     def commit(self) -> None:
         with self.m.transaction():
             self.m.conn.executemany(
-                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)", self.records
+                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
+                self.records,
             )
 
 
@@ -366,7 +367,9 @@ def write_captions(
                     w.record(rel, b.sha256, b.text)
                     w.res.written.append(rel)
     w.commit()
-    manifest.update_images((b.sha256, {"tags": b.tags, "caption": effective.get(b.sha256, b.text)}) for b in built)
+    manifest.update_images(
+        (b.sha256, {"tags": b.tags, "caption": effective.get(b.sha256, b.text)}) for b in built
+    )
     return w.res, effective
 
 
@@ -394,7 +397,9 @@ def resolve_tagger(manifest: Manifest, cfg: CaptionConfig) -> str | None:
     if cfg.tagger:
         key = model_key(cfg.tagger)
         if key not in models:
-            raise CurateError(f"no stored scores for tagger {cfg.tagger}; run `curate tag <dataset> --model {cfg.tagger}`")
+            raise CurateError(
+                f"no stored scores for tagger {cfg.tagger}; run `curate tag <dataset> --model {cfg.tagger}`"
+            )
         return key
     last = manifest.get_meta("tag.model")
     return last if last in models else (models[-1] if models else None)
@@ -468,7 +473,9 @@ def check_captions(manifest: Manifest, config: Any) -> list:
     manifest.ensure_table(TABLES)
     wrote = manifest.conn.execute("SELECT count(*) FROM caption_files").fetchone()[0]
     section = config.section("caption") if config is not None else {}
-    trig = _as_tuple(section.get("trigger")) or tuple(json.loads(manifest.get_meta("caption.trigger") or "[]"))
+    trig = _as_tuple(section.get("trigger")) or tuple(
+        json.loads(manifest.get_meta("caption.trigger") or "[]")
+    )
     fmt = section.get("format") or manifest.get_meta("caption.format") or "txt"
     if fmt not in FORMATS:
         fmt = "txt"
@@ -498,15 +505,25 @@ def check_captions(manifest: Manifest, config: Any) -> list:
     where = "metadata.jsonl" if fmt == "jsonl" else f"a {FORMATS[fmt]} file"
     for p, t in texts.items():
         if t is None:
-            out.append(Violation(p, "no-caption", f"no caption in {where}; run `curate tag` or `curate caption`"))
+            out.append(
+                Violation(p, "no-caption", f"no caption in {where}; run `curate tag` or `curate caption`")
+            )
     for (p, t), n in zip(present, counts, strict=True):
         if n is not None and n > MAX_TOKENS:
-            out.append(Violation(p, "caption-too-long", f"{n} CLIP tokens > {MAX_TOKENS}; lower --max-tags or edit"))
+            out.append(
+                Violation(p, "caption-too-long", f"{n} CLIP tokens > {MAX_TOKENS}; lower --max-tags or edit")
+            )
         if trig:
             first = [s.strip() for s in t.split(",")]
             missing = [x for x in trig if x not in first]
             if missing:
-                out.append(Violation(p, "no-trigger", f"caption lacks trigger {', '.join(missing)}; run `curate edit --trigger`"))
+                out.append(
+                    Violation(
+                        p,
+                        "no-trigger",
+                        f"caption lacks trigger {', '.join(missing)}; run `curate edit --trigger`",
+                    )
+                )
     return out
 
 
@@ -519,7 +536,10 @@ class Outcome:
     captions: CaptionResult
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run": self.run.as_dict() if self.run is not None else None, "captions": self.captions.as_dict()}
+        return {
+            "run": self.run.as_dict() if self.run is not None else None,
+            "captions": self.captions.as_dict(),
+        }
 
 
 def current_config(manifest: Manifest, config: Any, changes: dict[str, Any] | None = None) -> CaptionConfig:
@@ -528,7 +548,9 @@ def current_config(manifest: Manifest, config: Any, changes: dict[str, Any] | No
     return make_config(section, remembered(manifest), changes or {})
 
 
-def apply_changes(manifest: Manifest, config: Any, changes: dict[str, Any], *, overwrite: bool) -> CaptionResult:
+def apply_changes(
+    manifest: Manifest, config: Any, changes: dict[str, Any], *, overwrite: bool
+) -> CaptionResult:
     """Validate, remember and apply caption option changes, then rewrite every caption."""
     cfg = current_config(manifest, config, changes)
     remember(manifest, changes)

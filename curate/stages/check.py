@@ -75,6 +75,7 @@ def _captions(m: Manifest, cfg: Config) -> list[Violation]:
 
     return check_captions(m, cfg)
 
+
 def check(manifest: Manifest, cfg: Config, rules: list[str] | None = None) -> list[Violation]:
     """Evaluate the named rules (default: all) against the manifest's current state."""
     names = rules or list(RULES)
