@@ -34,6 +34,7 @@ CACHE = Path(os.path.expanduser("~/.cache/curate/bench"))
 
 
 def emit(out: Path, rec: dict) -> None:
+    rec = {**rec, "loadavg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews timings
     line = json.dumps(rec)
     print(line, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

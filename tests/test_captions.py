@@ -81,7 +81,7 @@ def test_mcut():
 
 
 def test_clip_token_counts_equal_open_clip(tmp_path):
-    from open_clip.tokenizer import SimpleTokenizer
+    SimpleTokenizer = pytest.importorskip("open_clip.tokenizer").SimpleTokenizer
 
     from curate.models.clip_tokenizer import _fast_counter, _transformers_counter, count_tokens
 
@@ -101,3 +101,21 @@ def test_clip_token_counts_equal_open_clip(tmp_path):
     assert [built(s) for s in samples] == expect
     assert [fast(s) for s in samples] == expect
     assert count_tokens(samples) == expect
+
+
+def test_sources_tags_caption_both():
+    nl = {"sha0": "a girl with long hair", "sha2": "a smiling girl"}
+    recs = [rec(0), rec(1), rec(2)]
+
+    def build(source):
+        cfg = make_config({"trigger": ["mychar"], "source": source, "general": 0.9, "character": 0.85})
+        return {b.sha256: b.text for b in build_captions(recs, SCORES, CATS, cfg, nl)}
+
+    assert build("caption") == {
+        "sha0": "mychar, a girl with long hair",
+        "sha1": "mychar, kagamine rin, 1girl",  # no sentence for this image: tags instead
+        "sha2": "mychar, a smiling girl",
+    }
+    assert build("both")["sha0"] == "mychar, hatsune miku, a girl with long hair, 1girl, solo"
+    assert build("tags")["sha0"] == "mychar, hatsune miku, 1girl, solo"
+    assert build("tags")["sha2"] == "mychar, 1girl"

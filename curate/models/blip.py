@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +46,15 @@ def load_blip(model: str, device: str = "auto", dtype: str = "auto"):
     local = Path(src).is_dir()
     if not local and (model.count("/") != 1 or Path(model).exists()):
         raise CurateError(f"captioner {model!r} is neither a model folder nor a Hugging Face repo id")
-    attempts = (
-        [True]
-        if local or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("CURATE_OFFLINE")
-        else [True, False]
-    )
-    last: Exception | None = None
-    for offline in attempts:
-        try:
-            processor = transformers.BlipProcessor.from_pretrained(src, local_files_only=offline)
-            net = transformers.BlipForConditionalGeneration.from_pretrained(
-                src, local_files_only=offline, use_safetensors=True, dtype=torch_dtype
-            )
-            break
-        except Exception as exc:  # missing files, no network, no safetensors
-            last = exc
-    else:
+    try:  # local files only: a missing model is one clear message, not minutes of retries offline
+        processor = transformers.BlipProcessor.from_pretrained(src, local_files_only=True)
+        net = transformers.BlipForConditionalGeneration.from_pretrained(
+            src, local_files_only=True, use_safetensors=True, dtype=torch_dtype
+        )
+    except Exception as exc:  # missing files or no safetensors weights
         if local:
             raise CurateError(
-                f"cannot load BLIP from {src}: {str(last).splitlines()[0][:160]}; it needs config.json, "
+                f"cannot load BLIP from {src}: {str(exc).splitlines()[0][:160]}; it needs config.json, "
                 "model.safetensors and the processor files (save_pretrained output)"
             ) from None
         raise CurateError(

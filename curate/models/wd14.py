@@ -92,18 +92,9 @@ def resolve_model(model: str) -> tuple[Path, Path]:
     hub = require("huggingface_hub", "tag")
     files = []
     for name in (MODEL_FILE, TAGS_FILE):
-        try:
+        try:  # never downloads: a missing model is one clear message, not minutes of retries offline
             files.append(Path(hub.hf_hub_download(model, name, local_files_only=True)))
-            continue
         except Exception:
-            pass
-        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("CURATE_OFFLINE"):
-            files = []
-            break
-        try:
-            files.append(Path(hub.hf_hub_download(model, name)))
-        except Exception:
-            files = []
             break
     if len(files) != 2:
         raise CurateError(

@@ -235,13 +235,14 @@ def build_captions(
             gen.append(readable(rating, cfg.underscores))
         fix = escape if cfg.escape else (lambda s: s)
         tags = triggers + [fix(t) for t in chars] + [fix(t) for t in gen]
-        parts = triggers + [fix(t) for t in chars]
-        if cfg.source in ("caption", "both") and sentence:
-            parts.append(sentence)
-        if cfg.source in ("tags", "both"):
+        parts = list(triggers)
+        if cfg.source == "caption" and sentence:
+            parts.append(sentence)  # sentence only: "trigger, a photo of ..."
+        else:  # tags, both, or caption without a sentence for this image (fall back to tags)
+            parts += [fix(t) for t in chars]
+            if cfg.source == "both" and sentence:
+                parts.append(sentence)
             parts += [fix(t) for t in gen]
-        elif not sentence:
-            parts += [fix(t) for t in gen]  # no BLIP caption for this image: fall back to tags
         out.append(Built(rec.sha256, rec.paths, tags, cfg.separator.join(parts), dropped))
     return out
 
@@ -264,6 +265,7 @@ class WriteResult:
     kept_edited: list[str] = field(default_factory=list)  # files edited by hand since curate wrote them
     backed_up: list[str] = field(default_factory=list)
     backup_dir: str | None = None
+    collisions: list[str] = field(default_factory=list)  # images sharing a caption file name (a.png, a.jpg)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -350,9 +352,13 @@ def write_captions(
             body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries.values())
             atomic_write_text(meta, body)
     else:
+        owner: dict[str, str] = {}
         for b in built:
             for p in b.paths:
                 rel = sidecar(p, fmt)
+                if owner.setdefault(rel, b.sha256) != b.sha256:
+                    w.res.collisions.append(p)  # a.png and a.jpg would share a.txt: first one wins
+                    continue
                 f = root / rel
                 try:
                     cur = f.read_text(encoding="utf-8") if f.exists() else None
