@@ -121,10 +121,11 @@ class Dataset:
         re-thresholds stored scores in seconds without running the model.
         """
         from .config import _coerce
-        from .stages.captions import Outcome, apply_changes, remembered
+        from .stages.captions import CAPTION_KEYS, Outcome, apply_changes, remembered
         from .stages.tag import DEFAULT_TAGGER, TagConfig, tag_images
 
-        section = self.config.section("tag")
+        # [tag] may also hold caption options (general, character, trigger, ...); [caption] wins over them.
+        section = {k: v for k, v in self.config.section("tag").items() if k not in CAPTION_KEYS}
         cfg = _coerce(TagConfig, section, "tag")
         last = self.manifest.get_meta("tag.model")
         model = model or section.get("model") or last or DEFAULT_TAGGER

@@ -249,3 +249,31 @@ def test_cli_tag_edit_tags(ds_path, model_dir):
     assert st["tagged"] == 7 and "mychar" in st["always"] and len(st["tokens"]) == 7
     res = r.invoke(app, ["tag", str(ds_path), "--general", "1.5"])
     assert res.exit_code == 2 and "between 0 and 1" in res.output
+
+
+def test_toml_options_in_tag_and_caption_sections(ds_path, model_dir):
+    (ds_path / "curate.toml").write_text(
+        f'[tag]\nmodel = "{model_dir}"\ndevice = "cpu"\ngeneral = 0.6\ntrigger = "tt"\n\n'
+        '[caption]\ncharacter = 0.3\nblacklist = ["solo"]\nimplied = false\n'
+    )
+    cats = dict(tiny_wd14.TAGS)
+    with Dataset.open(ds_path) as ds:
+        ds.tag()
+        stored = _stored(ds, str(model_dir))
+        for rec in ds.kept():
+            sc = stored[rec.sha256]
+            want_c = sorted((n for n, p in sc.items() if cats[n] == 4 and p >= 0.3), key=lambda n: -sc[n])
+            want_g = sorted(
+                (n for n, p in sc.items() if cats[n] == 0 and p >= 0.6 and n != "solo"), key=lambda n: -sc[n]
+            )
+            want = ["tt"] + [wd14_readable(n) for n in want_c + want_g]
+            assert rec.tags == want, rec.path
+        before = sum(len(r.tags) for r in ds.kept())
+        ds.tag(general=0.2)  # a flag beats the file
+        assert sum(len(r.tags) for r in ds.kept()) > before
+
+
+def wd14_readable(n: str) -> str:
+    from curate.stages.captions import escape, readable
+
+    return escape(readable(n))

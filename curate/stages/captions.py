@@ -82,6 +82,9 @@ class CaptionConfig:
         return len(self.trigger)
 
 
+CAPTION_KEYS = frozenset(f.name for f in dataclasses.fields(CaptionConfig)) - {"tagger"}
+
+
 def _as_tuple(v: Any) -> tuple[str, ...]:
     if v is None:
         return ()
@@ -478,7 +481,7 @@ def check_captions(manifest: Manifest, config: Any) -> list:
 
     manifest.ensure_table(TABLES)
     wrote = manifest.conn.execute("SELECT count(*) FROM caption_files").fetchone()[0]
-    section = config.section("caption") if config is not None else {}
+    section = {**config.section("tag"), **config.section("caption")} if config is not None else {}
     trig = _as_tuple(section.get("trigger")) or tuple(
         json.loads(manifest.get_meta("caption.trigger") or "[]")
     )
@@ -551,7 +554,10 @@ class Outcome:
 def current_config(manifest: Manifest, config: Any, changes: dict[str, Any] | None = None) -> CaptionConfig:
     """Defaults < curate.toml [caption] < choices remembered from earlier commands < ``changes``."""
     section = config.section("caption") if config is not None else {}
-    return make_config(section, remembered(manifest), changes or {})
+    in_tag = (
+        {k: v for k, v in config.section("tag").items() if k in CAPTION_KEYS} if config is not None else {}
+    )
+    return make_config(in_tag, section, remembered(manifest), changes or {})
 
 
 def apply_changes(
