@@ -18,7 +18,7 @@ else
   export PYTHONPATH=$PWD
 fi
 python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/tag_env.txt"
-timeout 240 python3 -m pytest tests/test_tag.py tests/test_captions.py tests/test_blip.py tests/test_tag_gpu.py -q -rs -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tag_tests.txt"
+timeout 170 python3 -m pytest tests/test_tag.py tests/test_captions.py tests/test_blip.py tests/test_tag_gpu.py -q -rs -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tag_tests.txt"
 BENCH_ARGS=${BENCH_ARGS:---arch convnext_base --images 128 --batch 32 --blip large --blip-images 64 --blip-batch 16 32 --beams 3 --tokens 30}
 # shellcheck disable=SC2086
-timeout 420 python3 bench/tagger_speed.py $BENCH_ARGS --out "$OUT/tagger_speed_gpu.jsonl" 2>&1 | grep -E '^\{|Error' | tail -20
+timeout 400 python3 bench/tagger_speed.py $BENCH_ARGS --out "$OUT/tagger_speed_gpu.jsonl" 2>&1 | grep -E '^\{|Error' | tail -20

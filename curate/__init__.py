@@ -20,4 +20,16 @@ def dedupe(path: str, **options):
         return ds.dedupe(**options)
 
 
-__all__ = ["Dataset", "CurateError", "scan", "dedupe", "__version__"]
+def tag(path: str, **options):
+    """Tag ``path`` with a WD14 tagger and write captions (see :meth:`Dataset.tag`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.tag(**options)
+
+
+def caption(path: str, **options):
+    """Caption ``path`` with BLIP and write captions (see :meth:`Dataset.caption`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.caption(**options)
+
+
+__all__ = ["Dataset", "CurateError", "scan", "dedupe", "tag", "caption", "__version__"]
