@@ -38,4 +38,27 @@ def outliers(path: str, **options):
         return ds.outliers(**options)
 
 
-__all__ = ["Dataset", "CurateError", "scan", "dedupe", "outliers", "split", "export", "__version__"]
+def tag(path: str, **options):
+    """Tag ``path`` with a WD14 tagger and write captions (see :meth:`Dataset.tag`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.tag(**options)
+
+
+def caption(path: str, **options):
+    """Caption ``path`` with BLIP and write captions (see :meth:`Dataset.caption`)."""
+    with Dataset.open(path, create=False) as ds:
+        return ds.caption(**options)
+
+
+__all__ = [
+    "Dataset",
+    "CurateError",
+    "scan",
+    "dedupe",
+    "outliers",
+    "tag",
+    "caption",
+    "split",
+    "export",
+    "__version__",
+]

@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 # Command groups living in their own modules; each defines register(app).
-PLUGINS: list[str] = ["curate.commands.export", "curate.commands.clip"]
+PLUGINS: list[str] = ["curate.commands.clip", "curate.commands.tag", "curate.commands.export"]
 
 
 def _open(path: str, manifest: str | None, config: str | None, create: bool = True) -> Dataset:

@@ -148,6 +148,89 @@ class Dataset:
 
         return plan(self.manifest, overrides=self.config.section("plan"), **options)
 
+    def tag(
+        self,
+        *,
+        model: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        force: bool | None = None,
+        overwrite: bool = False,
+        progress=None,
+        **caption: Any,
+    ):
+        """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
+
+        ``caption`` holds caption options (general, character, mcut, trigger, drop_common, blacklist,
+        replace, max_tags, format, ...); they are remembered, so a later call with only a new threshold
+        re-thresholds stored scores in seconds without running the model.
+        """
+        from .config import _coerce
+        from .stages.captions import CAPTION_KEYS, Outcome, apply_changes, remembered
+        from .stages.tag import DEFAULT_TAGGER, TagConfig, tag_images
+
+        # [tag] may also hold caption options (general, character, trigger, ...); [caption] wins over them.
+        section = {k: v for k, v in self.config.section("tag").items() if k not in CAPTION_KEYS}
+        cfg = _coerce(TagConfig, section, "tag")
+        last = self.manifest.get_meta("tag.model")
+        model = model or section.get("model") or last or DEFAULT_TAGGER
+        cfg = override(cfg, model=model, device=device, batch_size=batch_size, force=force)
+        run = tag_images(self.manifest, cfg, progress=progress)
+        if "source" not in caption:
+            prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))
+            caption["source"] = "both" if prev in ("caption", "both") else "tags"
+        caption["tagger"] = run.model
+        return Outcome(run, apply_changes(self.manifest, self.config, caption, overwrite=overwrite))
+
+    def caption(
+        self,
+        *,
+        combine: bool = False,
+        overwrite: bool = False,
+        progress=None,
+        caption: dict[str, Any] | None = None,
+        **options: Any,
+    ):
+        """Caption kept images with BLIP (batched; cached per model and options), then rewrite captions.
+
+        ``combine`` merges the sentence with stored tags ("trigger, characters, sentence, tags").
+        """
+        from .config import _coerce
+        from .stages.caption import BlipConfig, caption_images
+        from .stages.captions import Outcome, apply_changes
+
+        cfg = override(_coerce(BlipConfig, self.config.section("blip"), "blip"), **options)
+        run = caption_images(self.manifest, cfg, progress=progress)
+        changes = {**(caption or {}), "source": "both" if combine else "caption"}
+        return Outcome(run, apply_changes(self.manifest, self.config, changes, overwrite=overwrite))
+
+    def edit(
+        self,
+        *,
+        remove: list[str] | None = None,
+        replace: list[str] | None = None,
+        reset: bool = False,
+        overwrite: bool = False,
+        **caption: Any,
+    ):
+        """Change caption options (blacklist / replace add to earlier ones) and rewrite captions; no model runs."""
+        from .stages.captions import SETTINGS_KEY, Outcome, apply_changes, current_config
+
+        if reset:
+            self.manifest.set_meta(SETTINGS_KEY, "{}")
+        cur = current_config(self.manifest, self.config)
+        if remove:
+            caption["blacklist"] = tuple(dict.fromkeys([*cur.blacklist, *remove]))
+        if replace:
+            caption["replace"] = (*cur.replace, *replace)
+        return Outcome(None, apply_changes(self.manifest, self.config, caption, overwrite=overwrite))
+
+    def tag_stats(self):
+        """Tag frequency table, always-present tags and per-image CLIP token counts."""
+        from .stages.captions import tag_stats
+
+        return tag_stats(self.manifest)
+
     # -- reading -------------------------------------------------------------------------------------
     def images(self) -> list[ImageRecord]:
         return self.manifest.images()

@@ -76,6 +76,13 @@ def _split(m: Manifest, cfg: Config) -> list[Violation]:
     return [Violation(paths[0], "split-leak", detail) for paths, detail in split_violations(m)]
 
 
+@rule("captions")
+def _captions(m: Manifest, cfg: Config) -> list[Violation]:
+    from .captions import check_captions  # inactive until captions exist or a trigger is configured
+
+    return check_captions(m, cfg)
+
+
 def check(manifest: Manifest, cfg: Config, rules: list[str] | None = None) -> list[Violation]:
     """Evaluate the named rules (default: all) against the manifest's current state."""
     names = rules or list(RULES)

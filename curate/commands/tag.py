@@ -1,0 +1,242 @@
+"""`curate tag`, `curate caption`, `curate edit`, `curate tags`: thin wrappers over Dataset methods."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ..dataset import Dataset
+from ..errors import CurateError
+from ..ui import (
+    ConfigOpt,
+    DatasetArg,
+    JsonOpt,
+    ManifestOpt,
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    progress_bar,
+    table,
+)
+
+Trigger = Annotated[
+    list[str] | None, typer.Option(help="Trigger word(s), first in every caption (repeat or comma-separate).")
+]
+Format = Annotated[
+    str | None, typer.Option("--format", help="txt (default), caption, or jsonl (metadata.jsonl).")
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace captions curate did not write or you edited (backed up first)."
+    ),
+]
+DropCommon = Annotated[
+    float | None, typer.Option(help="Drop tags present in more than this fraction of images (0 = off).")
+]
+MaxTags = Annotated[int | None, typer.Option(help="At most this many general tags per caption (0 = no cap).")]
+
+
+def _triggers(values: list[str] | None) -> tuple[str, ...] | None:
+    if not values:
+        return None
+    return tuple(t.strip() for v in values for t in v.split(",") if t.strip())
+
+
+def _unit(name: str, v: float | None) -> None:
+    if v is not None and not 0.0 <= v <= 1.0:
+        raise CurateError(f"{name} must be between 0 and 1, got {v}")
+
+
+def _print_outcome(title: str, d: dict[str, Any]) -> None:
+    run, cap, w = d["run"], d["captions"], d["captions"]["write"]
+    rows = []
+    if run:
+        rows += [
+            ("model", run["model"]),
+            ("images run through the model", run.get("inferred", run.get("generated", 0))),
+            ("images from the score cache", run["cached"]),
+            ("unreadable", len(run["failed"])),
+            ("model seconds", f"{run['seconds']:.2f}"),
+        ]
+    rows += [
+        ("captions built", cap["images"]),
+        ("files written", len(w["written"])),
+        ("unchanged", w["unchanged"]),
+        ("kept: existing captions (not written by curate)", len(w["kept_user"])),
+        ("kept: edited by hand", len(w["kept_edited"])),
+        ("backed up before overwrite", len(w["backed_up"])),
+        ("trigger / keep_tokens", f"{', '.join(cap['trigger']) or '-'} / {cap['keep_tokens']}"),
+        ("dropped as common", ", ".join(cap["dropped_common"]) or "-"),
+        ("over 75 CLIP tokens", len(cap["over_limit"])),
+    ]
+    console.print(table(title, ["", ""], rows))
+    if w["kept_user"] or w["kept_edited"]:
+        err_console.print(
+            "[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]"
+        )
+    for p, n in cap["over_limit"][:10]:
+        err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def tag(
+        path: DatasetArg,
+        model: Annotated[
+            str | None,
+            typer.Option(
+                help="WD14 tagger: Hugging Face repo id or folder with model.onnx + selected_tags.csv."
+            ),
+        ] = None,
+        general: Annotated[
+            float | None, typer.Option(help="Threshold for general tags (default 0.35).")
+        ] = None,
+        threshold: Annotated[float | None, typer.Option(help="Same as --general.")] = None,
+        character: Annotated[
+            float | None, typer.Option(help="Threshold for character tags (default 0.85).")
+        ] = None,
+        mcut: Annotated[
+            bool | None, typer.Option("--mcut/--no-mcut", help="Adaptive MCut thresholds.")
+        ] = None,
+        rating: Annotated[
+            bool | None, typer.Option("--rating/--no-rating", help="Add the rating tag.")
+        ] = None,
+        trigger: Trigger = None,
+        drop_common: DropCommon = None,
+        max_tags: MaxTags = None,
+        fmt: Format = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Images per model call.")] = None,
+        force: Annotated[
+            bool, typer.Option("--force", help="Re-run the model on images already scored.")
+        ] = False,
+        overwrite: Overwrite = False,
+        manifest: ManifestOpt = None,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ):
+        """Tag images with a WD14 tagger and write captions; without new images, only re-thresholds stored scores."""
+        general = general if general is not None else threshold
+        for n, v in (("--general", general), ("--character", character), ("--drop-common", drop_common)):
+            _unit(n, v)
+        with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
+            with progress_bar("tag", enabled=not as_json) as bar:
+                res = ds.tag(
+                    model=model, device=device, batch_size=batch_size, force=force or None, overwrite=overwrite,
+                    progress=bar, general=general, character=character, mcut=mcut, rating=rating,
+                    trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags, format=fmt,
+                )  # fmt: skip
+        d = res.as_dict()
+        print_json(d) if as_json else _print_outcome("tag", d)
+
+    @app.command()
+    @handle_errors
+    def caption(
+        path: DatasetArg,
+        model: Annotated[
+            str | None, typer.Option(help="BLIP model: Hugging Face repo id or local folder.")
+        ] = None,
+        combine: Annotated[
+            bool, typer.Option("--combine", help="Caption = trigger, characters, sentence, stored tags.")
+        ] = False,
+        prompt: Annotated[
+            str | None, typer.Option(help="Text the caption starts with, e.g. 'a photograph of'.")
+        ] = None,
+        num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
+        min_length: Annotated[int | None, typer.Option(help="Minimum caption length in tokens.")] = None,
+        max_length: Annotated[int | None, typer.Option(help="Maximum caption length in tokens.")] = None,
+        trigger: Trigger = None,
+        fmt: Format = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+        dtype: Annotated[str | None, typer.Option(help="auto (bf16/fp16 on GPU), fp32, fp16, bf16.")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Images per generate call.")] = None,
+        force: Annotated[
+            bool, typer.Option("--force", help="Caption again images that have a caption.")
+        ] = False,
+        overwrite: Overwrite = False,
+        manifest: ManifestOpt = None,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ):
+        """Natural-language captions with BLIP (photos); optionally combined with WD14 tags."""
+        with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
+            with progress_bar("caption", enabled=not as_json) as bar:
+                res = ds.caption(
+                    combine=combine, overwrite=overwrite, progress=bar,
+                    caption={"trigger": _triggers(trigger), "format": fmt},
+                    model=model, prompt=prompt, num_beams=num_beams, min_length=min_length,
+                    max_length=max_length, device=device, dtype=dtype, batch_size=batch_size, force=force or None,
+                )  # fmt: skip
+        d = res.as_dict()
+        print_json(d) if as_json else _print_outcome("caption", d)
+
+    @app.command()
+    @handle_errors
+    def edit(
+        path: DatasetArg,
+        remove: Annotated[
+            list[str] | None, typer.Option(help="Tag to leave out of every caption (repeatable).")
+        ] = None,
+        replace: Annotated[
+            list[str] | None, typer.Option(help="old=new tag replacement (repeatable).")
+        ] = None,
+        trigger: Trigger = None,
+        drop_common: DropCommon = None,
+        general: Annotated[float | None, typer.Option(help="Threshold for general tags.")] = None,
+        character: Annotated[float | None, typer.Option(help="Threshold for character tags.")] = None,
+        max_tags: MaxTags = None,
+        fmt: Format = None,
+        reset: Annotated[
+            bool, typer.Option("--reset", help="Forget earlier edit/tag choices first.")
+        ] = False,
+        overwrite: Overwrite = False,
+        manifest: ManifestOpt = None,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ):
+        """Rewrite captions from stored scores: remove / replace tags, trigger words, common-tag dropping."""
+        for n, v in (("--general", general), ("--character", character), ("--drop-common", drop_common)):
+            _unit(n, v)
+        for r in replace or []:
+            if "=" not in r:
+                raise CurateError(f"--replace {r!r} needs the form old=new, e.g. --replace '1girl=woman'")
+        with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
+            res = ds.edit(
+                remove=remove, replace=replace, reset=reset, overwrite=overwrite, trigger=_triggers(trigger),
+                drop_common=drop_common, general=general, character=character, max_tags=max_tags, format=fmt,
+            )  # fmt: skip
+        d = res.as_dict()
+        print_json(d) if as_json else _print_outcome("edit", d)
+
+    @app.command()
+    @handle_errors
+    def tags(
+        path: DatasetArg,
+        top: Annotated[int, typer.Option(help="Rows of the frequency table.")] = 40,
+        manifest: ManifestOpt = None,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ):
+        """Tag frequency table, tags present in every image, and CLIP token counts per caption."""
+        with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
+            st = ds.tag_stats()
+        if as_json:
+            print_json(st.as_dict())
+            return
+        console.print(
+            table(f"tags: {st.tagged} of {st.images} images tagged", ["tag", "images", "share"],
+                  [(t, n, f"{f:.0%}") for t, n, f in st.frequency[:top]])
+        )  # fmt: skip
+        console.print(f"in every image: {', '.join(st.always) or '-'}")
+        counted = [c for _, c in st.tokens if c is not None]
+        if counted:
+            console.print(
+                f"CLIP tokens per caption: min {min(counted)}, median {sorted(counted)[len(counted) // 2]}, "
+                f"max {max(counted)}; {st.over_limit} over 75"
+            )
+            longest = sorted(((p, c) for p, c in st.tokens if c is not None), key=lambda x: -x[1])[:10]
+            console.print(table("longest captions", ["file", "tokens"], longest))

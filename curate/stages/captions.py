@@ -1,0 +1,569 @@
+"""Caption building and writing, from stored tag scores and BLIP captions (no model runs here).
+
+Order of a caption: trigger word(s), character tags, the BLIP sentence (if used), general tags by
+confidence. Tags present in more than ``drop_common`` of the images are dropped (the trigger should absorb
+what every image shows); blacklist and replace maps apply to the readable form ("long hair").
+
+Caption files are never silently lost: a file curate did not write, or one whose content changed since
+curate wrote it (hash stored in ``caption_files``), is kept unless ``overwrite``; an overwritten file is
+first copied to ``.curate/caption_backups/<time>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from ..errors import CurateError
+from ..io import STATE_DIR, atomic_write_text
+from ..manifest import ImageRecord, Manifest
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS caption_files (
+    target  TEXT PRIMARY KEY,       -- caption file path, or metadata.jsonl::<image path>
+    sha256  TEXT,
+    digest  TEXT NOT NULL,          -- hash of the text curate wrote there
+    at      REAL NOT NULL
+);
+"""
+
+FORMATS = {"txt": ".txt", "caption": ".caption", "jsonl": "metadata.jsonl"}
+SOURCES = ("tags", "caption", "both")
+SETTINGS_KEY = "caption.settings"  # remembered CLI choices (JSON), layered over curate.toml
+
+# Tags whose underscores are part of the face (kept as is), as the reference taggers do.
+KAOMOJI = frozenset(
+    "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||".split()
+)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """``[caption]`` in curate.toml: how stored scores become caption text."""
+
+    tagger: str = ""  # which stored tag scores to use ("": the last model tagged)
+    general: float = 0.35  # threshold for general tags
+    character: float = 0.85  # threshold for character tags
+    mcut: bool = False  # adaptive MCut threshold instead (character: max(0.15, MCut))
+    rating: bool = False  # add the most likely rating tag (general, sensitive, ...)
+    trigger: tuple[str, ...] = ()  # first in every caption; keep_tokens = len(trigger)
+    drop_common: float = 0.0  # drop tags present in more than this fraction of images (0: off)
+    blacklist: tuple[str, ...] = ()
+    replace: tuple[str, ...] = ()  # "old=new" pairs; new may be empty (same as blacklisting)
+    underscores: bool = True  # long_hair -> long hair (kaomoji such as ^_^ kept)
+    escape: bool = True  # ( ) -> \( \) so prompt weighting syntax does not eat them
+    implied: bool = True  # drop "hair" when "long hair" is present
+    max_tags: int = 0  # cap on general tags (0: no cap)
+    source: str = "tags"  # tags | caption (BLIP) | both
+    format: str = "txt"  # txt | caption | jsonl (metadata.jsonl)
+    separator: str = ", "
+
+    def __post_init__(self) -> None:
+        for name in ("general", "character", "drop_common"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise CurateError(f"caption option {name} must be between 0 and 1, got {v}")
+        if self.format not in FORMATS:
+            raise CurateError(f"caption format {self.format!r} unknown; choose txt, caption or jsonl")
+        if self.source not in SOURCES:
+            raise CurateError(f"caption source {self.source!r} unknown; choose tags, caption or both")
+        for pair in self.replace:
+            if "=" not in pair:
+                raise CurateError(f"replace entry {pair!r} needs the form old=new")
+
+    @property
+    def keep_tokens(self) -> int:
+        return len(self.trigger)
+
+
+CAPTION_KEYS = frozenset(f.name for f in dataclasses.fields(CaptionConfig)) - {"tagger"}
+
+
+def _as_tuple(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(s.strip() for s in v.split(",") if s.strip())
+    if isinstance(v, dict):
+        return tuple(f"{k}={val}" for k, val in v.items())
+    return tuple(str(s) for s in v)
+
+
+def make_config(*layers: dict[str, Any]) -> CaptionConfig:
+    """Merge option dicts (later wins; None values skipped) into a validated CaptionConfig."""
+    names = {f.name for f in dataclasses.fields(CaptionConfig)}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if v is None:
+                continue
+            if k not in names:
+                raise CurateError(f"unknown caption option {k!r}; valid: {', '.join(sorted(names))}")
+            merged[k] = _as_tuple(v) if k in ("trigger", "blacklist", "replace") else v
+    return CaptionConfig(**merged)
+
+
+def remembered(manifest: Manifest) -> dict[str, Any]:
+    raw = manifest.get_meta(SETTINGS_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def remember(manifest: Manifest, changes: dict[str, Any]) -> None:
+    current = remembered(manifest)
+    for k, v in changes.items():
+        if v is not None:
+            current[k] = list(v) if isinstance(v, tuple) else v
+    manifest.set_meta(SETTINGS_KEY, json.dumps(current))
+
+
+# -- text forms ------------------------------------------------------------------------------------
+def readable(tag: str, underscores: bool = True) -> str:
+    """long_hair -> long hair; short kaomoji-like tags keep their underscores."""
+    if not underscores or tag in KAOMOJI or len(tag) <= 3:
+        return tag
+    return tag.replace("_", " ")
+
+
+def escape(tag: str) -> str:
+    return tag.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def _key(tag: str) -> str:
+    """Matching form for blacklist/replace/common: readable, lower case."""
+    return readable(tag.strip()).lower()
+
+
+def implied_by(tag: str, others: list[str]) -> bool:
+    """True when a more specific tag ends with this one as whole words ("hair" in "long hair")."""
+    return any(o != tag and o.endswith(" " + tag) for o in others)
+
+
+@dataclass
+class Built:
+    sha256: str
+    paths: list[str]
+    tags: list[str]  # final tag tokens in order (trigger, characters, general), escaped
+    text: str
+    dropped_common: list[str] = field(default_factory=list)
+
+
+def select_tags(
+    scores: dict[str, float], categories: dict[str, int], cfg: CaptionConfig
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]], str | None]:
+    """(character tags, general tags, rating) above the thresholds, each list by confidence."""
+    from ..models.wd14 import mcut_threshold
+
+    gen = {t: s for t, s in scores.items() if categories.get(t, 0) == 0}
+    chars = {t: s for t, s in scores.items() if categories.get(t) == 4}
+    ratings = {t: s for t, s in scores.items() if categories.get(t) == 9}
+    g_thr, c_thr = cfg.general, cfg.character
+    if cfg.mcut:
+        import numpy as np
+
+        g_thr = mcut_threshold(np.array(list(gen.values()))) if gen else 1.0
+        c_thr = max(0.15, mcut_threshold(np.array(list(chars.values())))) if chars else 1.0
+    by_conf = lambda d, thr: sorted(((t, s) for t, s in d.items() if s >= thr), key=lambda x: (-x[1], x[0]))  # noqa: E731
+    rating = max(ratings, key=ratings.get) if (cfg.rating and ratings) else None  # type: ignore[arg-type]
+    return by_conf(chars, c_thr), by_conf(gen, g_thr), rating
+
+
+def build_captions(
+    records: list[ImageRecord],
+    scores: dict[str, dict[str, float]],
+    categories: dict[str, int],
+    cfg: CaptionConfig,
+    nl: dict[str, str] | None = None,
+) -> list[Built]:
+    """Caption text for every record from its stored scores / BLIP caption, under ``cfg``."""
+    nl = nl or {}
+    replace = {}
+    for pair in cfg.replace:
+        old, new = pair.split("=", 1)
+        replace[_key(old)] = new.strip()
+    black = {_key(t) for t in cfg.blacklist}
+    triggers = [t.strip() for t in cfg.trigger if t.strip()]
+    trig_keys = {_key(t) for t in triggers}
+
+    def transform(tags: list[tuple[str, float]]) -> list[str]:
+        out = []
+        for t, _ in tags:
+            k = _key(t)
+            if k in black or k in trig_keys:
+                continue
+            if k in replace:
+                new = replace[k]
+                if not new:
+                    continue
+                out.append(new)
+            else:
+                out.append(readable(t, cfg.underscores))
+        return list(dict.fromkeys(out))  # replacements may collide
+
+    per_image = []
+    for rec in records:
+        sc = scores.get(rec.sha256)
+        if sc is None:
+            per_image.append((rec, [], [], None))
+            continue
+        chars, gen, rating = select_tags(sc, categories, cfg)
+        per_image.append((rec, transform(chars), transform(gen), rating))
+
+    # Common tags: in more than drop_common of the tagged images.
+    common: set[str] = set()
+    tagged = [p for p in per_image if p[0].sha256 in scores]
+    if cfg.drop_common > 0 and tagged:
+        freq = Counter(t for _, c, g, _ in tagged for t in set(c + g))
+        common = {t for t, n in freq.items() if n / len(tagged) > cfg.drop_common}
+
+    out = []
+    for rec, chars, gen, rating in per_image:
+        sentence = nl.get(rec.sha256, "").strip()
+        if rec.sha256 not in scores and not sentence:
+            continue  # nothing known about this image
+        dropped = sorted(t for t in set(chars + gen) if t in common)
+        chars = [t for t in chars if t not in common]
+        gen = [t for t in gen if t not in common]
+        if cfg.implied:
+            allg = chars + gen
+            gen = [t for t in gen if not implied_by(t, allg)]
+        if cfg.max_tags > 0:
+            gen = gen[: cfg.max_tags]
+        if rating:
+            gen.append(readable(rating, cfg.underscores))
+        fix = escape if cfg.escape else (lambda s: s)
+        tags = triggers + [fix(t) for t in chars] + [fix(t) for t in gen]
+        parts = list(triggers)
+        if cfg.source == "caption" and sentence:
+            parts.append(sentence)  # sentence only: "trigger, a photo of ..."
+        else:  # tags, both, or caption without a sentence for this image (fall back to tags)
+            parts += [fix(t) for t in chars]
+            if cfg.source == "both" and sentence:
+                parts.append(sentence)
+            parts += [fix(t) for t in gen]
+        out.append(Built(rec.sha256, rec.paths, tags, cfg.separator.join(parts), dropped))
+    return out
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def sidecar(path: str, fmt: str) -> str:
+    """Caption file next to an image: ``a/b.png`` -> ``a/b.txt`` (kohya / most trainers)."""
+    return str(PurePosixPath(path).with_suffix(FORMATS[fmt]))
+
+
+@dataclass
+class WriteResult:
+    written: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    kept_user: list[str] = field(default_factory=list)  # existing captions curate did not write
+    kept_edited: list[str] = field(default_factory=list)  # files edited by hand since curate wrote them
+    backed_up: list[str] = field(default_factory=list)
+    backup_dir: str | None = None
+    collisions: list[str] = field(default_factory=list)  # images sharing a caption file name (a.png, a.jpg)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Writer:
+    def __init__(self, manifest: Manifest, overwrite: bool) -> None:
+        manifest.ensure_table(TABLES)
+        self.m = manifest
+        self.overwrite = overwrite
+        self.res = WriteResult()
+        self.ours = dict(manifest.conn.execute("SELECT target, digest FROM caption_files").fetchall())
+        self.records: list[tuple[str, str, str, float]] = []
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def backup(self, rel: str, text: str) -> None:
+        bdir = self.m.root / STATE_DIR / "caption_backups" / self.stamp
+        self.res.backup_dir = str(bdir)
+        atomic_write_text(bdir / rel, text)
+        self.res.backed_up.append(rel)
+
+    def decide(self, target: str, current: str | None, text: str) -> tuple[bool, str]:
+        """(write?, effective text) for a caption whose present content is ``current``."""
+        if current is None:
+            return True, text
+        mine = self.ours.get(target)
+        if mine is not None and digest(current) == mine:
+            if current == text:
+                self.res.unchanged += 1
+                return False, current
+            return True, text
+        if not self.overwrite:
+            (self.res.kept_user if mine is None else self.res.kept_edited).append(target)
+            return False, current
+        return True, text
+
+    def record(self, target: str, sha: str, text: str) -> None:
+        self.records.append((target, sha, digest(text), time.time()))
+
+    def commit(self) -> None:
+        with self.m.transaction():
+            self.m.conn.executemany(
+                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
+                self.records,
+            )
+
+
+def write_captions(
+    manifest: Manifest, built: list[Built], fmt: str = "txt", *, overwrite: bool = False
+) -> tuple[WriteResult, dict[str, str]]:
+    """Write captions next to the images (or metadata.jsonl); returns the result and sha -> effective text."""
+    if fmt not in FORMATS:
+        raise CurateError(f"caption format {fmt!r} unknown; choose txt, caption or jsonl")
+    w = _Writer(manifest, overwrite)
+    effective: dict[str, str] = {}
+    root = manifest.root
+    if fmt == "jsonl":
+        meta = root / "metadata.jsonl"
+        entries: dict[str, dict[str, Any]] = {}
+        original = meta.read_text(encoding="utf-8") if meta.exists() else ""
+        for line in original.splitlines():
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise CurateError(f"{meta} has a line that is not JSON; fix or move it away") from None
+                entries[str(obj.get("file_name"))] = obj
+        changed, overwrote_user = False, False
+        for b in built:
+            for p in b.paths:
+                target = f"metadata.jsonl::{p}"
+                cur = entries.get(p, {}).get("text")
+                do, text = w.decide(target, cur, b.text)
+                effective.setdefault(b.sha256, text)
+                if do:
+                    overwrote_user |= cur is not None and w.ours.get(target) != digest(cur)
+                    entries[p] = {**entries.get(p, {}), "file_name": p, "text": b.text}
+                    w.record(target, b.sha256, b.text)
+                    w.res.written.append(target)
+                    changed = True
+        if changed:
+            if overwrote_user and original:
+                w.backup("metadata.jsonl", original)
+            body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries.values())
+            atomic_write_text(meta, body)
+    else:
+        owner: dict[str, str] = {}
+        for b in built:
+            for p in b.paths:
+                rel = sidecar(p, fmt)
+                if owner.setdefault(rel, b.sha256) != b.sha256:
+                    w.res.collisions.append(p)  # a.png and a.jpg would share a.txt: first one wins
+                    continue
+                f = root / rel
+                try:
+                    cur = f.read_text(encoding="utf-8") if f.exists() else None
+                except UnicodeDecodeError:
+                    cur = f.read_bytes().decode("utf-8", "replace")
+                do, text = w.decide(rel, cur, b.text)
+                effective.setdefault(b.sha256, text.strip())
+                if do:
+                    if cur is not None and w.ours.get(rel) != digest(cur):
+                        w.backup(rel, cur)
+                    atomic_write_text(f, b.text)
+                    w.record(rel, b.sha256, b.text)
+                    w.res.written.append(rel)
+    w.commit()
+    manifest.update_images(
+        (b.sha256, {"tags": b.tags, "caption": effective.get(b.sha256, b.text)}) for b in built
+    )
+    return w.res, effective
+
+
+# -- the whole step --------------------------------------------------------------------------------
+@dataclass
+class CaptionResult:
+    images: int
+    keep_tokens: int
+    trigger: list[str]
+    write: WriteResult
+    dropped_common: list[str]
+    over_limit: list[tuple[str, int]]  # (path, tokens) over 75 CLIP tokens
+    settings: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["write"] = self.write.as_dict()
+        return d
+
+
+def resolve_tagger(manifest: Manifest, cfg: CaptionConfig) -> str | None:
+    from .tag import model_key, stored_models
+
+    models = stored_models(manifest)
+    if cfg.tagger:
+        key = model_key(cfg.tagger)
+        if key not in models:
+            raise CurateError(
+                f"no stored scores for tagger {cfg.tagger}; run `curate tag <dataset> --model {cfg.tagger}`"
+            )
+        return key
+    last = manifest.get_meta("tag.model")
+    return last if last in models else (models[-1] if models else None)
+
+
+def rebuild(manifest: Manifest, cfg: CaptionConfig, *, overwrite: bool = False) -> CaptionResult:
+    """Rebuild and write every kept image's caption from stored scores and BLIP captions (seconds)."""
+    from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
+    from .caption import load_nl_captions
+    from .tag import load_categories, load_scores
+
+    records = manifest.kept_images()
+    model = resolve_tagger(manifest, cfg) if cfg.source != "caption" or cfg.tagger else None
+    scores = load_scores(manifest, model) if model else {}
+    categories = load_categories(manifest, model) if model else {}
+    nl = load_nl_captions(manifest)
+    if not scores and not nl:
+        raise CurateError("no tags or captions stored yet; run `curate tag` or `curate caption` first")
+    built = build_captions(records, scores, categories, cfg, nl)
+    res, effective = write_captions(manifest, built, cfg.format, overwrite=overwrite)
+    manifest.set_meta("caption.keep_tokens", str(cfg.keep_tokens))
+    manifest.set_meta("caption.format", cfg.format)
+    manifest.set_meta("caption.trigger", json.dumps(list(cfg.trigger)))
+    texts = [effective.get(b.sha256, b.text) for b in built]
+    over = [
+        (b.paths[0], n)
+        for b, n in zip(built, count_tokens(texts) if built else [], strict=True)
+        if n is not None and n > MAX_TOKENS
+    ]
+    dropped = sorted({t for b in built for t in b.dropped_common})
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return CaptionResult(len(built), cfg.keep_tokens, list(cfg.trigger), res, dropped, over, settings)
+
+
+# -- statistics and checks -------------------------------------------------------------------------
+@dataclass
+class TagStats:
+    images: int
+    tagged: int
+    frequency: list[tuple[str, int, float]]  # (tag, images, fraction), most common first
+    always: list[str]  # tags in every captioned image
+    tokens: list[tuple[str, int | None]]  # (path, CLIP tokens of its caption)
+    over_limit: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def tag_stats(manifest: Manifest) -> TagStats:
+    """Tag frequencies, always-present tags and per-image CLIP token counts, from the manifest."""
+    from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
+
+    recs = manifest.kept_images()
+    tagged = [r for r in recs if r.tags]
+    freq = Counter(t for r in tagged for t in set(r.tags or []))
+    n = len(tagged)
+    frequency = [(t, c, round(c / n, 4)) for t, c in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
+    always = [t for t, c, _ in frequency if c == n] if n else []
+    captioned = [r for r in recs if r.caption]
+    counts = count_tokens([r.caption or "" for r in captioned])
+    tokens = [(r.path, c) for r, c in zip(captioned, counts, strict=True)]
+    over = sum(1 for _, c in tokens if c is not None and c > MAX_TOKENS)
+    return TagStats(len(recs), n, frequency, always, tokens, over)
+
+
+def check_captions(manifest: Manifest, config: Any) -> list:
+    """Rule "captions": only active once captions exist or a trigger is configured."""
+    from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
+    from .check import Violation
+
+    manifest.ensure_table(TABLES)
+    wrote = manifest.conn.execute("SELECT count(*) FROM caption_files").fetchone()[0]
+    section = {**config.section("tag"), **config.section("caption")} if config is not None else {}
+    trig = _as_tuple(section.get("trigger")) or tuple(
+        json.loads(manifest.get_meta("caption.trigger") or "[]")
+    )
+    fmt = section.get("format") or manifest.get_meta("caption.format") or "txt"
+    if fmt not in FORMATS:
+        fmt = "txt"
+    recs = manifest.kept_images()
+    texts: dict[str, str | None] = {}
+    if fmt == "jsonl":
+        meta = manifest.root / "metadata.jsonl"
+        entries = {}
+        if meta.exists():
+            for line in meta.read_text(encoding="utf-8").splitlines():
+                try:
+                    obj = json.loads(line)
+                    entries[str(obj.get("file_name"))] = obj.get("text")
+                except json.JSONDecodeError:
+                    continue
+        for r in recs:
+            texts[r.path] = entries.get(r.path)
+    else:
+        for r in recs:
+            f = manifest.root / sidecar(r.path, fmt)
+            texts[r.path] = f.read_text(encoding="utf-8", errors="replace").strip() if f.exists() else None
+    if not wrote and not trig and not any(t is not None for t in texts.values()):
+        return []  # a fresh dataset: no caption rules yet
+    out = []
+    present = [(p, t) for p, t in texts.items() if t is not None]
+    counts = count_tokens([t for _, t in present]) if present else []
+    where = "metadata.jsonl" if fmt == "jsonl" else f"a {FORMATS[fmt]} file"
+    for p, t in texts.items():
+        if t is None:
+            out.append(
+                Violation(p, "no-caption", f"no caption in {where}; run `curate tag` or `curate caption`")
+            )
+    for (p, t), n in zip(present, counts, strict=True):
+        if n is not None and n > MAX_TOKENS:
+            out.append(
+                Violation(p, "caption-too-long", f"{n} CLIP tokens > {MAX_TOKENS}; lower --max-tags or edit")
+            )
+        if trig:
+            first = [s.strip() for s in t.split(",")]
+            missing = [x for x in trig if x not in first]
+            if missing:
+                out.append(
+                    Violation(
+                        p,
+                        "no-trigger",
+                        f"caption lacks trigger {', '.join(missing)}; run `curate edit --trigger`",
+                    )
+                )
+    return out
+
+
+# -- the three entry points (Dataset.tag / caption / edit) -------------------------------------------
+@dataclass
+class Outcome:
+    """What a tag / caption / edit call did: the model run (if any) and the captions written."""
+
+    run: Any
+    captions: CaptionResult
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run.as_dict() if self.run is not None else None,
+            "captions": self.captions.as_dict(),
+        }
+
+
+def current_config(manifest: Manifest, config: Any, changes: dict[str, Any] | None = None) -> CaptionConfig:
+    """Defaults < curate.toml [caption] < choices remembered from earlier commands < ``changes``."""
+    section = config.section("caption") if config is not None else {}
+    in_tag = (
+        {k: v for k, v in config.section("tag").items() if k in CAPTION_KEYS} if config is not None else {}
+    )
+    return make_config(in_tag, section, remembered(manifest), changes or {})
+
+
+def apply_changes(
+    manifest: Manifest, config: Any, changes: dict[str, Any], *, overwrite: bool
+) -> CaptionResult:
+    """Validate, remember and apply caption option changes, then rewrite every caption."""
+    cfg = current_config(manifest, config, changes)
+    remember(manifest, changes)
+    return rebuild(manifest, cfg, overwrite=overwrite)

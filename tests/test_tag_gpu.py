@@ -1,0 +1,82 @@
+"""GPU runs of the captioner (bf16/fp16 on CUDA) and the tagger (whatever onnxruntime providers exist)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_blip  # noqa: E402
+import tiny_wd14  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture()
+def ds_path(tmp_path):
+    from curate import Dataset
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    for i in range(6):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 50, 3), dtype=np.uint8)).save(root / f"g{i}.png")
+    with Dataset.open(root) as ds:
+        ds.scan()
+    return root
+
+
+def test_blip_on_cuda_half_precision_batched_equals_unbatched(ds_path, tmp_path):
+    from curate import Dataset
+    from curate.models.blip import load_blip
+    from curate.stages.caption import load_nl_captions
+
+    model = tiny_blip.build(tmp_path / "blip")
+    _, net, dtype = load_blip(str(model), "cuda", "auto")
+    assert next(net.parameters()).is_cuda and dtype in (torch.bfloat16, torch.float16)
+    with Dataset.open(ds_path) as ds:
+        out = ds.caption(
+            model=str(model), device="cuda", dtype="fp32", batch_size=6, num_beams=1, max_length=10
+        )
+        assert out.run.generated == 6
+        batched = load_nl_captions(ds.manifest)
+        ds.caption(
+            model=str(model),
+            device="cuda",
+            dtype="fp32",
+            batch_size=1,
+            num_beams=1,
+            max_length=10,
+            force=True,
+        )
+        assert load_nl_captions(ds.manifest) == batched
+        half = ds.caption(
+            model=str(model), device="cuda", batch_size=6, num_beams=3, max_length=10, force=True
+        )
+        assert half.run.generated == 6 and all(
+            isinstance(t, str) for t in load_nl_captions(ds.manifest).values()
+        )
+
+
+def test_tagger_auto_device_matches_reference(ds_path, tmp_path):
+    from curate import Dataset
+    from curate.models import wd14
+    from curate.stages.tag import load_scores, model_key
+
+    model = tiny_wd14.build(tmp_path / "tagger")
+    with Dataset.open(ds_path) as ds:
+        ds.tag(model=str(model), device="auto")
+        tagger = wd14.load_tagger(str(model), "auto")
+        print("onnxruntime providers:", tagger.session.get_providers())
+        stored = load_scores(ds.manifest, model_key(str(model)))
+        names = [n for n, _ in tiny_wd14.TAGS]
+        for rec in ds.kept():
+            x = wd14.preprocess(Image.open(ds_path / rec.path).convert("RGB"), tiny_wd14.SIZE)[None]
+            ref = tiny_wd14.reference_probs(x)[0]
+            for n, p in stored[rec.sha256].items():
+                assert abs(p - ref[names.index(n)]) < 1e-3
