@@ -32,7 +32,7 @@ CONFIG_NAME = "curate.toml"
 class ScanConfig:
     workers: int = 0  # 0 = all cores
     max_pixels: int = 160_000_000  # decompression-bomb limit
-    draft_size: int = 512  # JPEGs decode at reduced scale, short side never below this
+    draft_size: int = 256  # JPEGs decode at reduced scale (libjpeg DCT scaling), short side never below this
 
 
 @dataclass(frozen=True)
