@@ -45,12 +45,16 @@ def crop_for(img, spec: Spec) -> np.ndarray:
     else:
         # "shortest": short side -> size, then centre crop (open_clip's Resize + CenterCrop).
         # "longest" (resize + pad) is used by no built-in config; it is treated as "shortest".
+        # Resize only the source box that survives the crop: one resampling pass over fewer pixels.
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), resample)
         left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        if (nw, nh) == (w, h):
+            img = img.crop((left, top, left + size, top + size))
+        else:
+            img = img.resize((size, size), resample, box=box)
     if img.mode != "RGB":
         img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
@@ -90,6 +94,32 @@ def _collate(items):
     return idx, ok, crops
 
 
+def _rebatch(loader, batch_size: int):
+    """Concatenate loader chunks into batches of ``batch_size`` (the last may be smaller)."""
+
+    buf: list = []
+    count = 0
+    for item in loader:
+        buf.append(item)
+        count += len(item[0])
+        if count >= batch_size:
+            yield _cat(buf)
+            buf, count = [], 0
+    if buf:
+        yield _cat(buf)
+
+
+def _cat(items):
+    import torch
+
+    if len(items) == 1:
+        return items[0]
+    idx = torch.cat([it[0] for it in items])
+    ok = torch.cat([it[1] for it in items])
+    crops = [torch.cat([it[2][s] for it in items]) for s in range(len(items[0][2]))]
+    return idx, ok, crops
+
+
 def encode_paths(
     paths: Sequence[str],
     models: Sequence,
@@ -115,9 +145,12 @@ def encode_paths(
     if workers is None:
         workers = min(os.cpu_count() or 1, 32) if n >= 4 * batch_size or n >= 512 else 0
     cuda = any(str(m.device).startswith("cuda") for m in models)
+    # Workers decode small chunks (even load across workers, early first batch); the model sees
+    # ``batch_size`` images at a time, assembled from chunks in the main process.
+    chunk = min(batch_size, 32) if workers else batch_size
     loader = DataLoader(
         _Images(paths, specs),
-        batch_size=batch_size,
+        batch_size=chunk,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=cuda,
@@ -127,7 +160,7 @@ def encode_paths(
     ok_all = np.zeros(n, bool)
     outs = [np.zeros((n, 0), np.float32) for _ in models]
     done = 0
-    for idx, ok, crops in loader:
+    for idx, ok, crops in _rebatch(loader, batch_size):
         ii = idx.numpy()
         embs = []
         for mi, m in enumerate(models):
