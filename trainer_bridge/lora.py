@@ -164,7 +164,8 @@ def inject_text_encoder(
     ]
     for path, layer in targets:
         m = LoRAModule(layer, rank, alpha, dropout).to(layer.weight.device)
-        m.kohya_name = kohya_name(prefix, path)
+        # kohya names CLIP layers text_model.encoder...; transformers 5's CLIPTextModel drops the text_model level
+        m.kohya_name = kohya_name(prefix, path if path.startswith("text_model.") else "text_model." + path)
         _replace(te, path, m)
         mods.append(m)
     return mods
