@@ -39,7 +39,10 @@ def _unet_inputs(unet, sdxl: bool, seed: int = 0):
     h = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     kw = {}
     if sdxl:
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.rand(2, 6, generator=g) * 64}
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.rand(2, 6, generator=g) * 64,
+        }
     return x, t, h, kw
 
 
@@ -63,22 +66,37 @@ def test_lora_file_loads_in_diffusers_with_predicted_effect(family, tmp_path):
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
         assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.lora_up.weight" in tensors
         assert "lora_unet_output_blocks_2_1_transformer_blocks_0_ff_net_0_proj.alpha" in tensors
-        assert "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in tensors  # down_blocks.0.resnets.0.conv1
-        assert "lora_unet_input_blocks_3_0_op.lora_down.weight" in tensors  # down_blocks.0.downsamplers.0.conv
+        assert (
+            "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in tensors
+        )  # down_blocks.0.resnets.0.conv1
+        assert (
+            "lora_unet_input_blocks_3_0_op.lora_down.weight" in tensors
+        )  # down_blocks.0.downsamplers.0.conv
         assert "lora_unet_output_blocks_2_2_conv.lora_down.weight" in tensors  # up_blocks.0.upsamplers.0.conv
         assert "lora_unet_output_blocks_0_0_skip_connection.lora_down.weight" in tensors
         assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
         assert "lora_te2_text_model_encoder_layers_1_mlp_fc2.lora_up.weight" in tensors
         assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in tensors)
     else:
-        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+        assert (
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+        )
         assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in tensors
         assert "lora_unet_up_blocks_1_attentions_2_proj_out.alpha" in tensors
         assert "lora_unet_down_blocks_0_resnets_1_conv2.lora_down.weight" in tensors
         assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_down.weight" in tensors
-    assert tensors["lora_unet_" + ("input_blocks_1_0_in_layers_2" if sdxl else "down_blocks_0_resnets_0_conv1") + ".lora_down.weight"].shape == (4, 32, 3, 3)
+    assert tensors[
+        "lora_unet_"
+        + ("input_blocks_1_0_in_layers_2" if sdxl else "down_blocks_0_resnets_0_conv1")
+        + ".lora_down.weight"
+    ].shape == (4, 32, 3, 3)
     assert float(tensors[next(k for k in tensors if k.endswith("attn1_to_q.alpha"))]) == 2.0
-    assert float(tensors[next(k for k in tensors if k.endswith("conv1.alpha") or k.endswith("in_layers_2.alpha"))]) == 8.0
+    assert (
+        float(
+            tensors[next(k for k in tensors if k.endswith("conv1.alpha") or k.endswith("in_layers_2.alpha"))]
+        )
+        == 8.0
+    )
     assert meta["ss_network_dim"] == "4" and meta["sshs_model_hash"] == model_hashes(tensors, meta)[0]
 
     # our own loader round-trips exactly
@@ -97,7 +115,9 @@ def test_lora_file_loads_in_diffusers_with_predicted_effect(family, tmp_path):
     with torch.no_grad():
         before = pipe.unet(x, t, h, **kw).sample
         predicted = _merged(ours_unet, mods).eval()(x, t, h, **kw).sample
-        ids = pipe.tokenizer(["a photo of sks"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            ["a photo of sks"], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         te_before = [te(ids)[0] for te in tes]
         te_pred = [_merged(te, mods)(ids)[0] for te in ours_tes]
     pipe.load_lora_weights(str(path))
@@ -144,4 +164,6 @@ def test_lora_info_reports_metadata(tmp_path):
     assert (info["rank"], info["alpha"], info["base_model"], info["unet_lr"]) == (2, 1.0, "sd_v1", "0.0001")
     assert info["top_tags"] == [("red", 5), ("sks", 4)]
     assert info["unet_modules"] == 1 and info["text_encoder_modules"] == 0
-    assert load_lora(path)[1]["ss_tag_frequency"] == '{"2_subject": {"sks": 4, "red": 3}, "1_other": {"red": 2}}'
+    assert (
+        load_lora(path)[1]["ss_tag_frequency"] == '{"2_subject": {"sks": 4, "red": 3}, "1_other": {"red": 2}}'
+    )

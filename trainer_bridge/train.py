@@ -50,6 +50,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: floa
             raise TrainError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
     if name == "prodigy":
+        if len({g["lr"] for g in groups}) > 1:
+            raise TrainError("prodigy needs one learning rate: set text_encoder_lr = unet_lr (usually 1.0)")
         try:
             from prodigyopt import Prodigy
         except ImportError:
