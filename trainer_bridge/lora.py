@@ -51,7 +51,17 @@ class LoRAModule(nn.Module):
         h = self.lora_down(x)
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)  # kohya's network_dropout: on the rank-r features
-        return self.base_layer(x) + self.lora_up(h) * self.scale
+        y = self.base_layer(x)
+        if isinstance(self.lora_up, nn.Linear):
+            # y + scale * h @ up^T in one GEMM epilogue: no separate output-sized multiply and add
+            out = torch.addmm(
+                y.reshape(-1, y.shape[-1]),
+                h.reshape(-1, h.shape[-1]),
+                self.lora_up.weight.t(),
+                alpha=self.scale,
+            )
+            return out.view(y.shape)
+        return y + self.lora_up(h) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """The dense weight update this module adds (what a merge would add to base_layer.weight)."""
