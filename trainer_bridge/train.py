@@ -129,11 +129,15 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
     for b in range(len(buckets)):
         members = [i for i, bi in enumerate(bucket_of) if bi == b]
         lat.append(torch.stack([encoded[i][0] for i in members]).to(dev))
-        lat_flip.append(
-            torch.stack([encoded[i][1] if encoded[i][1] is not None else encoded[i][0] for i in members]).to(
-                dev
+        flipped = [encoded[i][1] for i in members]
+        if any(f is not None for f in flipped):
+            lat_flip.append(
+                torch.stack(
+                    [f if f is not None else encoded[i][0] for f, i in zip(flipped, members, strict=True)]
+                ).to(dev)
             )
-        )
+        else:
+            lat_flip.append(lat[-1])  # no flipped copies in this bucket: latents_for() skips the flip draw
     rows_in_bucket: dict[int, int] = {}
     for bi in bucket_of:
         row_of.append(rows_in_bucket.get(bi, 0))
