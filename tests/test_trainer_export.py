@@ -46,6 +46,7 @@ def _unet_inputs(unet, sdxl: bool, seed: int = 0):
     return x, t, h, kw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_lora_file_loads_in_diffusers_with_predicted_effect(family, tmp_path):
     sdxl = family == "sdxl"

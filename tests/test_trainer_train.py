@@ -102,7 +102,8 @@ def test_resume_matches_uninterrupted_run(sd15_dir, dataset, tmp_path):  # noqa:
               lr_scheduler="cosine", lr_warmup_steps=2, save_state=True)  # fmt: skip
     full = train(tiny_config(sd15_dir, dataset, tmp_path / "a", **kw))
     part = train(tiny_config(sd15_dir, dataset, tmp_path / "b", stop_after_steps=3, **kw))
-    assert part.interrupted and part.steps == 0 or part.state_path is not None
+    assert part.interrupted and part.steps == 3 and (part.state_path / "state.json").is_file()
+    assert json.loads((part.state_path / "state.json").read_text())["info"]["step"] == 3
     rest = train(tiny_config(sd15_dir, dataset, tmp_path / "b", resume=str(part.state_path), **kw))
     assert full.steps == rest.steps == 6
     a = load_file(str(full.state_path / "lora.safetensors"))
@@ -146,3 +147,25 @@ def test_user_mistakes_are_one_line_errors(sd15_dir, dataset, tmp_path):  # noqa
         train(tiny_config("someone/not-downloaded", dataset, tmp_path / "o"))
     with pytest.raises(TrainError, match="not a diffusers model folder"):
         train(tiny_config(tmp_path, dataset, tmp_path / "o"))
+
+
+def test_ctrl_c_saves_a_resumable_state(sd15_dir, dataset, tmp_path, monkeypatch):  # noqa: F811
+    """SIGINT during step 2 finishes that step, writes a state at step 2 and returns instead of raising."""
+    import signal
+
+    from trainer_bridge import lora as L
+
+    real = L.scale_weight_norms
+    calls = []
+
+    def interrupting(mods, max_norm):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(mods, max_norm)
+
+    monkeypatch.setattr(L, "scale_weight_norms", interrupting)
+    r = train(tiny_config(sd15_dir, dataset, tmp_path / "o", epochs=2, scale_weight_norms=1.0))
+    assert r.interrupted and r.steps == 2 and len(calls) == 2
+    assert json.loads((r.state_path / "state.json").read_text())["info"]["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -482,7 +482,7 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                     result.lora_path, result.state_path = save(
                         f"{cfg.output_name}-state-lora", ep, global_step, nb, True
                     )
-                    result.interrupted = True
+                    result.interrupted, result.steps, result.epoch = True, global_step, ep
                     progress.console.print(
                         f"stopped at step {global_step}; resume with resume={result.state_path}"
                     )
