@@ -24,5 +24,6 @@ PY
   [[ ${CL:-1} == 1 ]] && python3 bench/train_step.py --channels-last --out "$OUT/ours_cl.jsonl" 2>&1 | grep '^{'
 fi
 if [[ $MODE == all || $MODE == tests ]]; then
-  python3 -m pytest tests/test_trainer_gpu.py -m gpu -q -W ignore -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+  # tee, never tail: a command killed at the time limit takes its whole pipeline with it
+  timeout 400 python3 -m pytest tests/test_trainer_gpu.py -m gpu -v -W ignore -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.txt"
 fi

@@ -32,25 +32,47 @@ def test_bf16_lora_steps_stay_finite(case, steps, bs, size):
     assert max(p.abs().max().item() for p in params[1::2]) > 0  # lora_up moved off its zero init
 
 
+def _tiny_setup(family, tmp_path):
+    from tests.trainer_fixtures import make_dataset, tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+    (tiny_sdxl_pipeline if family == "sdxl" else tiny_sd15_pipeline)(tmp_path / "tok").save_pretrained(
+        tmp_path / "m"
+    )
+    data = make_dataset(tmp_path / "ds")
+    return dict(model_family=family, base=str(tmp_path / "m"), data=str(data), resolution=64, min_bucket_reso=32,
+                max_bucket_reso=128, bucket_reso_steps=16, batch_size=2, network_dim=4, network_alpha=4,
+                network_train_ff=True, conv_dim=4, conv_alpha=4, unet_lr=1e-2, log_every_n_steps=4,
+                mixed_precision="bf16", flip_aug=True, text_encoder_lr=1e-3 if family == "sdxl" else 0.0)  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_train_end_to_end_bf16(family, tmp_path):
-    """The whole loop on CUDA: bf16 autocast, fused AdamW, cached latents/embeddings, val, samples, compile."""
-    from tests.trainer_fixtures import make_dataset, tiny_sd15_pipeline, tiny_sdxl_pipeline
+    """The whole loop on CUDA: bf16 autocast, fused AdamW, cached latents/embeddings, validation, samples."""
     from trainer_bridge import TrainConfig, train
     from trainer_bridge.export import load_lora
 
-    (tiny_sdxl_pipeline if family == "sdxl" else tiny_sd15_pipeline)(tmp_path / "tok").save_pretrained(tmp_path / "m")
-    data = make_dataset(tmp_path / "ds")
-    common = dict(model_family=family, base=str(tmp_path / "m"), data=str(data), resolution=64, min_bucket_reso=32,
-                  max_bucket_reso=128, bucket_reso_steps=16, batch_size=2, network_dim=4, network_alpha=4,
-                  network_train_ff=True, conv_dim=4, conv_alpha=4, unet_lr=1e-2, log_every_n_steps=4,
-                  mixed_precision="bf16", flip_aug=True, text_encoder_lr=1e-3 if family == "sdxl" else 0.0)  # fmt: skip
+    common = _tiny_setup(family, tmp_path)
     r = train(TrainConfig(**common, output_dir=str(tmp_path / "a"), epochs=6, sample_every_n_steps=12,
                           sample_prompts=["sks"], sample_steps=2))  # fmt: skip
-    assert r.steps == 24 and all(torch.isfinite(torch.tensor(r.losses))) and all(torch.isfinite(torch.tensor(r.val_losses)))
+    assert (
+        r.steps == 24
+        and all(torch.isfinite(torch.tensor(r.losses)))
+        and all(torch.isfinite(torch.tensor(r.val_losses)))
+    )
     assert r.losses[-1] < r.losses[0], r.losses
     tensors, _ = load_lora(r.lora_path)
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
     assert (tmp_path / "a" / "sample" / "lora_000024_00.png").is_file()
-    c = train(TrainConfig(**common, output_dir=str(tmp_path / "b"), max_steps=6, compile=True))
+
+
+@pytest.mark.slow
+def test_train_compiled_bf16(tmp_path):
+    """compile = true: the UNet forward goes through torch.compile (a minute or more of compilation)."""
+    from trainer_bridge import TrainConfig, train
+
+    c = train(
+        TrainConfig(
+            **_tiny_setup("sd15", tmp_path), output_dir=str(tmp_path / "b"), max_steps=6, compile=True
+        )
+    )
     assert c.steps == 6 and all(torch.isfinite(torch.tensor(c.losses)))
