@@ -250,3 +250,10 @@ def test_optimizers_and_schedulers():
     assert lrs["cosine"][2] == 1.0 and lrs["cosine"][-1] < 0.05
     with pytest.raises(TrainError, match="unknown lr_scheduler"):
         build_scheduler(TrainConfig(lr_scheduler="warp"), torch.optim.SGD([p], lr=1.0), 10)
+
+
+def test_example_plan_loads():
+    from pathlib import Path
+
+    cfg = TrainConfig.from_toml(Path(__file__).parents[1] / "examples" / "train_lora.toml")
+    assert (cfg.model_family, cfg.network_dim, cfg.network_alpha, cfg.lr_scheduler) == ("sd15", 32, 16.0, "cosine")
