@@ -37,6 +37,7 @@ def test_overfit_loss_falls_and_file_is_kohya(sd15_dir, dataset, tmp_path):  # n
         "lora-000004.safetensors",
     ]
     assert (out / "sample" / "lora_000024_00.png").is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*"))  # tensorboard scalars + sample images
     # latents cached once per image (4 train with flipped copies, 2 val), keyed by content hash + VAE id + bucket
     cached = list((out / "cache").glob("*.safetensors"))
     assert len(cached) == 6 and sum("latent_flipped" in load_file(str(p)) for p in cached) == 4
@@ -147,6 +148,11 @@ def test_user_mistakes_are_one_line_errors(sd15_dir, dataset, tmp_path):  # noqa
         train(tiny_config("someone/not-downloaded", dataset, tmp_path / "o"))
     with pytest.raises(TrainError, match="not a diffusers model folder"):
         train(tiny_config(tmp_path, dataset, tmp_path / "o"))
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="cannot load base model .*model.safetensors"):
+        train(tiny_config(tmp_path / "model.safetensors", dataset, tmp_path / "o"))
+    with pytest.raises(TrainError, match="base checkpoint not found"):
+        train(tiny_config(tmp_path / "missing.safetensors", dataset, tmp_path / "o"))
 
 
 def test_ctrl_c_saves_a_resumable_state(sd15_dir, dataset, tmp_path, monkeypatch):  # noqa: F811

@@ -256,4 +256,9 @@ def test_example_plan_loads():
     from pathlib import Path
 
     cfg = TrainConfig.from_toml(Path(__file__).parents[1] / "examples" / "train_lora.toml")
-    assert (cfg.model_family, cfg.network_dim, cfg.network_alpha, cfg.lr_scheduler) == ("sd15", 32, 16.0, "cosine")
+    assert (cfg.model_family, cfg.network_dim, cfg.network_alpha, cfg.lr_scheduler) == (
+        "sd15",
+        32,
+        16.0,
+        "cosine",
+    )
