@@ -175,3 +175,19 @@ def test_ctrl_c_saves_a_resumable_state(sd15_dir, dataset, tmp_path, monkeypatch
     assert r.interrupted and r.steps == 2 and len(calls) == 2
     assert json.loads((r.state_path / "state.json").read_text())["info"]["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_trains_from_kohya_dataset_toml(sd15_dir, dataset, tmp_path):  # noqa: F811
+    """The dataset TOML `curate export --format kohya` writes: batch size and repeats come from it."""
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 4\n'
+        f"min_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n"
+        f'[[datasets.subsets]]\nimage_dir = "{dataset / "2_subject"}"\nnum_repeats = 3\n'
+    )
+    r = train(tiny_config(sd15_dir, toml, tmp_path / "o", epochs=1, batch_size=1))
+    # 4 images x 3 repeats in buckets 64x64 (2 images), 80x48 (1), 48x80 (1): batches of <= 4 -> 2 + 1 + 1
+    assert r.steps == 4
+    meta = load_lora(r.lora_path)[1]
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_subject": {"n_repeats": 3, "img_count": 4}}
+    assert meta["ss_num_batches_per_epoch"] == "4" and meta["ss_batch_size_per_device"] == "4"

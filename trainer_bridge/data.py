@@ -132,8 +132,10 @@ def read_dataset(cfg: TrainConfig) -> DatasetSpec:
                 if "image_dir" not in o:
                     raise TrainError(f"{data}: a [[datasets.subsets]] entry has no image_dir")
                 img_dir = Path(o["image_dir"]).expanduser()
-                if not img_dir.is_absolute():
-                    img_dir = data.parent / img_dir
+                if not img_dir.is_absolute() and not img_dir.is_dir():
+                    img_dir = (
+                        data.parent / img_dir
+                    )  # kohya resolves from the CWD; fall back to the TOML's folder
                 sub = Subset(img_dir, int(o.get("num_repeats", 1)), o.get("caption_extension", ".txt"),
                              int(o.get("keep_tokens", cfg.keep_tokens)), bool(o.get("shuffle_caption", cfg.shuffle_caption)),
                              bool(o.get("flip_aug", cfg.flip_aug)))  # fmt: skip
