@@ -60,7 +60,7 @@ def test_overfit_loss_falls_and_file_is_kohya(sd15_dir, dataset, tmp_path):  # n
     assert not any(k.startswith("lora_te") for k in tensors)  # text encoder frozen (text_encoder_lr = 0)
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
-    assert meta["ss_network_alpha"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_alpha"] == "4.0" and meta["ss_base_model_version"] == "sd_v1"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}
     assert (meta["ss_learning_rate"], meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == (
         "0.01",

@@ -91,6 +91,9 @@ class TrainConfig:
     log_every_n_steps: int = 10
     training_comment: str = ""
 
+    def __post_init__(self) -> None:
+        self._checked()  # also for TrainConfig(...) built in code: ints become floats where floats are expected
+
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
         """Read the `[train]` table (or the top level, if there is none) and apply overrides."""
@@ -110,7 +113,7 @@ class TrainConfig:
         unknown = sorted(k for k in values if k not in names and not isinstance(values[k], dict))
         if unknown:
             raise TrainError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in values.items() if k in names})._checked()
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     def override(self, overrides: dict[str, Any] | list[str]) -> TrainConfig:
         """Apply {"name": value} or CLI-style ["name=value", ...] (values parsed as TOML, else string)."""
@@ -129,7 +132,7 @@ class TrainConfig:
         bad = sorted(set(overrides) - names)
         if bad:
             raise TrainError(f"unknown training option(s): {', '.join(bad)}")
-        return dataclasses.replace(self, **overrides)._checked()
+        return dataclasses.replace(self, **overrides)
 
     def _checked(self) -> TrainConfig:
         types = {

@@ -316,7 +316,7 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
             "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_gradient_accumulation_steps": cfg.grad_accum,
             "ss_lr_warmup_steps": cfg.lr_warmup_steps, "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_network_module": "networks.lora", "ss_network_dim": cfg.network_dim,
-            "ss_network_alpha": f"{cfg.network_alpha:g}", "ss_network_dropout": cfg.network_dropout,
+            "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": cfg.network_dropout,
             "ss_network_args": {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.conv_dim else {},
             "ss_mixed_precision": cfg.mixed_precision, "ss_full_fp16": False, "ss_v2": False,
             "ss_base_model_version": BASE_MODEL_VERSION[cfg.model_family], "ss_v_parameterization": v_pred,
