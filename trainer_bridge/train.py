@@ -193,7 +193,9 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
             te.gradient_checkpointing_enable()
-    unet_fwd = torch.compile(unet) if cfg.compile else unet
+    unet_fwd = (
+        torch.compile(unet, dynamic=False) if cfg.compile else unet
+    )  # one static graph per bucket shape
     params = L.lora_parameters(all_mods)
     groups = [{"params": L.lora_parameters(mods), "lr": cfg.unet_lr}]
     if te_mods:
