@@ -1,0 +1,154 @@
+"""TrainConfig: every training option as a plain value, loadable from the `[train]` table of a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+try:
+    from curate.errors import CurateError as _ErrorBase
+except ImportError:  # TODO(merge): curate.errors lands with the CLI branch
+    _ErrorBase = Exception
+
+
+class TrainError(_ErrorBase):
+    """A mistake the user can fix (bad path, missing weights, unknown optimizer); printed as one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model_family: str = "sd15"  # "sd15" | "sdxl"
+    base: str = ""  # diffusers folder, single-file .safetensors, or hub id (offline-first)
+    v_prediction: bool = False
+    # data
+    data: str = ""  # kohya-layout folder (<repeats>_<name>/) or kohya dataset-config TOML
+    val_data: str = ""  # optional; else a `val`/`validation` folder inside or beside `data`
+    resolution: int = 512
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    num_repeats: int = 1  # for folders without a <repeats>_ prefix
+    batch_size: int = 1
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout: float = 0.0
+    flip_aug: bool = False
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = True  # only when the text encoders are frozen
+    cache_dir: str = ""  # default: <output_dir>/cache
+    # network
+    network_dim: int = 32
+    network_alpha: float = 16.0
+    network_dropout: float = 0.0
+    network_train_ff: bool = False  # also proj_in/proj_out and feed-forward layers of the transformer blocks
+    conv_dim: int = 0  # > 0: LoCon on resnet / sampler convs
+    conv_alpha: float = 1.0
+    # optimisation
+    epochs: int = 10
+    max_steps: int = 0  # > 0 caps the run (optimizer steps)
+    grad_accum: int = 1
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 0.0  # 0 keeps the text encoder(s) frozen
+    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy | adafactor
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    scale_weight_norms: float = 0.0
+    # noise and loss
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    # speed
+    mixed_precision: str = "bf16"  # bf16 | fp16 | no
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    # bookkeeping
+    seed: int = 42
+    output_dir: str = "output"
+    output_name: str = "lora"
+    save_precision: str = "fp16"  # fp16 | bf16 | fp32
+    save_every_n_epochs: int = 0
+    keep_last_n: int = 0  # 0 keeps all
+    save_state: bool = True  # write a resumable state next to each saved epoch and at the end
+    resume: str = ""  # a state folder written by save_state / Ctrl-C
+    stop_after_steps: int = 0  # > 0: stop early and save a resumable state, as Ctrl-C does
+    sample_every_n_steps: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    log_dir: str = ""  # default: <output_dir>/logs
+    log_every_n_steps: int = 10
+    training_comment: str = ""
+
+    def __post_init__(self) -> None:
+        self._checked()  # also for TrainConfig(...) built in code: ints become floats where floats are expected
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
+        """Read the `[train]` table (or the top level, if there is none) and apply overrides."""
+        p = Path(path)
+        if not p.is_file():
+            raise TrainError(f"config file not found: {p}")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainError(f"{p} is not valid TOML: {e}") from None
+        values = doc.get("train", doc)
+        return cls.from_dict(values).override(overrides or {})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in names and not isinstance(values[k], dict))
+        if unknown:
+            raise TrainError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def override(self, overrides: dict[str, Any] | list[str]) -> TrainConfig:
+        """Apply {"name": value} or CLI-style ["name=value", ...] (values parsed as TOML, else string)."""
+        if isinstance(overrides, list):
+            parsed = {}
+            for item in overrides:
+                key, eq, raw = item.partition("=")
+                if not eq:
+                    raise TrainError(f"override must look like name=value, got {item!r}")
+                try:
+                    parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+                except tomllib.TOMLDecodeError:
+                    parsed[key.strip()] = raw
+            overrides = parsed
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise TrainError(f"unknown training option(s): {', '.join(bad)}")
+        return dataclasses.replace(self, **overrides)
+
+    def _checked(self) -> TrainConfig:
+        types = {
+            f.name: type(f.default) if f.default is not dataclasses.MISSING else list
+            for f in dataclasses.fields(self)
+        }
+        for name, want in types.items():
+            v = getattr(self, name)
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
+            elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise TrainError(f"option {name} must be {want.__name__}, got {v!r}")
+        if self.model_family not in ("sd15", "sdxl"):
+            raise TrainError(f"model_family must be 'sd15' or 'sdxl', got {self.model_family!r}")
+        if self.mixed_precision not in ("bf16", "fp16", "no"):
+            raise TrainError(f"mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise TrainError("need 0 <= min_timestep < max_timestep <= 1000")
+        return self

@@ -1,0 +1,339 @@
+"""Training data: kohya folders / dataset TOML -> bucketed items -> cached latents and text embeddings on the device.
+
+Latents are cached on disk as safetensors keyed by content hash + VAE id + bucket size, so re-running a training
+(or resuming one) never re-encodes an image. Everything the step needs then lives on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from trainer_bridge.config import TrainConfig, TrainError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def _make_buckets(
+    resolution: int, min_size: int = 256, max_size: int = 1024, step: int = 64
+) -> list[tuple[int, int]]:
+    """kohya's bucket rule: all (w, h) on a `step` grid within [min_size, max_size] with w*h <= resolution**2."""
+    # TODO(merge): use curate.stages.bucket
+    area = resolution * resolution
+    side = int(math.sqrt(area) // step) * step
+    out = {(side, side)}
+    for w in range(min_size, max_size + 1, step):
+        h = min(max_size, int((area // w) // step) * step)
+        if h >= min_size:
+            out |= {(w, h), (h, w)}
+    return sorted(out)
+
+
+def _assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's."""
+    # TODO(merge): use curate.stages.bucket
+    ar = width / height
+    return min(buckets, key=lambda b: (abs(b[0] / b[1] - ar), -b[0] * b[1]))
+
+
+def bucket_fns():
+    """(make_buckets, assign_bucket), from curate.stages.bucket when it exists."""
+    try:
+        from curate.stages.bucket import assign_bucket, make_buckets
+
+        return make_buckets, assign_bucket
+    except ImportError:
+        return _make_buckets, _assign_bucket
+
+
+# ---------------------------------------------------------------- dataset discovery
+
+
+@dataclass
+class Subset:
+    image_dir: Path
+    num_repeats: int = 1
+    caption_extension: str = ".txt"
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    flip_aug: bool = False
+
+
+@dataclass
+class Item:
+    path: Path
+    caption: str
+    subset: Subset
+    size: tuple[int, int] = (0, 0)  # original (w, h)
+    bucket: tuple[int, int] = (0, 0)  # (w, h)
+
+
+@dataclass
+class DatasetSpec:
+    subsets: list[Subset]
+    val_subsets: list[Subset] = field(default_factory=list)
+    resolution: int = 512
+    batch_size: int = 1
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+
+
+def _folder_subsets(root: Path, cfg: TrainConfig) -> list[Subset]:
+    subs = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = re.fullmatch(r"(\d+)_(.+)", d.name)
+        if m:
+            subs.append(Subset(d, int(m[1]), ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug))
+    if not subs and any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir()):
+        subs.append(Subset(root, cfg.num_repeats, ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug))
+    return subs
+
+
+def read_dataset(cfg: TrainConfig) -> DatasetSpec:
+    """Read a kohya-layout folder or a kohya dataset-config TOML into a DatasetSpec."""
+    if not cfg.data:
+        raise TrainError("no training data given: set `data` to a kohya folder or a dataset TOML")
+    data = Path(cfg.data).expanduser()
+    if not data.exists():
+        raise TrainError(f"training data not found: {data}")
+    spec = DatasetSpec([], [], cfg.resolution, cfg.batch_size, cfg.enable_bucket, cfg.min_bucket_reso,
+                       cfg.max_bucket_reso, cfg.bucket_reso_steps)  # fmt: skip
+    if data.is_file():
+        try:
+            doc = tomllib.loads(data.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainError(f"{data} is not valid TOML: {e}") from None
+        general = doc.get("general", {})
+        datasets = doc.get("datasets", [])
+        if not datasets:
+            raise TrainError(f"{data} has no [[datasets]] table")
+        ds = datasets[0]  # bucket settings come from the first dataset; subsets from all
+        opt = {**general, **ds}
+        res = opt.get("resolution", cfg.resolution)
+        spec.resolution = int(res[0] if isinstance(res, list) else res)
+        for k in ("batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if k in opt:
+                setattr(spec, k, opt[k])
+        for d in datasets:
+            for s in d.get("subsets", []):
+                o = {**general, **{k: v for k, v in d.items() if k != "subsets"}, **s}
+                if "image_dir" not in o:
+                    raise TrainError(f"{data}: a [[datasets.subsets]] entry has no image_dir")
+                img_dir = Path(o["image_dir"]).expanduser()
+                if not img_dir.is_absolute() and not img_dir.is_dir():
+                    img_dir = (
+                        data.parent / img_dir
+                    )  # kohya resolves from the CWD; fall back to the TOML's folder
+                sub = Subset(img_dir, int(o.get("num_repeats", 1)), o.get("caption_extension", ".txt"),
+                             int(o.get("keep_tokens", cfg.keep_tokens)), bool(o.get("shuffle_caption", cfg.shuffle_caption)),
+                             bool(o.get("flip_aug", cfg.flip_aug)))  # fmt: skip
+                (spec.val_subsets if o.get("is_val", False) else spec.subsets).append(sub)
+    else:
+        spec.subsets = _folder_subsets(data, cfg)
+    if not spec.subsets:
+        raise TrainError(
+            f"no images found in {data} (expected <repeats>_<name>/ folders with images + .txt captions)"
+        )
+    if cfg.val_data:
+        val = Path(cfg.val_data).expanduser()
+        if not val.is_dir():
+            raise TrainError(f"validation folder not found: {val}")
+        spec.val_subsets = _folder_subsets(val, cfg)
+    elif data.is_dir() and not spec.val_subsets:
+        for cand in (data / "val", data / "validation", data.parent / "val", data.parent / "validation"):
+            if cand.is_dir() and cand != data:
+                spec.val_subsets = _folder_subsets(cand, cfg)
+                break
+    for s in spec.subsets + spec.val_subsets:
+        if not s.image_dir.is_dir():
+            raise TrainError(f"image_dir not found: {s.image_dir}")
+    return spec
+
+
+def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
+    """All images of the subsets with their captions, original sizes and buckets."""
+    from PIL import Image
+
+    make_buckets, assign_bucket = bucket_fns()
+    if spec.enable_bucket:
+        buckets = make_buckets(
+            spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps
+        )
+    else:
+        buckets = [(spec.resolution, spec.resolution)]
+    items = []
+    for s in subsets:
+        for p in sorted(s.image_dir.iterdir()):
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue
+            cap = p.with_suffix(s.caption_extension)
+            caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else ""
+            try:
+                with Image.open(p) as im:
+                    w, h = im.size
+                    if (im.getexif() or {}).get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation swaps the sides
+                        w, h = h, w
+            except OSError:
+                raise TrainError(f"cannot read image {p}") from None
+            items.append(Item(p, caption, s, (w, h), assign_bucket(w, h, buckets)))
+    return items
+
+
+# ---------------------------------------------------------------- captions
+
+
+def process_caption(caption: str, keep_tokens: int, shuffle: bool, dropout: float, rng: random.Random) -> str:
+    """kohya caption handling: shuffle comma-separated tags after the first keep_tokens; drop the caption."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if shuffle:
+        tags = [t.strip() for t in caption.split(",")]
+        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+        rng.shuffle(tail)
+        caption = ", ".join(head + tail)
+    return caption
+
+
+def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
+    """{subset folder name: {tag: count}}, as kohya's ss_tag_frequency."""
+    out: dict[str, dict[str, int]] = {}
+    for it in items:
+        freq = out.setdefault(it.subset.image_dir.name, {})
+        for tag in (t.strip() for t in it.caption.split(",")):
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- images and latents
+
+
+def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
+    """Image -> (tensor [3,h,w] in [-1,1], crop (top, left)): resize to cover the bucket, then center-crop."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    bw, bh = bucket
+    scale = max(bw / im.width, bh / im.height)
+    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    im = im.resize((nw, nh), Image.LANCZOS)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    im = im.crop((left, top, left + bw, top + bh))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+    return x, (top, left)
+
+
+def vae_id(vae, base_name: str) -> str:
+    """A short id of the VAE (config + a weight fingerprint), part of the latent cache key."""
+    import torch
+
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    h.update(base_name.encode())
+    with torch.no_grad():
+        for p in list(vae.parameters())[:4]:
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:12]
+
+
+def content_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+
+
+def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: str, flip: list[bool]):
+    """Per item: (latent, flipped latent or None, crop). Reads/writes the disk cache when cache_dir is set."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sf = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    if cache_dir:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    for it, want_flip in zip(items, flip, strict=True):
+        bw, bh = it.bucket
+        f = cache_dir / f"{content_hash(it.path)}_{vid}_{bw}x{bh}.safetensors" if cache_dir else None
+        if f is not None and f.is_file():
+            t = load_file(str(f))
+            if not want_flip or "latent_flipped" in t:
+                crop = tuple(int(v) for v in t["crop"].tolist())
+                out.append((t["latent"], t.get("latent_flipped") if want_flip else None, crop))
+                continue
+        tensors = {}
+        for key, fl in (("latent", False), ("latent_flipped", True)) if want_flip else (("latent", False),):
+            x, crop = load_image(it.path, it.bucket, flip=fl)
+            with torch.no_grad():
+                lat = vae.encode(x[None].to(device, torch.float32)).latent_dist.mode()[0]
+            lat = ((lat - shift) * sf).float().cpu()
+            if not torch.isfinite(lat).all():
+                raise TrainError(f"VAE produced NaN/inf latents for {it.path}; use an fp32-safe VAE")
+            tensors[key] = lat
+        tensors["crop"] = torch.tensor(crop)
+        if f is not None:
+            tmp = f.with_suffix(".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(f)  # atomic
+        out.append((tensors["latent"], tensors.get("latent_flipped"), crop))
+    return out
+
+
+def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], device):
+    """CLIP conditioning: SD1.5 last hidden state; SDXL penultimate states of both encoders + pooled CLIP-G."""
+    import torch
+
+    hs, pooled = [], None
+    for i, (tok, te) in enumerate(zip(tokenizers, text_encoders, strict=True)):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)  # fmt: skip
+        if len(text_encoders) == 1:
+            hs.append(te(ids)[0])
+        else:
+            o = te(ids, output_hidden_states=True)
+            hs.append(o.hidden_states[-2])
+            if i == 1:
+                pooled = o.text_embeds
+    return torch.cat(hs, dim=-1), pooled
+
+
+# ---------------------------------------------------------------- sampler
+
+
+class BucketBatchSampler:
+    """Every batch from one bucket; per-epoch order is a pure function of (seed, epoch), so resume is exact."""
+
+    def __init__(
+        self, buckets: list[tuple[int, int]], repeats: list[int], batch_size: int, seed: int
+    ) -> None:
+        self.buckets, self.repeats, self.batch_size, self.seed = buckets, repeats, batch_size, seed
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, (b, r) in enumerate(zip(self.buckets, self.repeats, strict=True)):
+            by_bucket.setdefault(b, []).extend([i] * r)
+        batches = []
+        for b in sorted(by_bucket):
+            idx = by_bucket[b]
+            rng.shuffle(idx)
+            batches += [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.epoch(0))

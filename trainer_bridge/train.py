@@ -1,0 +1,521 @@
+"""The LoRA training loop, readable top to bottom (after nanoGPT's train.py).
+
+    result = train(TrainConfig.from_toml("train.toml"))
+
+Setup: load the base model, cache latents (and text embeddings when the text encoders are frozen) on the device,
+wrap the target layers with LoRA. Loop: one bucket-batch per micro-step, loss on the device (no host sync inside
+the step), optimizer step every grad_accum micro-steps, logging / sampling / saving on schedules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer_bridge.config import TrainConfig, TrainError
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path | None  # the final (or last saved) LoRA file
+    state_path: Path | None  # resumable state folder, if one was written
+    steps: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)  # mean train loss per log interval
+    val_losses: list[float] = field(default_factory=list)  # one per epoch, if there is a validation set
+    interrupted: bool = False
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
+    """AdamW (fused on CUDA), AdamW8bit (bitsandbytes), Prodigy (prodigyopt) or Adafactor (transformers)."""
+    import torch
+
+    name = name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=device_type == "cuda")
+    if name == "adamw8bit":
+        if device_type != "cuda":
+            raise TrainError('optimizer adamw8bit needs a CUDA GPU; use optimizer = "adamw" on this machine')
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+    if name == "prodigy":
+        if len({g["lr"] for g in groups}) > 1:
+            raise TrainError("prodigy needs one learning rate: set text_encoder_lr = unet_lr (usually 1.0)")
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise TrainError("optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+        return Prodigy(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)  # fmt: skip
+    raise TrainError(f"unknown optimizer {name!r}; choose adamw, adamw8bit, prodigy or adafactor")
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total_steps,
+                             num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)  # fmt: skip
+    except ValueError:
+        raise TrainError(
+            f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose constant, constant_with_warmup, cosine, "
+            "cosine_with_restarts, linear or polynomial"
+        ) from None
+
+
+def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
+    """Train a LoRA as `config` says (a TrainConfig or a TOML path; keyword overrides win) and export it."""
+    import torch
+
+    from trainer_bridge import data as D
+    from trainer_bridge import lora as L
+    from trainer_bridge.export import BASE_MODEL_VERSION, save_lora
+    from trainer_bridge.loss import diffusion_loss
+    from trainer_bridge.models import load_base
+    from trainer_bridge.state import load_state, restore_rng, save_state
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config)
+    cfg = cfg.override(overrides) if overrides else cfg
+    sdxl = cfg.model_family == "sdxl"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = dev.type == "cuda"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if on_gpu else None
+    weight_dtype = amp or torch.float32
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    # ---------------------------------------------------------------- data + model
+    spec = D.read_dataset(cfg)
+    items = D.list_items(spec.subsets, spec)
+    val_items = D.list_items(spec.val_subsets, spec) if spec.val_subsets else []
+    if not items:
+        raise TrainError(f"no images found under {cfg.data}")
+    base = load_base(cfg.base, cfg.model_family, cfg.v_prediction)
+    unet, vae, tes, toks = base.unet, base.vae, base.text_encoders, base.tokenizers
+    v_pred = base.scheduler.config.prediction_type == "v_prediction"
+    alphas_cumprod = base.scheduler.alphas_cumprod.to(dev, torch.float32)
+
+    # latents: encoded once in fp32 (no NaN from fp16 VAEs), cached on disk, then kept on the device
+    vae.requires_grad_(False).to(dev, torch.float32).eval()
+    cache_dir = Path(cfg.cache_dir or out_dir / "cache") if cfg.cache_latents else None
+    vid = D.vae_id(vae, base.name)
+    all_items = items + val_items
+    flips = [it.subset.flip_aug for it in items] + [False] * len(val_items)
+    encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips)
+    vae.to("cpu")  # only needed again for samples
+    buckets = sorted({it.bucket for it in all_items})
+    bucket_of = [buckets.index(it.bucket) for it in all_items]
+    row_of, lat, lat_flip = [], [], []
+    for b in range(len(buckets)):
+        members = [i for i, bi in enumerate(bucket_of) if bi == b]
+        lat.append(torch.stack([encoded[i][0] for i in members]).to(dev))
+        flipped = [encoded[i][1] for i in members]
+        if any(f is not None for f in flipped):
+            lat_flip.append(
+                torch.stack(
+                    [f if f is not None else encoded[i][0] for f, i in zip(flipped, members, strict=True)]
+                ).to(dev)
+            )
+        else:
+            lat_flip.append(lat[-1])  # no flipped copies in this bucket: latents_for() skips the flip draw
+    rows_in_bucket: dict[int, int] = {}
+    for bi in bucket_of:
+        row_of.append(rows_in_bucket.get(bi, 0))
+        rows_in_bucket[bi] = row_of[-1] + 1
+    row_of_t = torch.tensor(row_of, device=dev)
+    can_flip = torch.tensor(flips, device=dev)
+    time_ids = torch.tensor([[it.size[1], it.size[0], *encoded[i][2], it.bucket[1], it.bucket[0]]
+                             for i, it in enumerate(all_items)], device=dev, dtype=weight_dtype)  # fmt: skip
+
+    # text encoders: trained with LoRA when text_encoder_lr > 0, else frozen and (optionally) cached
+    train_te = cfg.text_encoder_lr > 0
+    any_shuffle = any(s.shuffle_caption for s in spec.subsets)
+    cache_te = cfg.cache_text_encoder_outputs and not train_te and not any_shuffle
+    for te in tes:
+        te.requires_grad_(False).to(dev, weight_dtype).eval()
+    unet.requires_grad_(False).to(dev, weight_dtype)
+    captions = [it.caption for it in all_items]
+    if cache_te:
+        with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
+            embs, pooled = zip(
+                *(
+                    D.encode_prompts(toks, tes, captions[i : i + 32], dev)
+                    for i in range(0, len(captions), 32)
+                ),
+                strict=True,
+            )
+            emb_all = torch.cat(embs).to(weight_dtype)
+            pooled_all = torch.cat(pooled).to(weight_dtype) if sdxl else None
+            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev)
+            emb_empty = emb_empty.to(weight_dtype)
+            pooled_empty = pooled_empty.to(weight_dtype) if sdxl else None
+        if cfg.sample_every_n_steps <= 0:
+            for te in tes:
+                te.to("cpu")  # frees memory; sampling would need them back
+
+    # LoRA (trainable weights in fp32; the frozen base in weight_dtype)
+    mods = L.inject_unet(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, cfg.network_train_ff,
+                         cfg.conv_dim, cfg.conv_alpha, sdxl=sdxl)  # fmt: skip
+    te_mods = []
+    if train_te:
+        prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
+        for te, prefix in zip(tes, prefixes, strict=True):
+            te_mods += L.inject_text_encoder(
+                te, prefix, cfg.network_dim, cfg.network_alpha, cfg.network_dropout
+            )
+            te.train()
+    all_mods = mods + te_mods
+    for m in all_mods:
+        m.lora_down.float().requires_grad_(True)
+        m.lora_up.float().requires_grad_(True)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in tes if train_te else []:
+            te.gradient_checkpointing_enable()
+    unet_fwd = (
+        torch.compile(unet, dynamic=False) if cfg.compile else unet
+    )  # one static graph per bucket shape
+    params = L.lora_parameters(all_mods)
+    groups = [{"params": L.lora_parameters(mods), "lr": cfg.unet_lr}]
+    if te_mods:
+        groups.append({"params": L.lora_parameters(te_mods), "lr": cfg.text_encoder_lr})
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.unet_lr, cfg.weight_decay, dev.type)
+    scaler = torch.amp.GradScaler(dev.type) if amp is torch.float16 else None
+
+    n_train = len(items)
+    sampler = D.BucketBatchSampler([it.bucket for it in items], [it.subset.num_repeats for it in items],
+                                   spec.batch_size, cfg.seed)  # fmt: skip
+    batches_per_epoch = len(sampler)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+
+    # random streams: noise/timesteps/flip/dropout on the device; captions + multires on the host
+    gen = torch.Generator(dev).manual_seed(cfg.seed)
+    host_rng = random.Random(cfg.seed)
+    global_step, start_epoch, start_batch = 0, 0, 0
+    if cfg.resume:
+        lora_sd, opt_sd, sched_sd, info, rng = load_state(cfg.resume)
+        L.load_lora_state_dict(all_mods, lora_sd)
+        optimizer.load_state_dict(opt_sd)
+        scheduler.load_state_dict(sched_sd)
+        restore_rng(rng, {"noise": gen})
+        hs = info["host_rng"]
+        host_rng.setstate((hs[0], tuple(hs[1]), hs[2]))
+        global_step, start_epoch, start_batch = info["step"], info["epoch"], info["batch"]
+
+    # fixed validation noise and timesteps, so the per-epoch val loss is comparable across epochs and runs
+    val_idx = list(range(n_train, len(all_items)))
+    vgen = torch.Generator(dev).manual_seed(cfg.seed + 1)
+    val_noise = {i: torch.randn(lat[bucket_of[i]].shape[1:], device=dev, generator=vgen) for i in val_idx}
+    val_t = torch.linspace(cfg.min_timestep, cfg.max_timestep - 1, max(len(val_idx), 1)).long().to(dev)
+
+    def conditioning(idx: torch.Tensor, batch: list[int], train_mode: bool):
+        """Text conditioning (+ SDXL added conditioning) for the items `idx` (device) / `batch` (host)."""
+        if cache_te:
+            emb = emb_all[idx]
+            pooled_b = pooled_all[idx] if sdxl else None
+            if train_mode and cfg.caption_dropout:
+                drop = torch.rand(len(batch), device=dev, generator=gen) < cfg.caption_dropout
+                emb = torch.where(drop[:, None, None], emb_empty, emb)
+                pooled_b = torch.where(drop[:, None], pooled_empty, pooled_b) if sdxl else None
+        else:
+            caps = [captions[i] for i in batch]
+            if train_mode:
+                caps = [D.process_caption(c, all_items[i].subset.keep_tokens, all_items[i].subset.shuffle_caption,
+                                          cfg.caption_dropout, host_rng) for c, i in zip(caps, batch, strict=True)]  # fmt: skip
+            with (
+                torch.set_grad_enabled(train_te and train_mode),
+                torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None),
+            ):
+                emb, pooled_b = D.encode_prompts(toks, tes, caps, dev)
+        added = {"text_embeds": pooled_b, "time_ids": time_ids[idx]} if sdxl else None
+        return emb, added
+
+    def latents_for(idx: torch.Tensor, bucket: int, train_mode: bool) -> torch.Tensor:
+        rows = row_of_t[idx]
+        x = lat[bucket][rows]
+        if train_mode and lat_flip[bucket] is not lat[bucket]:
+            flip = (torch.rand(len(rows), device=dev, generator=gen) < 0.5) & can_flip[idx]
+            x = torch.where(flip[:, None, None, None], lat_flip[bucket][rows], x)
+        return x
+
+    loss_kw = dict(v_prediction=v_pred, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+                   multires_iterations=cfg.multires_noise_iterations, multires_discount=cfg.multires_noise_discount,
+                   min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep, autocast_dtype=amp)  # fmt: skip
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        for m in all_mods:
+            m.eval()
+        total = torch.zeros((), device=dev)
+        for b in range(len(buckets)):
+            members = [i for i in val_idx if bucket_of[i] == b]
+            for k in range(0, len(members), spec.batch_size):
+                batch = members[k : k + spec.batch_size]
+                idx = torch.tensor(batch, device=dev)
+                emb, added = conditioning(idx, batch, train_mode=False)
+                noise = torch.stack([val_noise[i] for i in batch])
+                t = val_t[torch.tensor([val_idx.index(i) for i in batch], device=dev)]
+                x = latents_for(idx, b, train_mode=False)
+                total += diffusion_loss(unet_fwd, x, emb, added, alphas_cumprod, gen, noise=noise, timesteps=t,
+                                        **{k: v for k, v in loss_kw.items() if k in ("v_prediction", "min_snr_gamma", "autocast_dtype")}) * len(batch)  # fmt: skip
+        for m in all_mods:
+            m.train()
+        return (total / len(val_idx)).item()
+
+    # ---------------------------------------------------------------- bookkeeping
+    log_dir = Path(cfg.log_dir or out_dir / "logs")
+    writer = None
+    with contextlib.suppress(ImportError):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir))
+    session_id = uuid.uuid4().hex[:8]
+    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        cfg.save_precision, torch.float16
+    )
+    dataset_dirs = {}
+    for it in items:
+        d = dataset_dirs.setdefault(
+            it.subset.image_dir.name, {"n_repeats": it.subset.num_repeats, "img_count": 0}
+        )
+        d["img_count"] += 1
+    bucket_counts: dict[tuple[int, int], int] = {}
+    for it in items:
+        bucket_counts[it.bucket] = bucket_counts.get(it.bucket, 0) + it.subset.num_repeats
+
+    def metadata(epoch: int, step: int) -> dict[str, Any]:
+        arch = "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora"
+        return {
+            "ss_session_id": session_id, "ss_training_started_at": started, "ss_training_finished_at": time.time(),
+            "ss_output_name": cfg.output_name, "ss_learning_rate": cfg.unet_lr, "ss_unet_lr": cfg.unet_lr,
+            "ss_text_encoder_lr": cfg.text_encoder_lr, "ss_num_train_images": sum(it.subset.num_repeats for it in items),
+            "ss_num_reg_images": 0, "ss_num_batches_per_epoch": batches_per_epoch, "ss_num_epochs": epochs,
+            "ss_epoch": epoch, "ss_steps": step, "ss_max_train_steps": total_steps, "ss_batch_size_per_device": spec.batch_size,
+            "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_gradient_accumulation_steps": cfg.grad_accum,
+            "ss_lr_warmup_steps": cfg.lr_warmup_steps, "ss_lr_scheduler": cfg.lr_scheduler,
+            "ss_network_module": "networks.lora", "ss_network_dim": cfg.network_dim,
+            "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": cfg.network_dropout,
+            "ss_network_args": {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.conv_dim else {},
+            "ss_mixed_precision": cfg.mixed_precision, "ss_full_fp16": False, "ss_v2": False,
+            "ss_base_model_version": BASE_MODEL_VERSION[cfg.model_family], "ss_v_parameterization": v_pred,
+            "ss_clip_skip": "None", "ss_max_token_length": "None", "ss_cache_latents": cfg.cache_latents,
+            "ss_seed": cfg.seed, "ss_noise_offset": cfg.noise_offset, "ss_multires_noise_iterations": cfg.multires_noise_iterations,
+            "ss_multires_noise_discount": cfg.multires_noise_discount, "ss_min_snr_gamma": cfg.min_snr_gamma,
+            "ss_scale_weight_norms": cfg.scale_weight_norms, "ss_max_grad_norm": cfg.max_grad_norm,
+            "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={cfg.weight_decay})",
+            "ss_caption_dropout_rate": cfg.caption_dropout, "ss_keep_tokens": cfg.keep_tokens,
+            "ss_shuffle_caption": cfg.shuffle_caption, "ss_flip_aug": cfg.flip_aug, "ss_min_timestep": cfg.min_timestep,
+            "ss_max_timestep": cfg.max_timestep, "ss_training_comment": cfg.training_comment,
+            "ss_resolution": f"({spec.resolution}, {spec.resolution})", "ss_enable_bucket": spec.enable_bucket,
+            "ss_min_bucket_reso": spec.min_bucket_reso, "ss_max_bucket_reso": spec.max_bucket_reso,
+            "ss_bucket_info": {"buckets": {str(i): {"resolution": list(b), "count": n}
+                                           for i, (b, n) in enumerate(sorted(bucket_counts.items()))}, "mean_img_ar_error": 0.0},
+            "ss_tag_frequency": D.tag_frequency(items), "ss_dataset_dirs": dataset_dirs,
+            "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash, "ss_new_sd_model_hash": base.new_model_hash,
+            "ss_vae_name": "None",
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+            "modelspec.title": cfg.output_name, "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
+            "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        }  # fmt: skip
+
+    def save(name: str, epoch: int, step: int, batch: int, with_state: bool) -> tuple[Path, Path | None]:
+        path = save_lora(
+            out_dir / f"{name}.safetensors", L.lora_state_dict(all_mods, save_dtype), metadata(epoch, step)
+        )
+        state = None
+        if with_state:
+            info = {
+                "step": step,
+                "epoch": epoch,
+                "batch": batch,
+                "host_rng": host_rng.getstate(),
+                "config": cfg.__dict__,
+            }
+            state = save_state(out_dir / f"{name}-state", L.lora_state_dict(all_mods, torch.float32), optimizer,
+                               scheduler, json.loads(json.dumps(info, default=str)), {"noise": gen})  # fmt: skip
+        return path, state
+
+    def sample(step: int) -> None:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        for m in all_mods:
+            m.eval()
+        vae.to(dev)
+        for te in tes:
+            te.to(dev)
+        sched = EulerDiscreteScheduler.from_config(base.scheduler.config)
+        if sdxl:
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=tes[0], text_encoder_2=tes[1], tokenizer=toks[0],
+                                             tokenizer_2=toks[1], unet=unet, scheduler=sched)  # fmt: skip
+        else:
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=tes[0], tokenizer=toks[0], unet=unet, scheduler=sched,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        sample_dir = out_dir / "sample"
+        sample_dir.mkdir(exist_ok=True)
+        with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
+            for k, prompt in enumerate(cfg.sample_prompts):
+                g = torch.Generator(dev).manual_seed(cfg.seed + k)
+                img = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=spec.resolution,
+                           width=spec.resolution).images[0]  # fmt: skip
+                img.save(sample_dir / f"{cfg.output_name}_{step:06d}_{k:02d}.png")
+                if writer:
+                    import numpy as np
+
+                    writer.add_image(f"sample/{k}", np.asarray(img), step, dataformats="HWC")
+        vae.to("cpu")
+        for m in all_mods:
+            m.train()
+
+    stop = {"flag": False}
+    old_handler = None
+    with contextlib.suppress(ValueError):  # signal handlers only in the main thread
+        old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+
+    # ---------------------------------------------------------------- the loop
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    result = TrainResult(None, None, global_step, start_epoch)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    )
+    task = progress.add_task("training", total=total_steps, completed=global_step)
+    loss_sum, loss_n, t_log, step_log = torch.zeros((), device=dev), 0, time.time(), global_step
+    saved: list[str] = []
+    epoch = start_epoch
+    progress.start()
+    try:
+        for epoch in range(start_epoch, epochs):
+            batches = sampler.epoch(epoch)
+            flat = torch.tensor(
+                [i for b in batches for i in b], device=dev
+            )  # one host->device copy per epoch
+            offsets = [0]
+            for b in batches:
+                offsets.append(offsets[-1] + len(b))
+            micro = 0
+            first = start_batch if epoch == start_epoch else 0
+            for bi in range(first, len(batches)):
+                batch = batches[bi]
+                idx = flat[offsets[bi] : offsets[bi + 1]]
+                bucket = bucket_of[batch[0]]
+                emb, added = conditioning(idx, batch, train_mode=True)
+                x = latents_for(idx, bucket, train_mode=True)
+                loss = diffusion_loss(unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw)
+                (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+                loss_n += 1
+                micro += 1
+                if micro % cfg.grad_accum and bi != len(batches) - 1:
+                    continue
+                # optimizer step
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.scale_weight_norms:
+                    L.scale_weight_norms(all_mods, cfg.scale_weight_norms)
+                global_step += 1
+                progress.update(task, completed=global_step)
+
+                if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
+                    avg = (loss_sum / loss_n).item()  # the only host sync, every log_every_n_steps
+                    dt = time.time() - t_log
+                    it_s = (global_step - step_log) / dt if dt else 0.0
+                    vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
+                    result.losses.append(avg)
+                    progress.update(
+                        task, description=f"epoch {epoch + 1} loss {avg:.4f} {it_s:.2f} it/s {vram:.1f} GiB"
+                    )
+                    if writer:
+                        writer.add_scalar("loss/train", avg, global_step)
+                        writer.add_scalar("lr/unet", scheduler.get_last_lr()[0], global_step)
+                        writer.add_scalar("perf/it_per_s", it_s, global_step)
+                    loss_sum, loss_n, t_log, step_log = (
+                        torch.zeros((), device=dev),
+                        0,
+                        time.time(),
+                        global_step,
+                    )
+                if (
+                    cfg.sample_every_n_steps
+                    and cfg.sample_prompts
+                    and global_step % cfg.sample_every_n_steps == 0
+                ):
+                    sample(global_step)
+                done = global_step >= total_steps
+                if not done and (
+                    stop["flag"] or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)
+                ):
+                    nb = bi + 1 if bi + 1 < len(batches) else 0
+                    ep = epoch if nb else epoch + 1
+                    result.lora_path, result.state_path = save(
+                        f"{cfg.output_name}-state-lora", ep, global_step, nb, True
+                    )
+                    result.interrupted, result.steps, result.epoch = True, global_step, ep
+                    progress.console.print(
+                        f"stopped at step {global_step}; resume with resume={result.state_path}"
+                    )
+                    return result
+                if done:
+                    break
+            start_batch = 0
+            if val_idx:
+                v = validation_loss()
+                result.val_losses.append(v)
+                if writer:
+                    writer.add_scalar("loss/val", v, global_step)
+            last = global_step >= total_steps or epoch == epochs - 1
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
+                name = f"{cfg.output_name}-{epoch + 1:06d}"
+                save(name, epoch + 1, global_step, 0, cfg.save_state)
+                saved.append(name)
+                if cfg.keep_last_n and len(saved) > cfg.keep_last_n:
+                    old = saved.pop(0)
+                    (out_dir / f"{old}.safetensors").unlink(missing_ok=True)
+                    import shutil
+
+                    shutil.rmtree(out_dir / f"{old}-state", ignore_errors=True)
+            if global_step >= total_steps:
+                break
+        result.lora_path, result.state_path = save(cfg.output_name, epoch + 1, global_step, 0, cfg.save_state)
+        result.steps, result.epoch = global_step, epoch + 1
+        return result
+    finally:
+        progress.stop()
+        if writer:
+            writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
