@@ -29,7 +29,12 @@ app = typer.Typer(
 )
 
 # Command groups living in their own modules; each defines register(app).
-PLUGINS: list[str] = ["curate.commands.clip", "curate.commands.tag", "curate.commands.export"]
+PLUGINS: list[str] = [
+    "curate.commands.clip",
+    "curate.commands.tag",
+    "curate.commands.export",
+    "curate.commands.train",
+]
 
 
 def _open(path: str, manifest: str | None, config: str | None, create: bool = True) -> Dataset:

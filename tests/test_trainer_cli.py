@@ -8,7 +8,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from curate.commands_train import register
+from curate.commands.train import register
 from trainer_bridge import lora as L
 from trainer_bridge.export import save_lora
 
@@ -34,6 +34,8 @@ def test_lora_info_command(tmp_path):
 
 def test_commands_fail_with_one_line(tmp_path):
     r = CliRunner().invoke(_app(), ["lora-info", str(tmp_path / "missing.safetensors")])
-    assert r.exit_code != 0 and "LoRA file not found" in str(r.exception or r.output)
-    r = CliRunner().invoke(_app(), ["train", "--data", str(tmp_path), "--set", "optimizr=adamw"])
-    assert r.exit_code != 0 and "unknown training option(s): optimizr" in str(r.exception or r.output)
+    assert r.exit_code == 2 and "LoRA file not found" in r.output
+    r = CliRunner().invoke(_app(), ["train", str(tmp_path), "--set", "optimizr=adamw"])
+    assert r.exit_code == 2 and "unknown training option(s): optimizr" in r.output
+    r = CliRunner().invoke(_app(), ["train", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in r.output

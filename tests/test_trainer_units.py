@@ -160,9 +160,10 @@ def test_bucket_sampler_is_seeded_and_single_bucket():
 
 
 def test_buckets_and_center_crop(tmp_path):
-    buckets = D._make_buckets(64, 32, 128, 16)
+    make_buckets, assign_bucket = D.bucket_fns()
+    buckets = make_buckets(64, 32, 128, 16)
     assert (64, 64) in buckets and all(w * h <= 64 * 64 and w % 16 == 0 and h % 16 == 0 for w, h in buckets)
-    assert D._assign_bucket(96, 64, buckets) == (80, 48)
+    assert assign_bucket(96, 64, buckets) == (80, 48)
     arr = np.zeros((64, 96, 3), np.uint8)
     arr[:3] = (
         255  # a white band on the top edge: cropped away (96x64 -> cover 80x53 -> crop 2 rows off the top)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -24,36 +23,11 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # ---------------------------------------------------------------- buckets
 
 
-def _make_buckets(
-    resolution: int, min_size: int = 256, max_size: int = 1024, step: int = 64
-) -> list[tuple[int, int]]:
-    """kohya's bucket rule: all (w, h) on a `step` grid within [min_size, max_size] with w*h <= resolution**2."""
-    # TODO(merge): use curate.stages.bucket
-    area = resolution * resolution
-    side = int(math.sqrt(area) // step) * step
-    out = {(side, side)}
-    for w in range(min_size, max_size + 1, step):
-        h = min(max_size, int((area // w) // step) * step)
-        if h >= min_size:
-            out |= {(w, h), (h, w)}
-    return sorted(out)
-
-
-def _assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is nearest the image's."""
-    # TODO(merge): use curate.stages.bucket
-    ar = width / height
-    return min(buckets, key=lambda b: (abs(b[0] / b[1] - ar), -b[0] * b[1]))
-
-
 def bucket_fns():
-    """(make_buckets, assign_bucket), from curate.stages.bucket when it exists."""
-    try:
-        from curate.stages.bucket import assign_bucket, make_buckets
+    """(make_buckets, assign_bucket): the same kohya rules `curate bucket` reports."""
+    from curate.stages.bucket import assign_bucket, make_buckets
 
-        return make_buckets, assign_bucket
-    except ImportError:
-        return _make_buckets, _assign_bucket
+    return make_buckets, assign_bucket
 
 
 # ---------------------------------------------------------------- dataset discovery

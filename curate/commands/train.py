@@ -1,0 +1,125 @@
+"""`curate train` and `curate lora-info`: thin commands over trainer_bridge (imported when they run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import CurateError
+from ..ui import JsonOpt, console, handle_errors, print_json, table
+
+
+def _training_data(
+    source: Path, output_dir: Path, repeats: int, trigger: str | None, class_word: str | None
+) -> str:
+    """A kohya folder / dataset TOML as is; a curate dataset exported (once) into ``output_dir/data``."""
+    if (source / ".curate" / "manifest.db").exists():
+        target = output_dir / "data"
+        if (target / "dataset.toml").exists():
+            console.print(f"using the earlier export in {target}")
+        else:
+            from ..dataset import Dataset
+
+            with Dataset.open(source, create=False) as ds:
+                res = ds.export(
+                    target, format="kohya", repeats=repeats, trigger=trigger, class_word=class_word
+                )
+            console.print(f"exported {res.train} training and {res.val} validation images to {target}")
+        return str(target / "dataset.toml")
+    return str(source)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and `lora-info` to the curate app."""
+
+    @app.command("train")
+    @handle_errors
+    def train_cmd(
+        source: Annotated[
+            Path | None,
+            typer.Argument(
+                help="A curated dataset folder, a kohya folder / dataset TOML, or a training TOML."
+            ),
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option(help="Training TOML with a [train] table (from `curate plan`).")
+        ] = None,
+        base: Annotated[
+            str | None, typer.Option(help="Base model: diffusers folder, .safetensors or hub id.")
+        ] = None,
+        family: Annotated[str | None, typer.Option(help="sd15 or sdxl.")] = None,
+        output_dir: Annotated[
+            str | None, typer.Option(help="Where the LoRA, states, samples and logs go.")
+        ] = None,
+        resume: Annotated[
+            str | None, typer.Option(help="A state folder written by an earlier run or Ctrl-C.")
+        ] = None,
+        trigger: Annotated[
+            str | None, typer.Option(help="Trigger word when exporting a curated dataset.")
+        ] = None,
+        class_word: Annotated[
+            str | None, typer.Option("--class", help="Class word for the kohya folder.")
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="Override any option: --set unet_lr=5e-5 (repeatable)."),
+        ] = None,
+    ) -> None:
+        """Train a LoRA on a curated dataset (exported on the fly) or a kohya folder; Ctrl-C saves a resumable state."""
+        from trainer_bridge import TrainConfig, train
+
+        if source is not None and source.suffix == ".toml" and config is None:
+            import tomllib
+
+            if "train" in tomllib.loads(source.read_text(encoding="utf-8")):
+                source, config = None, source  # a training TOML given positionally
+        if config is not None and not config.exists():
+            raise CurateError(
+                f"config {config} does not exist; write one with `curate plan DATASET --out train.toml`"
+            )
+        if source is not None and not source.exists():
+            raise CurateError(
+                f"{source} does not exist; pass a dataset folder, a kohya folder or a dataset TOML"
+            )
+        cfg = TrainConfig.from_toml(config) if config else TrainConfig()
+        opts = {"base": base, "model_family": family, "output_dir": output_dir, "resume": resume}
+        cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
+        if source is not None:
+            data = _training_data(
+                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word
+            )
+            cfg = cfg.override({"data": data})
+        if not cfg.data:
+            raise CurateError(
+                "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
+            )
+        result = train(cfg)
+        if result.interrupted:
+            console.print(
+                f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
+            )
+        else:
+            console.print(f"saved {result.lora_path} ({result.steps} steps)")
+
+    @app.command("lora-info")
+    @handle_errors
+    def lora_info_cmd(
+        file: Annotated[Path, typer.Argument(help="A LoRA .safetensors file.")],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Rank, alpha, base model, learning rates and tag frequency from a LoRA's metadata."""
+        from trainer_bridge import lora_info
+
+        info = lora_info(str(file))
+        if as_json:
+            print_json(info)
+            return
+        keys = ("rank", "alpha", "modules", "unet_modules", "text_encoder_modules", "base_model", "base_model_name",
+                "v_prediction", "network_module", "network_args", "unet_lr", "text_encoder_lr", "optimizer",
+                "epochs", "steps", "resolution", "num_train_images", "model_hash")  # fmt: skip
+        rows = [(k, info[k]) for k in keys] + [
+            ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
+        ]
+        console.print(table(str(file), ["", "value"], rows))
