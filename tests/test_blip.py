@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_blip  # noqa: E402
-import tiny_wd14  # noqa: E402
-
+import tests.tiny_blip as tiny_blip
+import tests.tiny_wd14 as tiny_wd14
 from curate import Dataset  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 from curate.stages.caption import load_nl_captions  # noqa: E402

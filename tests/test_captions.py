@@ -81,7 +81,7 @@ def test_mcut():
 
 
 def test_clip_token_counts_equal_open_clip(tmp_path):
-    SimpleTokenizer = pytest.importorskip("open_clip.tokenizer").SimpleTokenizer
+    from open_clip.tokenizer import SimpleTokenizer
 
     from curate.models.clip_tokenizer import _fast_counter, _transformers_counter, count_tokens
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import faiss  # noqa: E402,F401  (the clip extra; a missing install must fail, not skip)
 import numpy as np
+import open_clip  # noqa: E402,F401
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from clip_helpers import make_tiny_model, pattern  # noqa: E402
-
 from curate import Dataset  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
-
-pytest.importorskip("open_clip")
-pytest.importorskip("faiss")
+from tests.clip_helpers import make_tiny_model, pattern  # noqa: E402
 
 FLIP_THRESHOLD = 0.999  # tiny random model: distinct test images reach 0.991, flips 1.0
 
@@ -52,7 +48,6 @@ def groups_of(res) -> list[set[str]]:
 
 
 def test_local_folder_model_matches_open_clip_preprocessing(tiny):
-    import open_clip
     import torch
 
     from curate.models.clip import load_clip

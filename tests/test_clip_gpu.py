@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from clip_helpers import make_tiny_model, pattern  # noqa: E402
+from tests.clip_helpers import make_tiny_model, pattern  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
