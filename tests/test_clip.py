@@ -437,6 +437,11 @@ def test_gpu_path_on_cpu_tensors_matches_cpu_path_in_order(tiny, tmp_path, monke
         cos = (eg[ok_g] * ec[ok_g]).sum(1)
         assert cos.min() > 0.99, cos.min()
         assert not eg[~ok_g].any()
+    # cpu_share: the workers decode half of the plain JPEGs themselves; same rows, same answers
+    decoded.clear()
+    ok_s, (es,) = embed.encode_paths(paths, [cm], workers=2, batch_size=5, gpu_decode=True, cpu_share=0.5)
+    assert 4 <= sum(decoded) <= 11 and np.array_equal(ok_s, ok_c)
+    assert (es[ok_s] * ec[ok_s]).sum(1).min() > 0.99
     # rows stay in place: a shuffled order gives the same per-file embeddings
     perm = np.random.default_rng(0).permutation(len(paths))
     ok_p, (ep,) = embed.encode_paths([paths[i] for i in perm], [cm], workers=2, batch_size=4, gpu_decode=True)

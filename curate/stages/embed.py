@@ -66,6 +66,8 @@ def crop_for(img, spec: Spec) -> np.ndarray:
 GPU_MAX_PIXELS = 50_000_000
 # Decoded pixels held on the GPU at once (one nvJPEG call); a batch is split into calls under this budget.
 GPU_BATCH_PIXELS = 256_000_000
+# Share of GPU-decodable JPEGs still decoded by the CPU workers (which otherwise only read bytes).
+CPU_SHARE = 0.0
 _TORCH_INTERP = {"bicubic": ("bicubic", True), "bilinear": ("bilinear", True), "nearest": ("nearest", False),
                  "lanczos": ("bicubic", True)}  # fmt: skip
 
@@ -106,14 +108,18 @@ class _Images:
     """Map-style dataset: index -> (index, ok, crops per spec or None, JPEG bytes or None).
 
     With ``raw`` set, JPEGs that :func:`jpeg_gpu_size` accepts come back as bytes for the GPU decoder;
-    every other file is decoded and cropped here, as without it.
+    every other file is decoded and cropped here, as without it. ``cpu_share`` (0..1) of those JPEGs are
+    still decoded here, so otherwise idle workers add their throughput to the GPU decoder's.
     """
 
-    def __init__(self, paths: Sequence[str], specs: Sequence[Spec], raw: bool = False):
+    def __init__(
+        self, paths: Sequence[str], specs: Sequence[Spec], raw: bool = False, cpu_share: float = 0.0
+    ):
         self.paths = list(paths)
         self.specs = list(specs)
         self.draft = max(s[0] for s in specs)
         self.raw = raw
+        self.cpu_per_100 = round(100 * cpu_share)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,7 +129,7 @@ class _Images:
 
         try:
             data = Path(self.paths[k]).read_bytes()
-            if self.raw and jpeg_gpu_size(data) is not None:
+            if self.raw and (k * 37) % 100 >= self.cpu_per_100 and jpeg_gpu_size(data) is not None:
                 return k, True, None, np.frombuffer(data, np.uint8)
             img = decode_image(data, draft_size=self.draft).image
             crops = [crop_for(img, s) for s in self.specs]
@@ -139,8 +145,8 @@ class _Chunk(NamedTuple):
     ok: Any  # bool [B]
     crops: list  # per spec: uint8 [n_cpu, 3, S, S]
     cpu_pos: Any  # int64 [n_cpu] rows of the batch
-    raw: Any  # uint8 [sum of lengths]: the JPEG files back to back
-    raw_len: Any  # int64 [n_raw]
+    raw: list  # uint8 tensors, each holding the JPEG files of one worker chunk back to back
+    raw_len: list  # int64 [files in that tensor] per tensor of ``raw``
     raw_pos: Any  # int64 [n_raw]
 
 
@@ -161,8 +167,8 @@ def _collate(items, sizes: Sequence[int]) -> _Chunk:
         torch.tensor([it[1] for it in items], dtype=torch.bool),
         crops,
         torch.tensor(cpu, dtype=torch.long),
-        torch.from_numpy(np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)),
-        torch.tensor([len(b) for b in blobs], dtype=torch.long),
+        [torch.from_numpy(np.concatenate(blobs))] if blobs else [],
+        [torch.tensor([len(b) for b in blobs], dtype=torch.long)] if blobs else [],
         torch.tensor(raw, dtype=torch.long),
     )
 
@@ -193,8 +199,8 @@ def _cat(items: list[_Chunk]) -> _Chunk:
         torch.cat([it.ok for it in items]),
         [torch.cat([it.crops[s] for it in items]) for s in range(len(items[0].crops))],
         torch.cat([it.cpu_pos + int(b) for it, b in zip(items, base, strict=True)]),
-        torch.cat([it.raw for it in items]),
-        torch.cat([it.raw_len for it in items]),
+        [r for it in items for r in it.raw],  # no copy: views into each chunk's buffer are decoded
+        [r for it in items for r in it.raw_len],
         torch.cat([it.raw_pos + int(b) for it, b in zip(items, base, strict=True)]),
     )
 
@@ -296,8 +302,10 @@ def _decode_crop(chunk: _Chunk, specs: Sequence[Spec], device, draft: int) -> tu
             o[pos] = c.to(device, non_blocking=True)
     if not len(chunk.raw_pos):
         return chunk.idx, ok, outs
-    ends = np.cumsum(chunk.raw_len.numpy())
-    datas = [chunk.raw[e - ln : e] for e, ln in zip(ends.tolist(), chunk.raw_len.tolist(), strict=True)]
+    datas = []
+    for buf, lens in zip(chunk.raw, chunk.raw_len, strict=True):
+        ends = np.cumsum(lens.numpy()).tolist()
+        datas += [buf[e - ln : e] for e, ln in zip(ends, lens.tolist(), strict=True)]
     rows = chunk.raw_pos.tolist()
     start = 0
     while start < len(datas):
@@ -417,11 +425,13 @@ def crop_batches(
     workers: int = 0,
     decode_device: str | None = None,
     pin: bool = False,
+    cpu_share: float | None = None,
 ):
     """Yield (indices, ok, [uint8 crops [B, 3, S, S] per spec]) for ``paths``, every file read once.
 
     ``decode_device`` None: workers decode and crop on the CPU. Otherwise workers only read bytes (and
-    decode what nvJPEG cannot take); JPEGs are decoded and cropped on that device in a background thread.
+    decode what nvJPEG cannot take); JPEGs are decoded and cropped on that device in a background thread,
+    but for ``cpu_share`` of them (default CPU_SHARE), which the workers decode too.
     """
     from functools import partial
 
@@ -432,7 +442,7 @@ def crop_batches(
     # bytes is cheap, so raw chunks are larger (fewer hand-overs).
     chunk = (64 if raw else 32) if workers else batch_size
     loader = DataLoader(
-        _Images(paths, specs, raw=raw),
+        _Images(paths, specs, raw=raw, cpu_share=CPU_SHARE if cpu_share is None else cpu_share),
         batch_size=min(chunk, batch_size),
         num_workers=workers,
         collate_fn=partial(_collate, sizes=[s[0] for s in specs]),
@@ -455,6 +465,7 @@ def encode_paths(
     batch_size: int = 256,
     workers: int | None = None,
     gpu_decode: bool | None = None,
+    cpu_share: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_batch: Callable[[np.ndarray, list[np.ndarray]], None] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -475,7 +486,13 @@ def encode_paths(
     cuda = any(str(m.device).startswith("cuda") for m in models)
     decode_device = _resolve_gpu_decode(gpu_decode, models) if n else None
     batches = crop_batches(
-        paths, specs, batch_size=batch_size, workers=workers, decode_device=decode_device, pin=cuda
+        paths,
+        specs,
+        batch_size=batch_size,
+        workers=workers,
+        decode_device=decode_device,
+        pin=cuda,
+        cpu_share=cpu_share,
     )
     ok_all = np.zeros(n, bool)
     outs = [np.zeros((n, 0), np.float32) for _ in models]
