@@ -375,7 +375,8 @@ def test_byte_workers_send_plain_jpegs_to_gpu_and_decode_the_rest(tmp_path):
         assert idx == k
         route[name] = "bytes" if raw is not None else ("cpu" if ok else "fail")
         if raw is not None:
-            assert crops is None and raw.tobytes() == files[name].read_bytes()
+            assert crops is None and raw[0].tobytes() == files[name].read_bytes()
+            assert raw[1] == np.prod(Image.open(files[name]).size)  # pixels, for the GPU memory budget
         else:
             assert crops[0].shape == (3, 64, 64) and raw is None
     assert route == {
@@ -437,6 +438,14 @@ def test_gpu_path_on_cpu_tensors_matches_cpu_path_in_order(tiny, tmp_path, monke
         cos = (eg[ok_g] * ec[ok_g]).sum(1)
         assert cos.min() > 0.99, cos.min()
         assert not eg[~ok_g].any()
+    # a small GPU memory budget splits each batch into several decode calls; nothing changes
+    monkeypatch.setattr(embed, "GPU_BATCH_PIXELS", 40_000)
+    decoded.clear()
+    ok_b, (eb,) = embed.encode_paths(paths, [cm], workers=0, batch_size=8, gpu_decode=True)
+    assert sum(decoded) == 15 and max(decoded) <= 3 and len(decoded) >= 6, decoded
+    assert np.array_equal(ok_b, ok_g) and np.allclose(eb, eg, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(embed, "_decode_jpegs", lambda d, dev: decoded.append(len(d)) or real(d, dev))
     # cpu_share: the workers decode half of the plain JPEGs themselves; same rows, same answers
     decoded.clear()
     ok_s, (es,) = embed.encode_paths(paths, [cm], workers=2, batch_size=5, gpu_decode=True, cpu_share=0.5)

@@ -7,6 +7,11 @@ Pipeline: a torch DataLoader with parallel workers reads each file once, decodes
 DCT scale that is still at least the model's input size), applies the model's own resize + centre crop
 and returns uint8 crops, one per distinct preprocessing spec, so several models share a single decode.
 Batches travel in pinned memory; normalisation happens on the device.
+
+GPU decode (default when a model is on CUDA; ``gpu_decode`` / ``[clip] gpu_decode`` forces it on or off):
+workers only read the bytes and parse headers; plain JPEGs are batch-decoded by nvJPEG (the hardware
+decoder on A100/H100) and resized + centre-cropped on the GPU in a background thread that overlaps the
+model. Other files (PNG, WebP, CMYK, progressive, EXIF-rotated, truncated) still take the CPU path.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def crop_for(img, spec: Spec) -> np.ndarray:
 # GPU decode: JPEGs larger than this go to the CPU path (reduced-scale DCT decode), sparing GPU memory.
 GPU_MAX_PIXELS = 50_000_000
 # Decoded pixels held on the GPU at once (one nvJPEG call); a batch is split into calls under this budget.
-GPU_BATCH_PIXELS = 256_000_000
+GPU_BATCH_PIXELS = 400_000_000  # 1.2 GB of RGB
 # Share of GPU-decodable JPEGs still decoded by the CPU workers (which otherwise only read bytes).
 CPU_SHARE = 0.0
 _TORCH_INTERP = {"bicubic": ("bicubic", True), "bilinear": ("bilinear", True), "nearest": ("nearest", False),
@@ -129,8 +134,9 @@ class _Images:
 
         try:
             data = Path(self.paths[k]).read_bytes()
-            if self.raw and (k * 37) % 100 >= self.cpu_per_100 and jpeg_gpu_size(data) is not None:
-                return k, True, None, np.frombuffer(data, np.uint8)
+            size = jpeg_gpu_size(data) if self.raw and (k * 37) % 100 >= self.cpu_per_100 else None
+            if size is not None:
+                return k, True, None, (np.frombuffer(data, np.uint8), size[0] * size[1])
             img = decode_image(data, draft_size=self.draft).image
             crops = [crop_for(img, s) for s in self.specs]
             return k, True, crops, None
@@ -148,6 +154,7 @@ class _Chunk(NamedTuple):
     raw: list  # uint8 tensors, each holding the JPEG files of one worker chunk back to back
     raw_len: list  # int64 [files in that tensor] per tensor of ``raw``
     raw_pos: Any  # int64 [n_raw]
+    raw_px: Any  # int64 [n_raw] pixels of each JPEG (from its header)
 
 
 def _collate(items, sizes: Sequence[int]) -> _Chunk:
@@ -161,7 +168,7 @@ def _collate(items, sizes: Sequence[int]) -> _Chunk:
         else torch.empty((0, 3, size, size), dtype=torch.uint8)
         for s, size in enumerate(sizes)
     ]
-    blobs = [items[j][3] for j in raw]
+    blobs = [items[j][3][0] for j in raw]
     return _Chunk(
         torch.tensor([it[0] for it in items], dtype=torch.long),
         torch.tensor([it[1] for it in items], dtype=torch.bool),
@@ -170,6 +177,7 @@ def _collate(items, sizes: Sequence[int]) -> _Chunk:
         [torch.from_numpy(np.concatenate(blobs))] if blobs else [],
         [torch.tensor([len(b) for b in blobs], dtype=torch.long)] if blobs else [],
         torch.tensor(raw, dtype=torch.long),
+        torch.tensor([items[j][3][1] for j in raw], dtype=torch.long),
     )
 
 
@@ -202,6 +210,7 @@ def _cat(items: list[_Chunk]) -> _Chunk:
         [r for it in items for r in it.raw],  # no copy: views into each chunk's buffer are decoded
         [r for it in items for r in it.raw_len],
         torch.cat([it.raw_pos + int(b) for it, b in zip(items, base, strict=True)]),
+        torch.cat([it.raw_px for it in items]),
     )
 
 
@@ -238,21 +247,15 @@ def _to_uint8(x):
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-_warned_filter = False
-
-
 def _decode_jpegs(datas: list, device) -> list:
     """Decode JPEG byte tensors on ``device`` in one nvJPEG call; a failure is isolated to its image (None)."""
-    global _warned_filter
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if not _warned_filter:  # torchvision >= 0.29 marks its decoders deprecated (in favour of torchcodec)
-        warnings.filterwarnings(
-            "ignore", message="The image decoding and encoding", category=DeprecationWarning
-        )
-        _warned_filter = True
+    # torchvision >= 0.29 marks its decoders deprecated (in favour of torchcodec); an identical filter
+    # is replaced, not stacked, so adding it on every call is cheap.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
     try:
         return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
     except (RuntimeError, ValueError):
@@ -307,12 +310,12 @@ def _decode_crop(chunk: _Chunk, specs: Sequence[Spec], device, draft: int) -> tu
         ends = np.cumsum(lens.numpy()).tolist()
         datas += [buf[e - ln : e] for e, ln in zip(ends, lens.tolist(), strict=True)]
     rows = chunk.raw_pos.tolist()
+    pixels = chunk.raw_px.tolist()
     start = 0
     while start < len(datas):
-        # group by an estimate of decoded size (~10 pixels per byte is generous for photos)
         stop, budget = start, 0
-        while stop < len(datas) and (stop == start or budget + 10 * len(datas[stop]) <= GPU_BATCH_PIXELS):
-            budget += 10 * len(datas[stop])
+        while stop < len(datas) and (stop == start or budget + pixels[stop] <= GPU_BATCH_PIXELS):
+            budget += pixels[stop]
             stop += 1
         imgs = _decode_jpegs(datas[start:stop], device)
         per_spec: list[list] = [[] for _ in specs]
