@@ -488,3 +488,24 @@ def test_gpu_decode_option_resolution(tiny, monkeypatch):
     monkeypatch.setattr(embed, "gpu_decode_available", lambda dev: False)
     with pytest.raises(CurateError, match="gpu_decode = false"):
         embed._resolve_gpu_decode(True, [cm])
+
+
+def test_decode_thread_errors_reach_the_caller_and_threads_stop(tiny, tmp_path, monkeypatch):
+    import threading
+
+    from curate.models.clip import load_clip
+    from curate.stages import embed
+
+    files = mixed_set(tmp_path)
+    cm = load_clip(str(tiny), None, "cpu")
+    calls = []
+
+    def boom(chunk, *a):
+        calls.append(len(chunk.idx))
+        raise RuntimeError("boom in decode thread")
+
+    monkeypatch.setattr(embed, "_decode_crop", boom)
+    with pytest.raises(RuntimeError, match="boom in decode thread"):
+        embed.encode_paths([str(files["a_base.jpg"])] * 12, [cm], workers=0, batch_size=2, gpu_decode=True)
+    assert 1 <= len(calls) <= 2  # each thread stops at its first failure; no batch is encoded
+    assert not any(t.name.startswith("curate-jpeg-decode") for t in threading.enumerate())

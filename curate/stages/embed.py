@@ -340,10 +340,14 @@ def _decode_crop(chunk: _Chunk, specs: Sequence[Spec], device, draft: int) -> tu
     return chunk.idx, ok, outs
 
 
-def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, depth: int = 2):
-    """Decode + crop in a background thread (own CUDA stream), overlapping the model in the caller.
+DECODE_THREADS = 2  # while one thread launches resize kernels, the other keeps the JPEG decoder busy
 
-    nvJPEG calls block their thread but release the GIL, so the next batch decodes while this one encodes.
+
+def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, threads: int | None = None):
+    """Decode + crop in background threads (each with its own CUDA stream), overlapping the model.
+
+    nvJPEG calls block their thread but release the GIL, so the next batches decode while this one
+    encodes. Batches may come out of order; each carries its dataset indices.
     """
     import contextlib
     import queue
@@ -351,10 +355,13 @@ def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, depth: in
 
     import torch
 
+    threads = threads or DECODE_THREADS
     cuda = str(device).startswith("cuda")
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q: queue.Queue = queue.Queue(maxsize=2 * threads)
     stop = threading.Event()
     done = object()
+    source = iter(batches)
+    source_lock = threading.Lock()  # a generator is not thread-safe
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -369,7 +376,11 @@ def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, depth: in
         try:
             stream = torch.cuda.Stream(device) if cuda else None
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                for chunk in batches:
+                while not stop.is_set():
+                    with source_lock:
+                        chunk = next(source, None)
+                    if chunk is None:
+                        break
                     out = _decode_crop(chunk, specs, device, draft)
                     event = None
                     if cuda:
@@ -381,13 +392,18 @@ def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, depth: in
             put(exc)
         put(done)
 
-    thread = threading.Thread(target=work, name="curate-jpeg-decode", daemon=True)
-    thread.start()
+    pool = [
+        threading.Thread(target=work, name=f"curate-jpeg-decode-{t}", daemon=True) for t in range(threads)
+    ]
+    for t in pool:
+        t.start()
+    running = len(pool)
     try:
-        while True:
+        while running:
             item = q.get()
             if item is done:
-                break
+                running -= 1
+                continue
             if isinstance(item, BaseException):
                 raise item
             (idx, ok, crops), event = item
@@ -395,11 +411,12 @@ def _threaded(batches, specs: Sequence[Spec], device: str, draft: int, depth: in
                 current = torch.cuda.current_stream(torch.device(device))
                 current.wait_event(event)
                 for c in crops:
-                    c.record_stream(current)  # allocated on the decode stream, used on this one
+                    c.record_stream(current)  # allocated on a decode stream, used on this one
             yield idx, ok, crops
     finally:
         stop.set()
-        thread.join(timeout=10)
+        for t in pool:
+            t.join(timeout=10)
 
 
 def _resolve_gpu_decode(gpu_decode: bool | None, models: Sequence) -> str | None:
