@@ -2,14 +2,16 @@
 
 Random-init open_clip ViT-B-32 (same cost as the trained one), saved as a local folder and loaded through
 curate's real loader. Cases, measured in the same run on the same files:
-  - curate: encode_paths (DataLoader workers, JPEG draft decode, model's resize+crop -> uint8, pinned
-    memory, normalise on GPU, bf16)
+  - curate cpu-decode: encode_paths (DataLoader workers, JPEG draft decode, model's resize+crop -> uint8,
+    pinned memory, normalise on GPU, bf16)
+  - curate gpu-decode: encode_paths with workers that only read bytes; nvJPEG batched decode and
+    antialiased resize + centre crop on the GPU in a background thread, overlapping the model
   - baseline: the usual open_clip recipe: DataLoader workers, PIL full decode + open_clip's preprocess
     transform (float tensors), same batch size, same model/dtype
   - decode-only (curate's loader without the model) and model-only (random uint8 batches on the device)
   - agreement: cosine between curate-pipeline and baseline embeddings of the same images
 
-    python bench/clip_speed.py --n 20000 --workers 16 --batch-size 512
+    python bench/clip_speed.py --n 12000 --workers 16 --batch-size 512   # ~2-3 min on one H100
 Prints one JSON line per case and appends them to bench/results/clip_speed.jsonl.
 """
 
@@ -73,6 +75,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--gpu-decode", choices=["auto", "on"], default="auto",
+                    help="on: run the byte-worker decode path even on a CPU model (smoke test)")  # fmt: skip
+    ap.add_argument("--cpu-share", type=float, nargs="*", default=[0.2, 0.35],
+                    help="extra gpu-decode cases where the workers decode this share of the JPEGs")  # fmt: skip
     ap.add_argument("--dir", default=None, help="where to write the JPEGs (default: a temp folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "clip_speed.jsonl"))
     args = ap.parse_args()
@@ -140,24 +146,38 @@ def main() -> None:
         }
     )
 
-    # decode-only: curate's loader, no model
-    from curate.stages.embed import _collate, _Images
+    # decode-only: curate's loader, no model (CPU: workers decode + crop; GPU: workers read bytes, nvJPEG)
+    from curate.stages.embed import _resolve_gpu_decode, crop_batches
 
-    loader = DataLoader(_Images(paths, [cm.preprocess_spec]), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=_collate, pin_memory=True, prefetch_factor=4)  # fmt: skip
-    t0 = time.perf_counter()
-    n = sum(len(b[0]) for b in loader)
-    emit({"case": "decode-only (curate loader)", "img_s": round(n / (time.perf_counter() - t0))})
-
-    # curate end to end, twice (the first includes worker start-up)
-    for rep in range(2):
+    gpu_dev = _resolve_gpu_decode(None if args.gpu_decode == "auto" else True, [cm])
+    modes = [("cpu-decode", None, 0.0)]
+    if gpu_dev:  # gpu-decode alone, and with a share of the JPEGs decoded by the (mostly idle) workers
+        modes += [("gpu-decode", gpu_dev, 0.0)] + [
+            (f"gpu-decode cpu-share {s}", gpu_dev, s) for s in args.cpu_share
+        ]
+    for label, ddev, share in modes[:2]:
         sync()
         t0 = time.perf_counter()
-        ok, (emb,) = encode_paths(paths, [cm], batch_size=args.batch_size, workers=args.workers)
+        n = 0
+        for idx, _ok, _crops in crop_batches(paths, [cm.preprocess_spec], batch_size=args.batch_size,
+                                            workers=args.workers, decode_device=ddev, pin=dev != "cpu", cpu_share=share):  # fmt: skip
+            n += len(idx)
         sync()
-        secs = time.perf_counter() - t0
-        emit({"case": f"curate end-to-end (run {rep + 1})", "img_s": round(args.n / secs), "seconds": round(secs, 2),
-              "ok": int(ok.sum())})  # fmt: skip
+        emit({"case": f"decode-only {label} (curate loader)", "img_s": round(n / (time.perf_counter() - t0))})
+
+    # curate end to end, twice per decode path (the first includes worker start-up)
+    embs = {}
+    for label, ddev, share in modes:
+        for rep in range(2 if share == 0 else 1):
+            sync()
+            t0 = time.perf_counter()
+            ok, (emb,) = encode_paths(paths, [cm], batch_size=args.batch_size, workers=args.workers,
+                                      gpu_decode=ddev is not None, cpu_share=share)  # fmt: skip
+            sync()
+            secs = time.perf_counter() - t0
+            emit({"case": f"curate end-to-end {label} (run {rep + 1})", "img_s": round(args.n / secs),
+                  "seconds": round(secs, 2), "ok": int(ok.sum())})  # fmt: skip
+        embs.setdefault(label.split(" cpu-share")[0], emb)
 
     # baseline: open_clip's own transform on full decodes
     preprocess = open_clip.image_transform(cm.image_size, is_train=False, mean=cm.mean, std=cm.std,
@@ -181,9 +201,14 @@ def main() -> None:
             "seconds": round(secs, 2),
         }
     )
-    cos = (emb * base_emb).sum(1)
-    emit({"case": "agreement curate vs baseline embeddings", "cos_min": round(float(cos.min()), 4),
-          "cos_mean": round(float(cos.mean()), 5)})  # fmt: skip
+    for label, emb in embs.items():
+        cos = (emb * base_emb).sum(1)
+        emit({"case": f"agreement curate {label} vs baseline embeddings", "cos_min": round(float(cos.min()), 4),
+              "cos_mean": round(float(cos.mean()), 5)})  # fmt: skip
+    if len(embs) == 2:
+        cos = (embs["cpu-decode"] * embs["gpu-decode"]).sum(1)
+        emit({"case": "agreement curate gpu-decode vs cpu-decode", "cos_min": round(float(cos.min()), 4),
+              "cos_mean": round(float(cos.mean()), 5)})  # fmt: skip
 
 
 if __name__ == "__main__":

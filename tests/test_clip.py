@@ -316,3 +316,191 @@ def test_two_models_share_one_decode(tiny, tmp_path, monkeypatch):
     assert ok.all() and len(decodes) == len(paths)
     _, (ea1,) = embed.encode_paths(paths, [a], workers=0)
     assert np.allclose(ea, ea1, atol=1e-5) and not np.allclose(ea, eb)
+
+
+# GPU JPEG decode path (nvJPEG on CUDA); the same code runs on CPU tensors here, with torchvision's CPU decoder.
+
+
+def photo(w: int, h: int, seed: int) -> Image.Image:
+    """Photo-like content: smooth colour field plus mid-frequency detail."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize(
+        (w, h), Image.Resampling.BICUBIC
+    )
+    mid = Image.fromarray(rng.integers(0, 256, (h // 12, w // 12), dtype=np.uint8)).resize((w, h))
+    arr = np.asarray(low, np.float32) * 0.8 + np.asarray(mid, np.float32)[..., None] * 0.2
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def mixed_set(root: Path) -> dict[str, Path]:
+    """One file per routing case of the byte-reading workers."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+
+    def save(name, img, **kw):
+        files[name] = root / name
+        img.save(files[name], **kw)
+
+    save("a_base.jpg", photo(150, 110, 0), quality=90)
+    save("b_grey.jpg", photo(90, 130, 1).convert("L"), quality=90)
+    save("c_prog.jpg", photo(120, 100, 2), quality=90, progressive=True)
+    save("d.png", photo(100, 140, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("e_rot.jpg", photo(140, 100, 4), quality=90, exif=exif.tobytes())
+    save("f_cmyk.jpg", photo(110, 110, 5).convert("CMYK"), quality=90)
+    data = (root / "a_base.jpg").read_bytes()
+    files["g_trunc.jpg"] = root / "g_trunc.jpg"
+    files["g_trunc.jpg"].write_bytes(data[: len(data) // 2])
+    files["h_junk.jpg"] = root / "h_junk.jpg"
+    files["h_junk.jpg"].write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)
+    save("i_base.jpg", photo(300, 200, 6), quality=85)
+    return files
+
+
+def test_byte_workers_send_plain_jpegs_to_gpu_and_decode_the_rest(tmp_path):
+    from curate.stages.embed import _Images, jpeg_gpu_size
+
+    files = mixed_set(tmp_path)
+    names = sorted(files)
+    ds = _Images([str(files[n]) for n in names], [(64, "bicubic", "shortest")], raw=True)
+    route = {}
+    for k, name in enumerate(names):
+        idx, ok, crops, raw = ds[k]
+        assert idx == k
+        route[name] = "bytes" if raw is not None else ("cpu" if ok else "fail")
+        if raw is not None:
+            assert crops is None and raw[0].tobytes() == files[name].read_bytes()
+            assert raw[1] == np.prod(Image.open(files[name]).size)  # pixels, for the GPU memory budget
+        else:
+            assert crops[0].shape == (3, 64, 64) and raw is None
+    assert route == {
+        "a_base.jpg": "bytes", "b_grey.jpg": "bytes", "i_base.jpg": "bytes",
+        "c_prog.jpg": "cpu", "d.png": "cpu", "e_rot.jpg": "cpu", "f_cmyk.jpg": "cpu",
+        "g_trunc.jpg": "fail", "h_junk.jpg": "fail",
+    }  # fmt: skip
+    assert jpeg_gpu_size(files["i_base.jpg"].read_bytes()) == (300, 200)
+    # without raw every file is decoded in the worker, as before
+    plain = _Images([str(files["a_base.jpg"])], [(64, "bicubic", "shortest")])
+    assert plain[0][3] is None and plain[0][1]
+
+
+@pytest.mark.parametrize("spec", [(64, "bicubic", "shortest"), (224, "bicubic", "shortest"),
+                                  (64, "bilinear", "shortest"), (64, "bicubic", "squash")])  # fmt: skip
+def test_resize_crop_matches_pil_crop(spec):
+    import torch
+
+    from curate.stages.embed import _to_uint8, crop_for, resize_crop
+
+    for k, (w, h) in enumerate([(300, 200), (181, 397), (640, 480), (50, 70), (64, 64), (1024, 517)]):
+        img = photo(w, h, seed=10 + k)
+        ref = crop_for(img, spec).astype(np.float32)
+        t = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
+        ours = _to_uint8(resize_crop(t, spec)).numpy().astype(np.float32)
+        assert ours.shape == ref.shape == (3, spec[0], spec[0])
+        diff = np.abs(ours - ref)
+        assert diff.mean() < 2.0, (w, h, diff.mean())
+        assert np.percentile(diff, 99) <= 12, (w, h)
+    grey = torch.from_numpy(np.asarray(photo(120, 90, 3).convert("L"))[None].copy())
+    g = _to_uint8(resize_crop(grey, spec))
+    assert g.shape == (3, spec[0], spec[0]) and torch.equal(g[0], g[2])
+
+
+def test_gpu_path_on_cpu_tensors_matches_cpu_path_in_order(tiny, tmp_path, monkeypatch):
+    """The whole byte-worker + batched decode + resize/crop path, run on CPU: same rows, same embeddings."""
+    from curate.models.clip import load_clip
+    from curate.stages import embed
+
+    mixed_set(tmp_path / "mixed")
+    for k in range(12):  # more plain JPEGs, odd sizes, to cross chunk and batch edges
+        photo(97 + 13 * k, 180 - 5 * k, 20 + k).save(tmp_path / "mixed" / f"z{k:02d}.jpg", quality=90)
+    paths = sorted(str(p) for p in (tmp_path / "mixed").iterdir())
+    cm = load_clip(str(tiny), None, "cpu")
+    assert embed.gpu_decode_available("cpu")  # probe once before counting decodes
+    decoded = []
+    real = embed._decode_jpegs
+    monkeypatch.setattr(embed, "_decode_jpegs", lambda d, dev: decoded.append(len(d)) or real(d, dev))
+    ok_c, (ec,) = embed.encode_paths(paths, [cm], workers=0, batch_size=5, gpu_decode=False)
+    assert decoded == []
+    for workers in (0, 2):
+        decoded.clear()
+        ok_g, (eg,) = embed.encode_paths(paths, [cm], workers=workers, batch_size=5, gpu_decode=True)
+        assert sum(decoded) == 15  # a_base, b_grey, i_base + 12: one decode each, in batched calls
+        assert max(decoded) > 1
+        assert np.array_equal(ok_g, ok_c)
+        bad = [Path(p).name for p, o in zip(paths, ok_g, strict=True) if not o]
+        assert bad == ["g_trunc.jpg", "h_junk.jpg"]
+        cos = (eg[ok_g] * ec[ok_g]).sum(1)
+        assert cos.min() > 0.99, cos.min()
+        assert not eg[~ok_g].any()
+    # a small GPU memory budget splits each batch into several decode calls; nothing changes
+    monkeypatch.setattr(embed, "GPU_BATCH_PIXELS", 40_000)
+    decoded.clear()
+    ok_b, (eb,) = embed.encode_paths(paths, [cm], workers=0, batch_size=8, gpu_decode=True)
+    assert sum(decoded) == 15 and max(decoded) <= 3 and len(decoded) >= 6, decoded
+    assert np.array_equal(ok_b, ok_g) and np.allclose(eb, eg, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(embed, "_decode_jpegs", lambda d, dev: decoded.append(len(d)) or real(d, dev))
+    # cpu_share: the workers decode half of the plain JPEGs themselves; same rows, same answers
+    decoded.clear()
+    ok_s, (es,) = embed.encode_paths(paths, [cm], workers=2, batch_size=5, gpu_decode=True, cpu_share=0.5)
+    assert 4 <= sum(decoded) <= 11 and np.array_equal(ok_s, ok_c)
+    assert (es[ok_s] * ec[ok_s]).sum(1).min() > 0.99
+    # rows stay in place: a shuffled order gives the same per-file embeddings
+    perm = np.random.default_rng(0).permutation(len(paths))
+    ok_p, (ep,) = embed.encode_paths([paths[i] for i in perm], [cm], workers=2, batch_size=4, gpu_decode=True)
+    assert np.array_equal(ok_p, ok_g[perm]) and np.allclose(ep, eg[perm], atol=1e-5)
+
+
+def test_gpu_decode_failure_is_isolated_to_its_image(tiny, tmp_path, monkeypatch):
+    import torch
+
+    from curate.models.clip import load_clip
+    from curate.stages import embed
+
+    files = mixed_set(tmp_path / "m")
+    good = torch.frombuffer(bytearray(files["a_base.jpg"].read_bytes()), dtype=torch.uint8)
+    junk = torch.frombuffer(bytearray(files["h_junk.jpg"].read_bytes()), dtype=torch.uint8)
+    out = embed._decode_jpegs([good, junk, good], "cpu")
+    assert out[1] is None and out[0].shape == out[2].shape == (3, 110, 150)
+    # a corrupt file that gets past the header check is marked not ok, its neighbours are not
+    monkeypatch.setattr(embed, "jpeg_gpu_size", lambda data: (1, 1))
+    paths = [str(files[n]) for n in ("a_base.jpg", "h_junk.jpg", "i_base.jpg", "g_trunc.jpg")]
+    cm = load_clip(str(tiny), None, "cpu")
+    ok, (e,) = embed.encode_paths(paths, [cm], workers=0, gpu_decode=True)
+    assert ok.tolist() == [True, False, True, False]
+    assert not e[1].any() and np.allclose(np.linalg.norm(e[[0, 2]], axis=1), 1, atol=1e-4)
+
+
+def test_gpu_decode_option_resolution(tiny, monkeypatch):
+    from curate.models.clip import load_clip
+    from curate.stages import embed
+
+    cm = load_clip(str(tiny), None, "cpu")
+    assert embed._resolve_gpu_decode(None, [cm]) is None  # auto: CPU model -> CPU decode
+    assert embed._resolve_gpu_decode(False, [cm]) is None
+    assert embed._resolve_gpu_decode(True, [cm]) == "cpu"
+    monkeypatch.setattr(embed, "gpu_decode_available", lambda dev: False)
+    with pytest.raises(CurateError, match="gpu_decode = false"):
+        embed._resolve_gpu_decode(True, [cm])
+
+
+def test_decode_thread_errors_reach_the_caller_and_threads_stop(tiny, tmp_path, monkeypatch):
+    import threading
+
+    from curate.models.clip import load_clip
+    from curate.stages import embed
+
+    files = mixed_set(tmp_path)
+    cm = load_clip(str(tiny), None, "cpu")
+    calls = []
+
+    def boom(chunk, *a):
+        calls.append(len(chunk.idx))
+        raise RuntimeError("boom in decode thread")
+
+    monkeypatch.setattr(embed, "_decode_crop", boom)
+    with pytest.raises(RuntimeError, match="boom in decode thread"):
+        embed.encode_paths([str(files["a_base.jpg"])] * 12, [cm], workers=0, batch_size=2, gpu_decode=True)
+    assert 1 <= len(calls) <= 2  # each thread stops at its first failure; no batch is encoded
+    assert not any(t.name.startswith("curate-jpeg-decode") for t in threading.enumerate())

@@ -35,6 +35,7 @@ def clip_pair_finder(
     device: str | None = None,
     batch_size: int = 256,
     workers: int | None = None,
+    gpu_decode: bool | None = None,
     exact_max: int | None = None,
     index: str = "auto",
     k: int | None = None,  # [clip] options of `curate outliers`, shared section
@@ -49,7 +50,7 @@ def clip_pair_finder(
     if unknown:
         raise CurateError(
             f"unknown option(s) {', '.join(sorted(unknown))} in [clip]; valid: model, pretrained, threshold, "
-            "device, batch_size, workers, exact_max, index"
+            "device, batch_size, workers, gpu_decode, exact_max, index"
         )
     threshold = _check_threshold(threshold)
     if batch_size < 1:
@@ -64,8 +65,9 @@ def clip_pair_finder(
 
     def find(records: list[ImageRecord]) -> Pairs:
         ok, (emb,) = embed_records(
-            manifest, records, [cm], batch_size=batch_size, workers=workers, progress=progress
-        )
+            manifest, records, [cm], batch_size=batch_size, workers=workers, gpu_decode=gpu_decode,
+            progress=progress,
+        )  # fmt: skip
         idx = np.flatnonzero(ok)
         res = similar_pairs(
             emb[idx], threshold, exact_max=exact_max or EXACT_MAX, index=index, device=cm.device
@@ -110,6 +112,7 @@ def outliers(
     device: str | None = None,
     batch_size: int = 256,
     workers: int | None = None,
+    gpu_decode: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     **_clip_options: Any,
 ) -> OutlierResult:
@@ -132,8 +135,9 @@ def outliers(
         )
     cm = load_clip(model, pretrained, device)
     ok, (emb,) = embed_records(
-        manifest, records, [cm], batch_size=batch_size, workers=workers, progress=progress
-    )
+        manifest, records, [cm], batch_size=batch_size, workers=workers, gpu_decode=gpu_decode,
+        progress=progress,
+    )  # fmt: skip
     idx = np.flatnonzero(ok)
     score = knn_mean_similarity(emb[idx], k)
     med = float(np.median(score))
