@@ -52,7 +52,7 @@ def test_gpu_exact_pairs_match_faiss_flat():
 
 def test_nvjpeg_path_matches_cpu_path_and_isolates_corrupt_jpegs(tmp_path, monkeypatch):
     """Byte-reading workers + batched nvJPEG decode + GPU resize/crop vs the CPU decode path."""
-    from test_clip import mixed_set, photo
+    from tests.test_clip import mixed_set, photo
 
     from curate.models.clip import load_clip
     from curate.stages import embed
