@@ -198,10 +198,14 @@ def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
     """Image -> (tensor [3,h,w] in [-1,1], crop (top, left)): resize to cover the bucket, then center-crop."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    from curate.io import DecodeError, open_rgb
+
+    try:  # the same decode as the scan: EXIF orientation, transparency on white, CMYK / 16-bit converted
+        im = open_rgb(path)
+    except (OSError, DecodeError) as exc:
+        raise TrainError(f"cannot read image {path}: {exc}") from None
     bw, bh = bucket
     scale = max(bw / im.width, bh / im.height)
     nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
