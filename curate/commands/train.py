@@ -62,6 +62,12 @@ def register(app: typer.Typer) -> None:
         class_word: Annotated[
             str | None, typer.Option("--class", help="Class word for the kohya folder.")
         ] = None,
+        gpus: Annotated[
+            int | None,
+            typer.Option(
+                help="Data-parallel ranks on this host (torch DDP); torchrun / accelerate launch also work."
+            ),
+        ] = None,
         set_: Annotated[
             list[str] | None,
             typer.Option("--set", help="Override any option: --set unet_lr=5e-5 (repeatable)."),
@@ -84,7 +90,13 @@ def register(app: typer.Typer) -> None:
                 f"{source} does not exist; pass a dataset folder, a kohya folder or a dataset TOML"
             )
         cfg = TrainConfig.from_toml(config) if config else TrainConfig()
-        opts = {"base": base, "model_family": family, "output_dir": output_dir, "resume": resume}
+        opts = {
+            "base": base,
+            "model_family": family,
+            "output_dir": output_dir,
+            "resume": resume,
+            "gpus": gpus,
+        }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         if source is not None:
             data = _training_data(

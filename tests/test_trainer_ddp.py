@@ -1,0 +1,192 @@
+"""Data-parallel LoRA training on CPU (gloo): 2 ranks compute what 1 process with twice the grad_accum computes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_trainer_train import tiny_config
+from tests.trainer_fixtures import make_dataset, sd15_dir  # noqa: F401  (pytest fixture)
+from trainer_bridge import train
+from trainer_bridge.data import BucketBatchSampler
+from trainer_bridge.dist import micro_batches
+
+# every random stream and both DDP-wrapped modules (UNet + text-encoder LoRA), a warmup+cosine schedule; 4 images
+# x 3 repeats in batches of 2 = 7 batches per epoch, so with 2 batches per step the last step of each epoch has one
+# batch: rank 1 runs a dummy batch there (loss x 0)
+KW = dict(epochs=2, text_encoder_lr=5e-3, shuffle_caption=True, keep_tokens=1, caption_dropout=0.2, flip_aug=True,
+          noise_offset=0.05, multires_noise_iterations=2, network_dropout=0.1, lr_scheduler="cosine",
+          lr_warmup_steps=2, save_state=True, log_every_n_steps=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ddp_data"), repeats=3, val=3)
+
+
+@pytest.fixture(scope="module")
+def one_process(sd15_dir, data, tmp_path_factory):  # noqa: F811
+    """The reference: 1 process, grad_accum 2 (global batch 4)."""
+    return train(tiny_config(sd15_dir, data, tmp_path_factory.mktemp("one"), grad_accum=2, **KW))
+
+
+def _rank(rank: int, world: int, port: int, cfg, report: str) -> None:
+    """A torchrun-style rank that counts VAE image loads and LoRA saves, then reports them and its result."""
+    from trainer_bridge import data as D
+    from trainer_bridge import dist
+    from trainer_bridge import export as E
+
+    counts = {"load_image": 0, "save_lora": 0}
+    load_image, save_lora = D.load_image, E.save_lora
+
+    def counting_load(*a, **k):
+        counts["load_image"] += 1
+        return load_image(*a, **k)
+
+    def counting_save(*a, **k):
+        counts["save_lora"] += 1
+        return save_lora(*a, **k)
+
+    D.load_image, E.save_lora = counting_load, counting_save
+    r = dist.worker(rank, world, port, cfg)
+    out = {**counts, "lora_path": str(r.lora_path) if r.lora_path else None, "steps": r.steps,
+           "losses": r.losses, "val_losses": r.val_losses}  # fmt: skip
+    with open(f"{report}.{rank}", "w") as f:
+        json.dump(out, f)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(sd15_dir, data, tmp_path_factory):  # noqa: F811
+    """2 gloo ranks spawned here, grad_accum 1 (global batch 4); returns (output dir, per-rank reports)."""
+    import torch.multiprocessing as mp
+
+    from trainer_bridge.dist import _free_port
+
+    out = tmp_path_factory.mktemp("two")
+    cfg = tiny_config(sd15_dir, data, out, grad_accum=1, **KW)
+    report = str(tmp_path_factory.mktemp("reports") / "rank")
+    mp.start_processes(_rank, args=(2, _free_port(), cfg, report), nprocs=2, join=True, start_method="spawn")
+    return out, [json.loads(open(f"{report}.{r}").read()) for r in range(2)]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_double_grad_accum(one_process, two_ranks):
+    out, (r0, r1) = two_ranks
+    assert one_process.steps == r0["steps"] == r1["steps"] == 8  # ceil(7 / 2) steps per epoch x 2 epochs
+    a = load_file(str(one_process.state_path / "lora.safetensors"))  # fp32 copies in the resumable states
+    b = load_file(str(out / "lora-state" / "lora.safetensors"))
+    assert any(k.startswith("lora_te_") for k in a) and any(k.startswith("lora_unet_") for k in a)
+    # the LoRA moved (lora_up starts at zero) and both runs land on the same weights, text encoder's included
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_up" in k) > 1e-3
+    diff = _max_diff(a, b)
+    assert diff < 1e-5, diff
+    # the train loss (mean over both ranks' batches per log interval) and the gathered val loss agree too
+    assert r0["losses"] == pytest.approx(one_process.losses, abs=1e-5)
+    assert len(r0["val_losses"]) == 2
+    assert r0["val_losses"] == pytest.approx(one_process.val_losses, abs=1e-6)
+    assert r1["val_losses"] == r0["val_losses"]  # every rank gets the all-reduced value
+
+
+@pytest.mark.slow
+def test_only_rank0_writes_and_latents_encoded_once(one_process, two_ranks):
+    out, (r0, r1) = two_ranks
+    # rank 0 encodes 4 train images (+ flipped copies) and 3 val images; rank 1 reads the disk cache only
+    assert (r0["load_image"], r1["load_image"]) == (4 * 2 + 3, 0)
+    assert (r0["save_lora"], r1["save_lora"]) == (1, 0)
+    assert r0["lora_path"] == str(out / "lora.safetensors") and r1["lora_path"] is None
+    assert r1["losses"] == r0["losses"]  # logged values are all-reduced, but only rank 0 writes them
+    # the output folder holds what a 1-process run writes: one LoRA, one state, one tensorboard file, 7 latents
+    names = sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts
+    )
+    single = sorted(
+        p.relative_to(one_process.lora_path.parent).as_posix()
+        for p in one_process.lora_path.parent.rglob("*")
+        if p.is_file() and "cache" not in p.parts
+    )
+    assert [n for n in names if not n.startswith("logs/")] == [n for n in single if not n.startswith("logs/")]
+    assert len([n for n in names if n.startswith("logs/events.out.tfevents")]) == 1
+    assert len(list((out / "cache").glob("*.safetensors"))) == 7
+
+
+@pytest.mark.slow
+def test_resume_from_two_ranks_on_one_process(one_process, sd15_dir, data, tmp_path):  # noqa: F811
+    """Stop a 2-rank run (spawned by train(gpus=2) itself) after 5 steps; resume it on 1 process with grad_accum 2
+    (the same global batch): the result equals the uninterrupted 1-process run."""
+    part = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=1, gpus=2, stop_after_steps=5, **KW))
+    assert part.interrupted and part.steps == 5
+    info = json.loads((part.state_path / "state.json").read_text())["info"]
+    # step 5 is the first of epoch 1: batches 0-1 of it are consumed
+    assert (info["step"], info["epoch"], info["batch"], info["per_step"], info["world"]) == (5, 1, 2, 2, 2)
+    rest = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=2, resume=str(part.state_path), **KW))
+    assert rest.steps == 8
+    diff = _max_diff(
+        load_file(str(one_process.state_path / "lora.safetensors")),
+        load_file(str(rest.state_path / "lora.safetensors")),
+    )
+    assert diff < 1e-5, diff
+    assert rest.val_losses[-1] == pytest.approx(one_process.val_losses[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_sharded_steps_cover_each_batch_once(world, accum):
+    """Each optimizer step's batches over all ranks == 1 process's batches with grad_accum * world; per epoch every
+    batch exactly once, whatever the remainder; all ranks run the same number of micro-steps (DDP stays in step)."""
+    per_step = accum * world
+    for n in range(1, 3 * per_step + 2):
+        seen = []
+        for pos in range(0, n, per_step):
+            ranks = [micro_batches(n, pos, per_step, world, r) for r in range(world)]
+            assert len({len(m) for m in ranks}) == 1
+            assert len(ranks[0]) == min(accum, -(-(min(pos + per_step, n) - pos) // world))
+            step = sorted(j for m in ranks for j in m if j is not None)
+            assert step == micro_batches(n, pos, per_step, 1, 0)  # the single-process step
+            seen += step
+        assert seen == list(range(n))
+    # and over a real bucketed epoch: the ranks' batches together hold every item x repeat exactly once
+    buckets = [random.Random(i).choice([(64, 64), (80, 48), (48, 80)]) for i in range(11)]
+    sampler = BucketBatchSampler(buckets, [2] * 11, 3, seed=5)
+    batches = sampler.epoch(1)
+    got = [
+        i
+        for pos in range(0, len(batches), per_step)
+        for r in range(world)
+        for j in micro_batches(len(batches), pos, per_step, world, r)
+        if j is not None
+        for i in batches[j]
+    ]
+    assert sorted(got) == sorted(list(range(11)) * 2)
+    assert all(len({buckets[i] for i in b}) == 1 for b in batches)
+
+
+def test_cli_gpus_option_reaches_the_config(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import trainer_bridge
+    from curate.commands.train import register
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return trainer_bridge.TrainResult(tmp_path / "x.safetensors", None, 3, 1)
+
+    monkeypatch.setattr(trainer_bridge, "train", fake_train)
+    app = typer.Typer()
+    register(app)
+    (tmp_path / "1_x").mkdir()
+    r = CliRunner().invoke(app, ["train", str(tmp_path), "--gpus", "2", "--set", "grad_accum=2"])
+    assert r.exit_code == 0, r.output
+    assert (seen["cfg"].gpus, seen["cfg"].grad_accum, seen["cfg"].ddp_backend) == (2, 2, "")
+    r = CliRunner().invoke(app, ["train", str(tmp_path), "--gpus", "0"])
+    assert r.exit_code == 2 and "gpus must be >= 1" in r.output
