@@ -6,25 +6,36 @@ import json
 import random
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.test_trainer_train import tiny_config
 from tests.trainer_fixtures import make_dataset, sd15_dir  # noqa: F401  (pytest fixture)
 from trainer_bridge import train
 from trainer_bridge.data import BucketBatchSampler
-from trainer_bridge.dist import micro_batches
+from trainer_bridge.dist import cpu_threads, micro_batches
 
 # every random stream and both DDP-wrapped modules (UNet + text-encoder LoRA), a warmup+cosine schedule; 4 images
 # x 3 repeats in batches of 2 = 7 batches per epoch, so with 2 batches per step the last step of each epoch has one
-# batch: rank 1 runs a dummy batch there (loss x 0)
+# batch: rank 1 runs a dummy batch there (loss x 0). A state is saved after epoch 1 (step 4) for the resume test.
 KW = dict(epochs=2, text_encoder_lr=5e-3, shuffle_caption=True, keep_tokens=1, caption_dropout=0.2, flip_aug=True,
           noise_offset=0.05, multires_noise_iterations=2, network_dropout=0.1, lr_scheduler="cosine",
-          lr_warmup_steps=2, save_state=True, log_every_n_steps=2)  # fmt: skip
+          lr_warmup_steps=2, save_state=True, save_every_n_epochs=1, log_every_n_steps=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("ddp_data"), repeats=3, val=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def rank_threads():
+    """1-process runs here use the intra-op thread count of a CPU rank of 2 (dist.worker sets it), so both sum in the
+    same order and agree to the last bit; on 2 cores this also avoids 4 OpenMP threads spinning on 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(2))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,10 @@ def one_process(sd15_dir, data, tmp_path_factory):  # noqa: F811
     return train(tiny_config(sd15_dir, data, tmp_path_factory.mktemp("one"), grad_accum=2, **KW))
 
 
-def _rank(rank: int, world: int, port: int, cfg, report: str) -> None:
-    """A torchrun-style rank that counts VAE image loads and LoRA saves, then reports them and its result."""
+def _counting_rank(rank: int, world: int, port: int, cfg, queue) -> None:
+    """dist.worker, counting this rank's VAE image loads and LoRA saves into <output_dir>/../counts.<rank>."""
+    from pathlib import Path
+
     from trainer_bridge import data as D
     from trainer_bridge import dist
     from trainer_bridge import export as E
@@ -51,25 +64,21 @@ def _rank(rank: int, world: int, port: int, cfg, report: str) -> None:
         return save_lora(*a, **k)
 
     D.load_image, E.save_lora = counting_load, counting_save
-    r = dist.worker(rank, world, port, cfg)
-    out = {**counts, "lora_path": str(r.lora_path) if r.lora_path else None, "steps": r.steps,
-           "losses": r.losses, "val_losses": r.val_losses}  # fmt: skip
-    with open(f"{report}.{rank}", "w") as f:
-        json.dump(out, f)
+    r = dist.worker(rank, world, port, cfg, queue)
+    counts.update(
+        lora_path=str(r.lora_path) if r.lora_path else None, losses=r.losses, val_losses=r.val_losses
+    )
+    (Path(cfg.output_dir).parent / f"counts.{rank}").write_text(json.dumps(counts))
 
 
 @pytest.fixture(scope="module")
 def two_ranks(sd15_dir, data, tmp_path_factory):  # noqa: F811
-    """2 gloo ranks spawned here, grad_accum 1 (global batch 4); returns (output dir, per-rank reports)."""
-    import torch.multiprocessing as mp
+    """2 gloo ranks (spawned as `train(gpus=2)` does), grad_accum 1 (global batch 4): (rank 0's result, reports)."""
+    from trainer_bridge.dist import spawn
 
-    from trainer_bridge.dist import _free_port
-
-    out = tmp_path_factory.mktemp("two")
-    cfg = tiny_config(sd15_dir, data, out, grad_accum=1, **KW)
-    report = str(tmp_path_factory.mktemp("reports") / "rank")
-    mp.start_processes(_rank, args=(2, _free_port(), cfg, report), nprocs=2, join=True, start_method="spawn")
-    return out, [json.loads(open(f"{report}.{r}").read()) for r in range(2)]
+    out = tmp_path_factory.mktemp("two") / "out"
+    result = spawn(tiny_config(sd15_dir, data, out, grad_accum=1, gpus=2, **KW), target=_counting_rank)
+    return result, [json.loads((out.parent / f"counts.{r}").read_text()) for r in range(2)]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -79,61 +88,68 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_with_double_grad_accum(one_process, two_ranks):
-    out, (r0, r1) = two_ranks
-    assert one_process.steps == r0["steps"] == r1["steps"] == 8  # ceil(7 / 2) steps per epoch x 2 epochs
+    two, (r0, r1) = two_ranks
+    assert one_process.steps == two.steps == 8  # ceil(7 / 2) steps per epoch x 2 epochs
     a = load_file(str(one_process.state_path / "lora.safetensors"))  # fp32 copies in the resumable states
-    b = load_file(str(out / "lora-state" / "lora.safetensors"))
+    b = load_file(str(two.state_path / "lora.safetensors"))
     assert any(k.startswith("lora_te_") for k in a) and any(k.startswith("lora_unet_") for k in a)
     # the LoRA moved (lora_up starts at zero) and both runs land on the same weights, text encoder's included
     assert max(v.abs().max().item() for k, v in a.items() if "lora_up" in k) > 1e-3
     diff = _max_diff(a, b)
     assert diff < 1e-5, diff
     # the train loss (mean over both ranks' batches per log interval) and the gathered val loss agree too
-    assert r0["losses"] == pytest.approx(one_process.losses, abs=1e-5)
-    assert len(r0["val_losses"]) == 2
-    assert r0["val_losses"] == pytest.approx(one_process.val_losses, abs=1e-6)
-    assert r1["val_losses"] == r0["val_losses"]  # every rank gets the all-reduced value
+    assert len(two.losses) == 4 and two.losses == pytest.approx(one_process.losses, abs=1e-5)
+    assert len(two.val_losses) == 2 and two.val_losses == pytest.approx(one_process.val_losses, abs=1e-6)
+    assert r1["val_losses"] == r0["val_losses"] == two.val_losses  # every rank gets the all-reduced value
 
 
 @pytest.mark.slow
 def test_only_rank0_writes_and_latents_encoded_once(one_process, two_ranks):
-    out, (r0, r1) = two_ranks
-    # rank 0 encodes 4 train images (+ flipped copies) and 3 val images; rank 1 reads the disk cache only
+    two, (r0, r1) = two_ranks
+    out = two.lora_path.parent
+    # rank 0 encodes 4 train images (+ flipped copies) and 3 val images; rank 1 only reads the disk cache
     assert (r0["load_image"], r1["load_image"]) == (4 * 2 + 3, 0)
-    assert (r0["save_lora"], r1["save_lora"]) == (1, 0)
+    assert (r0["save_lora"], r1["save_lora"]) == (2, 0)  # epoch 1 + final
     assert r0["lora_path"] == str(out / "lora.safetensors") and r1["lora_path"] is None
     assert r1["losses"] == r0["losses"]  # logged values are all-reduced, but only rank 0 writes them
-    # the output folder holds what a 1-process run writes: one LoRA, one state, one tensorboard file, 7 latents
-    names = sorted(
-        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts
-    )
-    single = sorted(
-        p.relative_to(one_process.lora_path.parent).as_posix()
-        for p in one_process.lora_path.parent.rglob("*")
-        if p.is_file() and "cache" not in p.parts
-    )
+
+    def files(root):
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    # the output folder holds what a 1-process run writes: LoRAs, states, one tensorboard file, 7 cached latents
+    names, single = files(out), files(one_process.lora_path.parent)
     assert [n for n in names if not n.startswith("logs/")] == [n for n in single if not n.startswith("logs/")]
     assert len([n for n in names if n.startswith("logs/events.out.tfevents")]) == 1
-    assert len(list((out / "cache").glob("*.safetensors"))) == 7
+    assert len([n for n in names if n.startswith("cache/")]) == 7
 
 
 @pytest.mark.slow
-def test_resume_from_two_ranks_on_one_process(one_process, sd15_dir, data, tmp_path):  # noqa: F811
-    """Stop a 2-rank run (spawned by train(gpus=2) itself) after 5 steps; resume it on 1 process with grad_accum 2
-    (the same global batch): the result equals the uninterrupted 1-process run."""
-    part = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=1, gpus=2, stop_after_steps=5, **KW))
-    assert part.interrupted and part.steps == 5
-    info = json.loads((part.state_path / "state.json").read_text())["info"]
-    # step 5 is the first of epoch 1: batches 0-1 of it are consumed
-    assert (info["step"], info["epoch"], info["batch"], info["per_step"], info["world"]) == (5, 1, 2, 2, 2)
-    rest = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=2, resume=str(part.state_path), **KW))
-    assert rest.steps == 8
+def test_resume_from_two_ranks_on_one_process(one_process, two_ranks, sd15_dir, data, tmp_path):  # noqa: F811
+    """The state the 2-rank run saved after epoch 1 (step 4) resumed on 1 process with grad_accum 2 (the same global
+    batch) ends where the uninterrupted 1-process run ends."""
+    state = two_ranks[0].lora_path.parent / "lora-000001-state"
+    info = json.loads((state / "state.json").read_text())["info"]
+    assert (info["step"], info["epoch"], info["batch"], info["per_step"], info["world"]) == (4, 1, 0, 2, 2)
+    rest = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=2, resume=str(state), **KW))
+    assert rest.steps == 8 and len(rest.val_losses) == 1
     diff = _max_diff(
         load_file(str(one_process.state_path / "lora.safetensors")),
         load_file(str(rest.state_path / "lora.safetensors")),
     )
     assert diff < 1e-5, diff
     assert rest.val_losses[-1] == pytest.approx(one_process.val_losses[-1], abs=1e-6)
+
+
+def test_mid_epoch_resume_with_another_step_size(sd15_dir, data, tmp_path):  # noqa: F811
+    """A resume with another global batch (e.g. 2 GPUs -> 1 GPU without raising grad_accum) keeps the data position
+    (per-device batches consumed in the epoch) and goes on with the new step size; nothing is repeated or skipped."""
+    kw = dict(epochs=1, save_state=True)
+    part = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=2, stop_after_steps=2, **kw))
+    info = json.loads((part.state_path / "state.json").read_text())["info"]
+    assert (info["step"], info["epoch"], info["batch"], info["per_step"]) == (2, 0, 4, 2)
+    rest = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=1, resume=str(part.state_path), **kw))
+    # batches 4, 5, 6 of the 7 remain: 3 more steps of one batch each (the schedule length follows the new size)
+    assert rest.steps == 5
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

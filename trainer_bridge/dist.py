@@ -123,6 +123,11 @@ def micro_batches(n: int, pos: int, per_step: int, world_size: int, rank_: int) 
 # ---------------------------------------------------------------- spawning (curate train --gpus N)
 
 
+def cpu_threads(world_size: int) -> int:
+    """Intra-op threads per CPU rank: the cores split evenly."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,8 +138,14 @@ def worker(rank_: int, world_size: int, port: int, cfg: TrainConfig, queue: Any 
     """One spawned rank: set the torchrun-style environment, train, hand rank 0's result to the parent."""
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank_), LOCAL_RANK=str(rank_),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    import torch
+
     from trainer_bridge.train import train
 
+    if (
+        not torch.cuda.is_available()
+    ):  # CPU ranks (gloo): share the cores; oversubscribed OpenMP threads crawl
+        torch.set_num_threads(cpu_threads(world_size))
     try:
         result = train(cfg)
     except TrainError as e:
@@ -146,8 +157,10 @@ def worker(rank_: int, world_size: int, port: int, cfg: TrainConfig, queue: Any 
     return result
 
 
-def spawn(cfg: TrainConfig):
-    """Run train(cfg) on cfg.gpus processes of this host; return rank 0's TrainResult."""
+def spawn(cfg: TrainConfig, target=worker):
+    """Run train(cfg) on cfg.gpus processes of this host; return rank 0's TrainResult.
+
+    `target(rank, world, port, cfg, queue)` runs in each process (tests wrap `worker` to count what ranks do)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -163,7 +176,7 @@ def spawn(cfg: TrainConfig):
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         mp.start_processes(
-            worker, args=(n, _free_port(), cfg, queue), nprocs=n, join=True, start_method="spawn"
+            target, args=(n, _free_port(), cfg, queue), nprocs=n, join=True, start_method="spawn"
         )
     except mp.ProcessRaisedException as e:
         if not queue.empty():
