@@ -206,3 +206,19 @@ def test_cli_gpus_option_reaches_the_config(tmp_path, monkeypatch):
     assert (seen["cfg"].gpus, seen["cfg"].grad_accum, seen["cfg"].ddp_backend) == (2, 2, "")
     r = CliRunner().invoke(app, ["train", str(tmp_path), "--gpus", "0"])
     assert r.exit_code == 2 and "gpus must be >= 1" in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_nccl_equal_one_gpu(sd15_dir, data, tmp_path):  # noqa: F811
+    """The same equivalence over NCCL on 2 GPUs (fp32, so the only differences are CUDA reduction orders)."""
+    kw = dict(KW, epochs=1, save_every_n_epochs=0, mixed_precision="no")
+    one = train(tiny_config(sd15_dir, data, tmp_path / "one", grad_accum=2, **kw))
+    two = train(tiny_config(sd15_dir, data, tmp_path / "two", grad_accum=1, gpus=2, **kw))
+    assert one.steps == two.steps == 4
+    diff = _max_diff(
+        load_file(str(one.state_path / "lora.safetensors")),
+        load_file(str(two.state_path / "lora.safetensors")),
+    )
+    assert diff < 1e-3, diff
+    assert two.val_losses[-1] == pytest.approx(one.val_losses[-1], rel=1e-3)
