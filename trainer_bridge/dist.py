@@ -9,6 +9,7 @@ The gradients are all-reduced by torch DDP; this module only adds barriers and a
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import signal
@@ -63,7 +64,9 @@ def init(cfg: TrainConfig) -> bool:
                 f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible"
             )
         torch.cuda.set_device(local)
-    dist.init_process_group(be)
+    # rank 0 encodes the whole latent cache while the others wait at a barrier: allow that much longer than
+    # the default 10 minutes
+    dist.init_process_group(be, timeout=datetime.timedelta(hours=2))
     return True
 
 
