@@ -2,7 +2,8 @@
 
 Each rank runs trainer_bridge.train's optimizer step as the loop does it under DDP: the UNet wrapped in
 DistributedDataParallel exactly as train() wraps it, diffusion_loss on cached latents / text embeddings (random,
-already on the GPU), loss / grad_accum, no_sync() on all but the last micro-step, grad clipping, fused AdamW.
+already on the GPU), loss / grad_accum, no_sync() on all but the last micro-step, grad clipping, fused AdamW,
+the per-step all-reduce of the stop flag.
 Random-init SD1.5 (512 px, bs 8 per GPU) and SDXL (1024 px, bs 4 per GPU) UNets, rank 32 on to_q/k/v/out.0, bf16.
 The 1-GPU baseline is measured in the same run; one JSON line per (case, gpus), with efficiency =
 img/s(N) / (N * img/s(1)).
@@ -75,6 +76,12 @@ def _rank(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if (
+            world > 1
+        ):  # train()'s per-step stop flag (Ctrl-C on any rank stops all at the same step): one sync
+            flag = torch.zeros(1, device="cuda")
+            dist.all_reduce(flag)
+            flag.item()
         return loss
 
     for _ in range(8 if compile_ else 3):

@@ -206,6 +206,15 @@ def test_cli_gpus_option_reaches_the_config(tmp_path, monkeypatch):
     assert (seen["cfg"].gpus, seen["cfg"].grad_accum, seen["cfg"].ddp_backend) == (2, 2, "")
     r = CliRunner().invoke(app, ["train", str(tmp_path), "--gpus", "0"])
     assert r.exit_code == 2 and "gpus must be >= 1" in r.output
+    # under torchrun: ranks other than 0 print nothing; a curated dataset must be exported once beforehand
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer_bridge, "train", lambda cfg: trainer_bridge.TrainResult(None, None, 3, 1))
+    r = CliRunner().invoke(app, ["train", str(tmp_path)])
+    assert r.exit_code == 0 and r.output == ""
+    (tmp_path / "ds" / ".curate").mkdir(parents=True)
+    (tmp_path / "ds" / ".curate" / "manifest.db").touch()
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "ds")])
+    assert r.exit_code == 2 and "export the dataset once before torchrun: curate export" in r.output
 
 
 @pytest.mark.gpu

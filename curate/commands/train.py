@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,11 @@ def _training_data(
         target = output_dir / "data"
         if (target / "dataset.toml").exists():
             console.print(f"using the earlier export in {target}")
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank would export at once
+            raise CurateError(
+                f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
+                "(or use curate train --gpus N, which exports first)"
+            )
         else:
             from ..dataset import Dataset
 
@@ -108,6 +114,8 @@ def register(app: typer.Typer) -> None:
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
         result = train(cfg)
+        if result.lora_path is None and result.state_path is None:
+            return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
             console.print(
                 f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
