@@ -93,9 +93,8 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config)
     cfg = cfg.override(overrides) if overrides else cfg
-    if (
-        cfg.gpus > 1 and dist.env_world() <= 1
-    ):  # DDP: spawn the ranks; each comes back here with WORLD_SIZE set
+    # DDP: spawn the ranks (each comes back here with WORLD_SIZE set), or join torchrun's / accelerate's group
+    if cfg.gpus > 1 and dist.env_world() <= 1:
         return dist.spawn(cfg)
     own_group = dist.init(cfg)
     try:
@@ -299,9 +298,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 torch.set_grad_enabled(train_te and train_mode),
                 torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None),
             ):
-                emb, pooled_b = D.encode_prompts(
-                    toks, te_fwd if train_mode else tes, caps, dev
-                )  # DDP: te_fwd
+                encoders = te_fwd if train_mode else tes  # DDP: the wrapped text encoders while training
+                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev)
         added = {"text_embeds": pooled_b, "time_ids": time_ids[idx]} if sdxl else None
         return emb, added
 
@@ -531,7 +529,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     sums = dist.all_reduce_sum(
                         torch.stack([loss_sum, torch.tensor(float(loss_n), device=dev)])
                     )
-                    avg = (sums[0] / sums[1]).item()  # the only host sync, every log_every_n_steps
+                    avg = (sums[0] / sums[1]).item()  # the one host sync on 1 device, every log interval
                     dt = time.time() - t_log
                     it_s = (global_step - step_log) / dt if dt else 0.0
                     vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
@@ -558,7 +556,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     sample(global_step)
                 done = global_step >= total_steps
                 stopping = stop["flag"]
-                if world > 1:  # DDP: a Ctrl-C seen by any rank stops all of them after the same step
+                if world > 1:  # DDP: a Ctrl-C seen by any rank stops all of them after the same step (1 sync)
                     flag = torch.tensor([float(stopping)], device=dev)
                     stopping = dist.all_reduce_sum(flag).item() > 0
                 if not done and (stopping or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)):
