@@ -113,7 +113,7 @@ def main() -> None:
     a = ap.parse_args()
     n_dev = torch.cuda.device_count()
     print(json.dumps(dict(gpu=torch.cuda.get_device_name(), n_gpus=n_dev, torch=torch.__version__,
-                          nccl=".".join(map(str, torch.cuda.nccl.version())))), flush=True)  # fmt: skip
+                          nccl=str(torch.cuda.nccl.version()))), flush=True)  # fmt: skip
     ctx = mp.get_context("spawn")
     for case in a.cases:
         base = None
