@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_trainer_train import tiny_config
-from tests.trainer_fixtures import make_dataset, sd15_dir  # noqa: F401  (pytest fixture)
+from tests.trainer_fixtures import make_dataset, sd15_dir, sdxl_dir  # noqa: F401  (pytest fixtures)
 from trainer_bridge import train
 from trainer_bridge.data import BucketBatchSampler
 from trainer_bridge.dist import cpu_threads, micro_batches
@@ -138,6 +138,22 @@ def test_resume_from_two_ranks_on_one_process(one_process, two_ranks, sd15_dir, 
     )
     assert diff < 1e-5, diff
     assert rest.val_losses[-1] == pytest.approx(one_process.val_losses[-1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sdxl_two_ranks_with_both_text_encoders(sdxl_dir, data, tmp_path):  # noqa: F811
+    """SDXL: CLIP-L's last layer feeds nothing (penultimate states are used), so its DDP wrapper must tolerate LoRA
+    weights without gradients; with gradient checkpointing on, 2 ranks still equal 1 process."""
+    kw = dict(model_family="sdxl", epochs=1, text_encoder_lr=5e-3, gradient_checkpointing=True, caption_dropout=0.2,
+              flip_aug=True, save_state=True)  # fmt: skip
+    one = train(tiny_config(sdxl_dir, data, tmp_path / "one", grad_accum=2, **kw))
+    two = train(tiny_config(sdxl_dir, data, tmp_path / "two", grad_accum=1, gpus=2, **kw))
+    a = load_file(str(one.state_path / "lora.safetensors"))
+    assert one.steps == two.steps == 4
+    assert sum(k.startswith("lora_te1_") for k in a) == sum(k.startswith("lora_te2_") for k in a) == 36
+    diff = _max_diff(a, load_file(str(two.state_path / "lora.safetensors")))
+    assert diff < 1e-5, diff
+    assert two.val_losses == pytest.approx(one.val_losses, abs=1e-6)
 
 
 def test_mid_epoch_resume_with_another_step_size(sd15_dir, data, tmp_path):  # noqa: F811

@@ -222,7 +222,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
-            te.gradient_checkpointing_enable()
+            te.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )  # DDP-safe
     # DDP: wrap what has trainable (LoRA) parameters so their gradients are all-reduced; the frozen base is not synced
     ddp_mods, te_fwd, unet_ddp = [], tes, unet
     if world > 1:
