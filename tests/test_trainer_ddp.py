@@ -156,6 +156,39 @@ def test_sdxl_two_ranks_with_both_text_encoders(sdxl_dir, data, tmp_path):  # no
     assert two.val_losses == pytest.approx(one.val_losses, abs=1e-6)
 
 
+def _interrupted_rank(rank: int, world: int, port: int, cfg, queue) -> None:
+    """dist.worker where rank 1 alone gets SIGINT during its 2nd optimizer step (as the single-GPU Ctrl-C test)."""
+    import signal
+
+    from trainer_bridge import dist
+    from trainer_bridge import lora as L
+
+    real, calls = L.scale_weight_norms, []
+
+    def interrupting(mods, max_norm):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(mods, max_norm)
+
+    L.scale_weight_norms = interrupting
+    dist.worker(rank, world, port, cfg, queue)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(
+    300
+)  # a rank left waiting for a peer's all-reduce would otherwise hang for the 2 h group timeout
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(sd15_dir, data, tmp_path):  # noqa: F811
+    from trainer_bridge.dist import spawn
+
+    cfg = tiny_config(sd15_dir, data, tmp_path, epochs=1, gpus=2, scale_weight_norms=1.0)
+    r = spawn(cfg, target=_interrupted_rank)  # returns: rank 0 did not wait for a step that never comes
+    assert r.interrupted and r.steps == 2
+    info = json.loads((r.state_path / "state.json").read_text())["info"]
+    assert (info["step"], info["epoch"], info["batch"]) == (2, 0, 4)  # 2 steps x 2 ranks x 1 batch
+
+
 def test_mid_epoch_resume_with_another_step_size(sd15_dir, data, tmp_path):  # noqa: F811
     """A resume with another global batch (e.g. 2 GPUs -> 1 GPU without raising grad_accum) keeps the data position
     (per-device batches consumed in the epoch) and goes on with the new step size; nothing is repeated or skipped."""

@@ -175,8 +175,8 @@ def spawn(cfg: TrainConfig, target=worker):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     # Ctrl-C reaches every rank (same process group); the ranks agree on a step, save and return, so the parent
-    # ignores it and waits for them
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # only waits for them. A no-op handler, not SIG_IGN: that would be inherited, and loading could not be stopped
+    old = signal.signal(signal.SIGINT, lambda *_: None)
     try:
         mp.start_processes(
             target, args=(n, _free_port(), cfg, queue), nprocs=n, join=True, start_method="spawn"
