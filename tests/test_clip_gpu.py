@@ -52,10 +52,9 @@ def test_gpu_exact_pairs_match_faiss_flat():
 
 def test_nvjpeg_path_matches_cpu_path_and_isolates_corrupt_jpegs(tmp_path, monkeypatch):
     """Byte-reading workers + batched nvJPEG decode + GPU resize/crop vs the CPU decode path."""
-    from tests.test_clip import mixed_set, photo
-
     from curate.models.clip import load_clip
     from curate.stages import embed
+    from tests.test_clip import mixed_set, photo
 
     folder = make_tiny_model(tmp_path / "tiny")
     files = mixed_set(tmp_path / "imgs")  # plain, grey, progressive, PNG, rotated, CMYK, truncated, junk

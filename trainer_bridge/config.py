@@ -74,6 +74,11 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
     gradient_checkpointing: bool = False
     compile: bool = False
+    # data parallel (torch DDP): per-device batch stays batch_size; the global batch is batch_size * grad_accum * gpus
+    gpus: int = 1  # > 1 spawns that many ranks; under torchrun / accelerate launch, WORLD_SIZE wins
+    ddp_backend: str = (
+        ""  # "": nccl on CUDA, gloo on CPU (so gpus = 2 also runs on a CPU-only machine: the tests)
+    )
     # bookkeeping
     seed: int = 42
     output_dir: str = "output"
@@ -149,6 +154,8 @@ class TrainConfig:
             raise TrainError(f"model_family must be 'sd15' or 'sdxl', got {self.model_family!r}")
         if self.mixed_precision not in ("bf16", "fp16", "no"):
             raise TrainError(f"mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.gpus < 1:
+            raise TrainError(f"gpus must be >= 1, got {self.gpus}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise TrainError("need 0 <= min_timestep < max_timestep <= 1000")
         return self

@@ -234,8 +234,11 @@ def content_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
 
 
-def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: str, flip: list[bool]):
-    """Per item: (latent, flipped latent or None, crop). Reads/writes the disk cache when cache_dir is set."""
+def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: str, flip: list[bool],
+                   read_only: bool = False):  # fmt: skip
+    """Per item: (latent, flipped latent or None, crop). Reads/writes the disk cache when cache_dir is set.
+
+    read_only: every latent must come from the cache (DDP ranks > 0 read what rank 0 wrote; they never encode)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -253,6 +256,8 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
                 crop = tuple(int(v) for v in t["crop"].tolist())
                 out.append((t["latent"], t.get("latent_flipped") if want_flip else None, crop))
                 continue
+        if read_only:
+            raise TrainError(f"latent cache miss for {it.path} in {cache_dir}: rank 0 should have written it")
         tensors = {}
         for key, fl in (("latent", False), ("latent_flipped", True)) if want_flip else (("latent", False),):
             x, crop = load_image(it.path, it.bucket, flip=fl)

@@ -5,11 +5,17 @@
 Setup: load the base model, cache latents (and text embeddings when the text encoders are frozen) on the device,
 wrap the target layers with LoRA. Loop: one bucket-batch per micro-step, loss on the device (no host sync inside
 the step), optimizer step every grad_accum micro-steps, logging / sampling / saving on schedules.
+
+Data parallel (`gpus = N`, torchrun, accelerate launch): torch DDP all-reduces the LoRA gradients; an optimizer step
+consumes grad_accum * N consecutive per-device batches of the epoch (rank r takes every N-th one), and every random
+draw is seeded by the batch's index, so N ranks compute what one process with grad_accum * N computes. The lines
+marked `# DDP` are all there is to it (plus trainer_bridge/dist.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -79,20 +85,40 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
 
 def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
-    """Train a LoRA as `config` says (a TrainConfig or a TOML path; keyword overrides win) and export it."""
+    """Train a LoRA as `config` says (a TrainConfig or a TOML path; keyword overrides win) and export it.
+
+    With gpus > 1 this spawns the ranks and returns rank 0's result; under torchrun / accelerate launch each rank
+    calls it and joins the group (ranks other than 0 get a result with lora_path None)."""
+    from trainer_bridge import dist
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config)
+    cfg = cfg.override(overrides) if overrides else cfg
+    # DDP: spawn the ranks (each comes back here with WORLD_SIZE set), or join torchrun's / accelerate's group
+    if cfg.gpus > 1 and dist.env_world() <= 1:
+        return dist.spawn(cfg)
+    own_group = dist.init(cfg)
+    try:
+        return _train(cfg)
+    finally:
+        if own_group:
+            dist.cleanup()
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     import torch
 
     from trainer_bridge import data as D
+    from trainer_bridge import dist
     from trainer_bridge import lora as L
     from trainer_bridge.export import BASE_MODEL_VERSION, save_lora
     from trainer_bridge.loss import diffusion_loss
     from trainer_bridge.models import load_base
     from trainer_bridge.state import load_state, restore_rng, save_state
 
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config)
-    cfg = cfg.override(overrides) if overrides else cfg
     sdxl = cfg.model_family == "sdxl"
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = dist.rank(), dist.world()  # DDP: (0, 1) on one device
+    main = rank == 0  # only rank 0 logs, samples and saves
+    dev = dist.device()
     on_gpu = dev.type == "cuda"
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if on_gpu else None
     weight_dtype = amp or torch.float32
@@ -117,11 +143,15 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
 
     # latents: encoded once in fp32 (no NaN from fp16 VAEs), cached on disk, then kept on the device
     vae.requires_grad_(False).to(dev, torch.float32).eval()
-    cache_dir = Path(cfg.cache_dir or out_dir / "cache") if cfg.cache_latents else None
+    cache_dir = Path(cfg.cache_dir or out_dir / "cache") if cfg.cache_latents or world > 1 else None
     vid = D.vae_id(vae, base.name)
     all_items = items + val_items
     flips = [it.subset.flip_aug for it in items] + [False] * len(val_items)
-    encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips)
+    if main:  # DDP: rank 0 encodes and writes the disk cache; the other ranks wait, then only read it
+        encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips)
+    dist.barrier()
+    if not main:
+        encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips, read_only=True)
     vae.to("cpu")  # only needed again for samples
     buckets = sorted({it.bucket for it in all_items})
     bucket_of = [buckets.index(it.bucket) for it in all_items]
@@ -192,9 +222,24 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
-            te.gradient_checkpointing_enable()
+            te.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )  # DDP-safe
+    # DDP: wrap what has trainable (LoRA) parameters so their gradients are all-reduced; the frozen base is not synced
+    ddp_mods, te_fwd, unet_ddp = [], tes, unet
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # no buffer sync: the frozen base is identical on every rank (newer torch renames broadcast_buffers)
+        kw = {"device_ids": [dev.index] if dev.type == "cuda" else None}
+        new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        kw["forward_sync_buffers" if new_name else "broadcast_buffers"] = False
+        unet_ddp = DDP(unet, find_unused_parameters=False, **kw)
+        if train_te:  # SDXL reads CLIP-L's penultimate layer: its last layer's LoRA gets no gradient
+            te_fwd = [DDP(te, find_unused_parameters=sdxl, **kw) for te in tes]
+        ddp_mods = [unet_ddp, *(te_fwd if train_te else [])]
     unet_fwd = (
-        torch.compile(unet, dynamic=False) if cfg.compile else unet
+        torch.compile(unet_ddp, dynamic=False) if cfg.compile else unet_ddp
     )  # one static graph per bucket shape
     params = L.lora_parameters(all_mods)
     groups = [{"params": L.lora_parameters(mods), "lr": cfg.unet_lr}]
@@ -207,12 +252,14 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
     sampler = D.BucketBatchSampler([it.bucket for it in items], [it.subset.num_repeats for it in items],
                                    spec.batch_size, cfg.seed)  # fmt: skip
     batches_per_epoch = len(sampler)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    per_step = cfg.grad_accum * world  # DDP: per-device batches one optimizer step consumes, over all ranks
+    steps_per_epoch = math.ceil(batches_per_epoch / per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
 
-    # random streams: noise/timesteps/flip/dropout on the device; captions + multires on the host
+    # random streams: noise/timesteps/flip/dropout on the device; captions + multires on the host. Both are reseeded
+    # from (seed, per-device batch index) at every micro-batch, so the draws do not depend on which rank runs a batch
     gen = torch.Generator(dev).manual_seed(cfg.seed)
     host_rng = random.Random(cfg.seed)
     global_step, start_epoch, start_batch = 0, 0, 0
@@ -225,6 +272,9 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
         hs = info["host_rng"]
         host_rng.setstate((hs[0], tuple(hs[1]), hs[2]))
         global_step, start_epoch, start_batch = info["step"], info["epoch"], info["batch"]
+        if main and info.get("per_step", per_step) != per_step:
+            print(f"resuming with {per_step} batches per step instead of {info['per_step']}: the data position is "
+                  "kept, the step count and lr schedule continue with the new global batch")  # fmt: skip
 
     # fixed validation noise and timesteps, so the per-epoch val loss is comparable across epochs and runs
     val_idx = list(range(n_train, len(all_items)))
@@ -250,7 +300,8 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                 torch.set_grad_enabled(train_te and train_mode),
                 torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None),
             ):
-                emb, pooled_b = D.encode_prompts(toks, tes, caps, dev)
+                encoders = te_fwd if train_mode else tes  # DDP: the wrapped text encoders while training
+                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev)
         added = {"text_embeds": pooled_b, "time_ids": time_ids[idx]} if sdxl else None
         return emb, added
 
@@ -271,8 +322,9 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
         for m in all_mods:
             m.eval()
         total = torch.zeros((), device=dev)
+        mine = val_idx[rank::world]  # DDP: each rank sums the loss of its share of the validation items
         for b in range(len(buckets)):
-            members = [i for i in val_idx if bucket_of[i] == b]
+            members = [i for i in mine if bucket_of[i] == b]
             for k in range(0, len(members), spec.batch_size):
                 batch = members[k : k + spec.batch_size]
                 idx = torch.tensor(batch, device=dev)
@@ -284,7 +336,8 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                                         **{k: v for k, v in loss_kw.items() if k in ("v_prediction", "min_snr_gamma", "autocast_dtype")}) * len(batch)  # fmt: skip
         for m in all_mods:
             m.train()
-        return (total / len(val_idx)).item()
+        sums = dist.all_reduce_sum(torch.stack([total, torch.tensor(float(len(mine)), device=dev)]))  # DDP
+        return (sums[0] / sums[1]).item()
 
     # ---------------------------------------------------------------- bookkeeping
     log_dir = Path(cfg.log_dir or out_dir / "logs")
@@ -292,7 +345,7 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
     with contextlib.suppress(ImportError):
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(log_dir))
+        writer = SummaryWriter(str(log_dir)) if main else None
     session_id = uuid.uuid4().hex[:8]
     save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.save_precision, torch.float16
@@ -343,7 +396,11 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
             "modelspec.prediction_type": "v" if v_pred else "epsilon",
         }  # fmt: skip
 
-    def save(name: str, epoch: int, step: int, batch: int, with_state: bool) -> tuple[Path, Path | None]:
+    def save(
+        name: str, epoch: int, step: int, batch: int, with_state: bool
+    ) -> tuple[Path | None, Path | None]:
+        if not main:  # DDP: the LoRA is the same on every rank; rank 0 writes it
+            return None, None
         path = save_lora(
             out_dir / f"{name}.safetensors", L.lora_state_dict(all_mods, save_dtype), metadata(epoch, step)
         )
@@ -352,7 +409,9 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
             info = {
                 "step": step,
                 "epoch": epoch,
-                "batch": batch,
+                "batch": batch,  # per-device batches of the epoch consumed (by all ranks together)
+                "per_step": per_step,
+                "world": world,
                 "host_rng": host_rng.getstate(),
                 "config": cfg.__dict__,
             }
@@ -402,7 +461,11 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
 
     result = TrainResult(None, None, global_step, start_epoch)
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not main,
     )
     task = progress.add_task("training", total=total_steps, completed=global_step)
     loss_sum, loss_n, t_log, step_log = torch.zeros((), device=dev), 0, time.time(), global_step
@@ -412,27 +475,41 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
     try:
         for epoch in range(start_epoch, epochs):
             batches = sampler.epoch(epoch)
+            n = len(batches)
             flat = torch.tensor(
                 [i for b in batches for i in b], device=dev
             )  # one host->device copy per epoch
             offsets = [0]
             for b in batches:
                 offsets.append(offsets[-1] + len(b))
-            micro = 0
             first = start_batch if epoch == start_epoch else 0
-            for bi in range(first, len(batches)):
-                batch = batches[bi]
-                idx = flat[offsets[bi] : offsets[bi + 1]]
-                bucket = bucket_of[batch[0]]
-                emb, added = conditioning(idx, batch, train_mode=True)
-                x = latents_for(idx, bucket, train_mode=True)
-                loss = diffusion_loss(unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw)
-                (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-                loss_n += 1
-                micro += 1
-                if micro % cfg.grad_accum and bi != len(batches) - 1:
-                    continue
+            for pos in range(first, n, per_step):  # one optimizer step: batches pos .. pos + per_step - 1
+                # DDP: micro-step a of rank r takes batch pos + a * world + r (None: nothing left for this rank)
+                mine = dist.micro_batches(n, pos, per_step, world, rank)
+                for a, bi in enumerate(mine):
+                    real = bi is not None  # else run batch 0 with loss x 0, so DDP's all-reduce still matches
+                    bi = bi if real else 0
+                    seed_j = dist.seed_for(cfg.seed, epoch * n + bi)
+                    gen.manual_seed(seed_j)  # host-side reseeds: no device sync
+                    host_rng.seed(seed_j)
+                    torch.manual_seed(seed_j)  # LoRA dropout
+                    batch = batches[bi]
+                    idx = flat[offsets[bi] : offsets[bi + 1]]
+                    bucket = bucket_of[batch[0]]
+                    sync = a == len(mine) - 1
+                    with contextlib.ExitStack() as no_sync:
+                        for m in ddp_mods if not sync else []:  # DDP: all-reduce only on the last micro-step
+                            no_sync.enter_context(m.no_sync())
+                        emb, added = conditioning(idx, batch, train_mode=True)
+                        x = latents_for(idx, bucket, train_mode=True)
+                        loss = diffusion_loss(
+                            unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw
+                        )
+                        scaled = loss / cfg.grad_accum if real else loss * 0.0
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    if real:
+                        loss_sum += loss.detach()
+                        loss_n += 1
                 # optimizer step
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -451,7 +528,10 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                 progress.update(task, completed=global_step)
 
                 if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
-                    avg = (loss_sum / loss_n).item()  # the only host sync, every log_every_n_steps
+                    sums = dist.all_reduce_sum(
+                        torch.stack([loss_sum, torch.tensor(float(loss_n), device=dev)])
+                    )
+                    avg = (sums[0] / sums[1]).item()  # the one host sync on 1 device, every log interval
                     dt = time.time() - t_log
                     it_s = (global_step - step_log) / dt if dt else 0.0
                     vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
@@ -470,24 +550,28 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                         global_step,
                     )
                 if (
-                    cfg.sample_every_n_steps
+                    main
+                    and cfg.sample_every_n_steps
                     and cfg.sample_prompts
                     and global_step % cfg.sample_every_n_steps == 0
                 ):
                     sample(global_step)
                 done = global_step >= total_steps
-                if not done and (
-                    stop["flag"] or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)
-                ):
-                    nb = bi + 1 if bi + 1 < len(batches) else 0
+                stopping = stop["flag"]
+                if world > 1:  # DDP: a Ctrl-C seen by any rank stops all of them after the same step (1 sync)
+                    flag = torch.tensor([float(stopping)], device=dev)
+                    stopping = dist.all_reduce_sum(flag).item() > 0
+                if not done and (stopping or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)):
+                    nb = pos + per_step if pos + per_step < n else 0
                     ep = epoch if nb else epoch + 1
                     result.lora_path, result.state_path = save(
                         f"{cfg.output_name}-state-lora", ep, global_step, nb, True
                     )
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
-                    progress.console.print(
-                        f"stopped at step {global_step}; resume with resume={result.state_path}"
-                    )
+                    if main:
+                        progress.console.print(
+                            f"stopped at step {global_step}; resume with resume={result.state_path}"
+                        )
                     return result
                 if done:
                     break
@@ -502,7 +586,7 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
                 name = f"{cfg.output_name}-{epoch + 1:06d}"
                 save(name, epoch + 1, global_step, 0, cfg.save_state)
                 saved.append(name)
-                if cfg.keep_last_n and len(saved) > cfg.keep_last_n:
+                if main and cfg.keep_last_n and len(saved) > cfg.keep_last_n:
                     old = saved.pop(0)
                     (out_dir / f"{old}.safetensors").unlink(missing_ok=True)
                     import shutil

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,11 @@ def _training_data(
         target = output_dir / "data"
         if (target / "dataset.toml").exists():
             console.print(f"using the earlier export in {target}")
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank would export at once
+            raise CurateError(
+                f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
+                "(or use curate train --gpus N, which exports first)"
+            )
         else:
             from ..dataset import Dataset
 
@@ -62,6 +68,12 @@ def register(app: typer.Typer) -> None:
         class_word: Annotated[
             str | None, typer.Option("--class", help="Class word for the kohya folder.")
         ] = None,
+        gpus: Annotated[
+            int | None,
+            typer.Option(
+                help="Data-parallel ranks on this host (torch DDP); torchrun / accelerate launch also work."
+            ),
+        ] = None,
         set_: Annotated[
             list[str] | None,
             typer.Option("--set", help="Override any option: --set unet_lr=5e-5 (repeatable)."),
@@ -84,7 +96,13 @@ def register(app: typer.Typer) -> None:
                 f"{source} does not exist; pass a dataset folder, a kohya folder or a dataset TOML"
             )
         cfg = TrainConfig.from_toml(config) if config else TrainConfig()
-        opts = {"base": base, "model_family": family, "output_dir": output_dir, "resume": resume}
+        opts = {
+            "base": base,
+            "model_family": family,
+            "output_dir": output_dir,
+            "resume": resume,
+            "gpus": gpus,
+        }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         if source is not None:
             data = _training_data(
@@ -96,6 +114,8 @@ def register(app: typer.Typer) -> None:
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
         result = train(cfg)
+        if result.lora_path is None and result.state_path is None:
+            return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
             console.print(
                 f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
