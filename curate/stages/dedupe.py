@@ -259,10 +259,10 @@ def hash_pairs(records: list[ImageRecord], cfg: DedupeConfig) -> list[tuple[int,
     ]
 
 
-def exact_groups(manifest: Manifest) -> list[DupGroup]:
+def exact_groups(records: list[ImageRecord]) -> list[DupGroup]:
     """Identical bytes at several paths: keep the shortest path."""
     groups = []
-    for rec in manifest.images(include_errors=True):
+    for rec in records:
         if len(rec.paths) > 1:
             keeper = rec.paths[0]
             explain = [f"kept {keeper}"] + [
@@ -295,9 +295,10 @@ def find_duplicates(
     rejected_elsewhere = frozenset(
         p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
     )
-    exact = exact_groups(manifest)
+    everything = manifest.images(include_errors=True)  # read once: it is every row of the manifest
+    exact = exact_groups(everything)
     # Near-duplicate search over every decodable image; rejected ones join groups but rarely win.
-    records = manifest.images(include_errors=False)
+    records = [r for r in everything if not r.error]
     pairs: list[tuple[int, int, dict[str, Any]]] = []
     if cfg.method in ("phash", "dhash", "hash", "both"):
         pairs += hash_pairs(records, cfg)
@@ -307,7 +308,6 @@ def find_duplicates(
     near = build_groups(records, pairs, cfg.keep, cfg.method, demote=rejected_elsewhere)
     for k, g in enumerate(exact, start=len(near) + 1):
         g.id = k
-    everything = manifest.images(include_errors=True)
     by_sha = {r.sha256: r for r in everything}
     sha_of = {p: r.sha256 for r in everything for p in r.paths}
     rejects: dict[str, tuple[str, str | None]] = {}
