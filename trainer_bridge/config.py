@@ -9,13 +9,10 @@ from typing import Any
 
 import tomllib
 
-try:
-    from curate.errors import CurateError as _ErrorBase
-except ImportError:  # TODO(merge): curate.errors lands with the CLI branch
-    _ErrorBase = Exception
+from curate.errors import CurateError
 
 
-class TrainError(_ErrorBase):
+class TrainError(CurateError):
     """A mistake the user can fix (bad path, missing weights, unknown optimizer); printed as one line."""
 
 

@@ -273,8 +273,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
         host_rng.setstate((hs[0], tuple(hs[1]), hs[2]))
         global_step, start_epoch, start_batch = info["step"], info["epoch"], info["batch"]
         if main and info.get("per_step", per_step) != per_step:
-            print(f"resuming with {per_step} batches per step instead of {info['per_step']}: the data position is "
-                  "kept, the step count and lr schedule continue with the new global batch")  # fmt: skip
+            import warnings
+
+            warnings.warn(f"resuming with {per_step} batches per step instead of {info['per_step']}: the data position "
+                          "is kept, the step count and lr schedule continue with the new global batch", stacklevel=2)  # fmt: skip
 
     # fixed validation noise and timesteps, so the per-epoch val loss is comparable across epochs and runs
     val_idx = list(range(n_train, len(all_items)))
