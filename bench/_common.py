@@ -68,3 +68,17 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return out
+
+
+def run_json_child(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run a measurement in a fresh process; its last JSON line is the result, else an error dict."""
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, machine_info, summarize, write_results  # noqa: E402
+from _common import emit, machine_info, run_json_child, summarize, write_results  # noqa: E402
 
 from curate.stages.dedupe import connected_groups, near_pairs  # noqa: E402
 
@@ -128,14 +127,7 @@ def run_imagededup(codes: np.ndarray, threshold: int, workers: int, timeout: flo
         np.save(path, codes)
         cmd = [sys.executable, __file__, "--imagededup-child", path, "--threshold", str(threshold)]
         cmd += ["--workers", str(workers)]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return {"error": f"did not finish within {timeout:.0f} s"}
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(lines[-1])
+        return run_json_child(cmd, timeout)
 
 
 def main() -> None:

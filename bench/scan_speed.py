@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, machine_info, summarize, write_results  # noqa: E402
+from _common import emit, machine_info, run_json_child, summarize, write_results  # noqa: E402
 
 GEN_VERSION = 1  # bump when the generator changes, so an old set is regenerated
 MIN_SIDE, MAX_SIDE = 256, 3000
@@ -337,14 +336,7 @@ CASES = {
 
 def run_child(case: str, folder: Path, workers: int, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", case, "--data", str(folder), "--workers", str(workers)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(lines[-1])
+    return run_json_child(cmd, timeout)
 
 
 def main() -> None:

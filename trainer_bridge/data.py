@@ -201,14 +201,14 @@ def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
     from PIL import Image
 
     from curate.io import DecodeError, open_rgb
+    from curate.stages.bucket import resized_size
 
     try:  # the same decode as the scan: EXIF orientation, transparency on white, CMYK / 16-bit converted
         im = open_rgb(path)
     except (OSError, DecodeError) as exc:
         raise TrainError(f"cannot read image {path}: {exc}") from None
     bw, bh = bucket
-    scale = max(bw / im.width, bh / im.height)
-    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    nw, nh = resized_size(im.width, im.height, bucket)  # the size `curate bucket` reports crop loss for
     im = im.resize((nw, nh), Image.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     im = im.crop((left, top, left + bw, top + bh))
