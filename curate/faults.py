@@ -51,8 +51,10 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_WRITE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _name(exc: OSError) -> str:
-    return str(exc.filename) if exc.filename else "a file"
+def _name(exc: OSError, target: bool = False) -> str:
+    # copy errors carry (source, destination): for a full disk the destination is the one that failed
+    name = (exc.filename2 if target else None) or exc.filename
+    return str(name) if name else "a file"
 
 
 def os_error(exc: OSError) -> CurateError | None:
@@ -60,11 +62,11 @@ def os_error(exc: OSError) -> CurateError | None:
     code = exc.errno
     if code in _DISK_FULL:
         what = "quota exceeded" if code != errno.ENOSPC else "disk full"
-        return CurateError(f"{what} while writing {_name(exc)}; free space and rerun", exit_code=1)
+        return CurateError(f"{what} while writing {_name(exc, True)}; free space and rerun", exit_code=1)
     if code == errno.EROFS:
         return CurateError(
-            f"cannot write {_name(exc)}: the file system is read-only; "
-            "pass --manifest PATH (and --out) to keep curate's files elsewhere",
+            f"cannot write {_name(exc)}: the file system is read-only; make it writable, or keep curate's "
+            "files elsewhere (--manifest PATH for the manifest, --out PATH for exports)",
             exit_code=1,
         )
     if code in (errno.EACCES, errno.EPERM):
@@ -98,6 +100,8 @@ def sqlite_error(exc: sqlite3.Error) -> CurateError | None:
             "(curate --wait waits for another curate)",
             exit_code=75,
         )
+    if "disk i/o error" in text and path is not None and _nearly_full(path.parent):
+        return CurateError(f"disk full while writing {where}; free space and rerun", exit_code=1)
     if "disk i/o error" in text:
         return CurateError(
             f"disk I/O error on {where} (deleted, moved or a failing disk?); check it and rerun", exit_code=1
@@ -110,6 +114,17 @@ def sqlite_error(exc: sqlite3.Error) -> CurateError | None:
     if _m.is_corruption(exc):
         return _m.damaged_error(path, str(exc))
     return None
+
+
+def _nearly_full(folder: Any) -> bool:
+    """sqlite reports a full disk as an I/O error when it cannot grow its shared-memory file."""
+    import os
+
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def call_translated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -380,6 +380,11 @@ class Manifest:
             self._open(existed, create, rebuild)
         except BaseException:
             self.close()
+            if not existed:  # do not leave an empty file behind (it would read as a damaged manifest)
+                with contextlib.suppress(OSError):
+                    if self.path.stat().st_size == 0:
+                        for suffix in ("", "-wal", "-shm"):
+                            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
             raise
 
     def _unwritable(self, exc: OSError) -> CurateError:
