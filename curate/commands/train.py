@@ -120,6 +120,8 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
             )
+            if not (cfg.stop_after_steps and result.steps >= cfg.stop_after_steps):
+                raise typer.Exit(130)  # Ctrl-C: the state is saved, but the run did not finish
         else:
             console.print(f"saved {result.lora_path} ({result.steps} steps)")
 

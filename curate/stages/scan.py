@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,25 @@ def _die_with_parent(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watchdog, name="curate-watchdog", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM while workers are forked, then deliver them to this process."""
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    try:
+        old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):
+            os.kill(os.getpid(), s)
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -235,7 +254,11 @@ def scan(
                 workers, initializer=_init_worker, initargs=(known, cfg, os.getpid())
             ) as pool:
                 try:
-                    run(pool.map(_read_one, abs_paths, chunksize=4))
+                    with (
+                        _signals_deferred()
+                    ):  # map() forks the workers: none may start with curate's handlers
+                        results = pool.map(_read_one, abs_paths, chunksize=4)
+                    run(results)
                 except BaseException:
                     _stop_pool(pool)
                     raise
