@@ -71,7 +71,7 @@ def os_error(exc: OSError) -> CurateError | None:
         )
     if code in (errno.EACCES, errno.EPERM):
         return CurateError(
-            f"permission denied: {_name(exc)}; fix the permissions (chmod/chown) or pass --manifest PATH",
+            f"permission denied: {_name(exc)}; fix its permissions (chmod/chown) or use another location",
             exit_code=1,
         )
     if code == errno.EIO:

@@ -259,7 +259,11 @@ def _damage(path: Path) -> str | None:
         return f"it is truncated ({size} bytes is not a whole number of {page}-byte pages)"
     pages = int.from_bytes(head[28:32], "big")
     valid = head[24:28] == head[92:96]  # the in-header page count is trustworthy
-    if valid and pages and size < pages * page:
+    wal = path.with_name(path.name + "-wal")
+    # A checkpoint in progress (another curate writing) writes page 1 before it extends the file: only
+    # trust the count when no WAL is pending.
+    settled = not (wal.exists() and wal.stat().st_size > 0)
+    if valid and settled and pages and size < pages * page:
         return f"it is truncated ({size // page} of {pages} pages)"
     return None
 

@@ -158,7 +158,7 @@ def read_only_view(src: Path, dst: Path, mounts: list[Path]) -> Path:
     "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["kill-9", "term", "int"]
 )
 def test_killed_scan_leaves_no_workers_and_resumes(tmp_path, sig):
-    n = 300
+    n = 120 if sig == signal.SIGINT else 240  # Ctrl-C: exit code and workers only, no rerun
     root = make_dataset(tmp_path, n, side=40, workers=3)
     p = popen("scan", str(root), session=True)
     try:
@@ -287,8 +287,8 @@ def test_second_writer_is_told_busy_readers_are_not_blocked_and_wait_waits(tmp_p
 def test_two_concurrent_scans_decode_each_image_once(tmp_path):
     import json
 
-    n = 120
-    root = make_dataset(tmp_path, n, side=64)
+    n = 80
+    root = make_dataset(tmp_path, n, side=48)
     a = popen("--wait", "scan", str(root), "--json")
     b = popen("--wait", "scan", str(root), "--json")
     (oa, ea), (ob, eb) = a.communicate(timeout=60), b.communicate(timeout=60)
@@ -408,13 +408,18 @@ def test_read_only_dataset(tmp_path, scanned_template, mounts):
         assert f"dataset folder {ro} is read-only; pass --manifest PATH" in line, (cmd, line)
 
     m = tmp_path / "state" / "manifest.db"
-    for cmd in (["scan"], ["filter", "--min-side", "64"], ["dedupe"], ["split"], ["status"]):
+    for cmd in (["scan"], ["filter", "--min-side", "64"], ["dedupe"], ["split"], ["bucket"], ["status"]):
         r = invoke(cmd[0], str(ro), *cmd[1:], "--manifest", str(m))
         assert r.exit_code == 0, (cmd, r.output)
     r = invoke("report", str(ro), "--manifest", str(m))
     assert r.exit_code == 0 and (m.parent / "report.html").is_file()  # beside the manifest
     r = invoke("export", str(ro), str(out), "--manifest", str(m))
     assert r.exit_code == 0 and len(list(out.rglob("*.png"))) == 12
+    import tests.tiny_wd14 as tiny_wd14
+
+    r = invoke("tag", str(ro), "--manifest", str(m), "--model", str(tiny_wd14.build(tmp_path / "tagger")))
+    assert r.exit_code != 0  # the model ran; caption files cannot go beside read-only images
+    assert "read-only" in one_error_line(r.stderr) and not list(ro.glob("*.txt"))
     with Dataset.open(ro, manifest=m) as ds:
         ds.manifest.set_rejects("manual", {"0000.png": ("test", None)})
     r = invoke("apply", str(ro), "--manifest", str(m))

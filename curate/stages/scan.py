@@ -64,13 +64,26 @@ def _die_with_parent(parent: int) -> None:
 
             pr_set_pdeathsig = 1
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the death signal was armed
+    ppid = os.getppid()  # the scan process, or a fork server (forkserver start method) that dies with it
+
+    def orphaned() -> bool:
+        if os.getppid() != ppid:
+            return True
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    if orphaned():  # the scan died before the death signal was armed
         os._exit(1)
 
     def watchdog() -> None:  # portable fallback (and for platforms without prctl)
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent:
+            if orphaned():
                 os._exit(1)
 
     threading.Thread(target=watchdog, name="curate-watchdog", daemon=True).start()
