@@ -199,13 +199,18 @@ def test_ctrl_c_while_starting_exits_130_quietly(tmp_path):
     root = make_dataset(tmp_path, 40, side=48)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import curate"], env=env(), check=True)
-    startup = time.perf_counter() - t0  # interpreter + `import curate`: before that no handler can run
-    p = popen("scan", str(root))
-    time.sleep(startup * 1.3 + 0.02)  # inside the heavy imports (typer, rich, plugins) or early in the scan
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert p.returncode == 130, err
+    startup = time.perf_counter() - t0  # interpreter + site + `import curate` (light): no handler before that
+    for attempt in range(4):
+        p = popen("scan", str(root))
+        time.sleep(startup * (1.3 + 0.4 * attempt) + 0.02)  # in the heavy imports (typer, rich, plugins)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+        if "Traceback" in err and f'File "{REPO}' not in err:
+            continue  # it landed in the interpreter's own start-up (site), before any curate code ran
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert p.returncode == 130, err
+        return
+    pytest.fail("every Ctrl-C landed before curate started; the machine is too loaded to time this")
 
 
 def test_ctrl_c_and_sigterm_in_any_command_exit_130_and_143(planted, monkeypatch):
