@@ -111,7 +111,7 @@ def sqlite_error(exc: sqlite3.Error) -> CurateError | None:
             f"cannot open {where}; check that its folder exists and is writable, or pass --manifest PATH",
             exit_code=1,
         )
-    if _m.is_corruption(exc):
+    if _m.is_corruption(exc) and path is not None and _m.is_damaged(path):  # not some other database
         return _m.damaged_error(path, str(exc))
     return None
 

@@ -268,6 +268,19 @@ def _damage(path: Path) -> str | None:
     return None
 
 
+def is_damaged(path: Path) -> bool:
+    """Full check (quick_check), for when sqlite reported damage mid-command: is it really this file?"""
+    if not path.exists():
+        return False
+    if _damage(path):
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=5)) as c:
+            return c.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok"
+    except sqlite3.DatabaseError as exc:
+        return is_corruption(exc)
+
+
 def set_aside(path: Path, label: str = "corrupt") -> Path:
     """Rename ``manifest.db`` (with its -wal/-shm) to ``manifest.db.<label>-<time>``; return the new path."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
