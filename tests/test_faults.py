@@ -508,6 +508,17 @@ def test_enospc_anywhere_is_one_line(planted, monkeypatch, tmp_path):
     )
     assert not (planted / ".curate" / "report.html").exists()
 
+    import tests.tiny_wd14 as tiny_wd14
+
+    monkeypatch.setattr(cio.tempfile, "mkstemp", real)
+    tagger = str(tiny_wd14.build(tmp_path / "tagger"))  # before the disk "fills"
+    monkeypatch.setattr(cio.tempfile, "mkstemp", full)
+    r = invoke("tag", str(planted), "--model", tagger)
+    assert r.exit_code == 1
+    line = one_error_line(r.stderr)
+    assert line.startswith("error: disk full while writing ") and line.endswith(".txt; free space and rerun")
+    assert not list(planted.rglob("*.txt")) and not list(planted.rglob("*.tmp"))
+
 
 def test_only_environment_errors_are_translated():
     assert faults.os_error(OSError(errno.ENOENT, "gone", "x")) is None  # could be a bug: keep the traceback

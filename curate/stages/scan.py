@@ -254,7 +254,8 @@ def scan(
             with contextlib.suppress(Exception):
                 manifest.commit()
             if manifest.conn.in_transaction:
-                manifest.conn.execute("ROLLBACK")
+                with contextlib.suppress(Exception):
+                    manifest.conn.execute("ROLLBACK")
             raise
         manifest.commit()
 
