@@ -6,7 +6,8 @@ what every image shows); blacklist and replace maps apply to the readable form (
 
 Caption files are never silently lost: a file curate did not write, or one whose content changed since
 curate wrote it (hash stored in ``caption_files``), is kept unless ``overwrite``; an overwritten file is
-first copied to ``.curate/caption_backups/<time>/``.
+first copied to ``.curate/caption_backups/<time>/``. Each write is journaled (``caption_pending`` before,
+``caption_files`` right after), so a killed run still knows every file it wrote as curate's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ CREATE TABLE IF NOT EXISTS caption_files (
     target  TEXT PRIMARY KEY,       -- caption file path, or metadata.jsonl::<image path>
     sha256  TEXT,
     digest  TEXT NOT NULL,          -- hash of the text curate wrote there
+    at      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS caption_pending (
+    target  TEXT PRIMARY KEY,       -- a caption file curate is about to write (committed before the write)
+    sha256  TEXT,
+    digest  TEXT NOT NULL,
     at      REAL NOT NULL
 );
 """
@@ -274,14 +281,58 @@ class WriteResult:
         return dict(self.__dict__)
 
 
+def _current_text(manifest: Manifest, target: str) -> str | None:
+    """What is at a caption target now: a file's text, or a metadata.jsonl entry's text."""
+    root = manifest.root
+    if "::" in target:
+        meta_rel, image = target.split("::", 1)
+        meta = root / meta_rel
+        if not meta.exists():
+            return None
+        prefix = str(PurePosixPath(meta_rel).parent)
+        name = image if prefix == "." else image[len(prefix) + 1 :]
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and str(obj.get("file_name")) == name:
+                return obj.get("text")
+        return None
+    f = root / target
+    try:
+        data = f.read_bytes()
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def reconcile_pending(manifest: Manifest) -> int:
+    """Settle writes a killed run journaled: written ones become curate's, the others are forgotten."""
+    manifest.ensure_table(TABLES)
+    pending = manifest.conn.execute("SELECT target, sha256, digest, at FROM caption_pending").fetchall()
+    if not pending:
+        return 0
+    with manifest.transaction():
+        for target, sha, dig, at in pending:
+            cur = _current_text(manifest, target)
+            if cur is not None and digest(cur) == dig:
+                manifest.conn.execute(
+                    "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
+                    (target, sha, dig, at),
+                )
+            manifest.conn.execute("DELETE FROM caption_pending WHERE target=?", (target,))
+    return len(pending)
+
+
 class _Writer:
     def __init__(self, manifest: Manifest, overwrite: bool) -> None:
         manifest.ensure_table(TABLES)
+        reconcile_pending(manifest)
         self.m = manifest
         self.overwrite = overwrite
         self.res = WriteResult()
         self.ours = dict(manifest.conn.execute("SELECT target, digest FROM caption_files").fetchall())
-        self.records: list[tuple[str, str, str, float]] = []
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def backup(self, rel: str, text: str) -> None:
@@ -305,15 +356,22 @@ class _Writer:
             return False, current
         return True, text
 
-    def record(self, target: str, sha: str, text: str) -> None:
-        self.records.append((target, sha, digest(text), time.time()))
-
-    def commit(self) -> None:
+    def begin(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, str, str, float]]:
+        """Journal (target, sha, text) writes about to happen; committed before the files change."""
+        rows = [(t, sha, digest(text), time.time()) for t, sha, text in entries]
         with self.m.transaction():
             self.m.conn.executemany(
-                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
-                self.records,
+                "INSERT OR REPLACE INTO caption_pending(target, sha256, digest, at) VALUES (?,?,?,?)", rows
             )
+        return rows
+
+    def done(self, rows: list[tuple[str, str, str, float]]) -> None:
+        """The journaled writes happened: record them as curate's (right after the write)."""
+        with self.m.transaction():
+            self.m.conn.executemany(
+                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)", rows
+            )
+            self.m.conn.executemany("DELETE FROM caption_pending WHERE target=?", [(r[0],) for r in rows])
 
 
 def write_captions(
@@ -337,6 +395,7 @@ def write_captions(
                     raise CurateError(f"{meta} has a line that is not JSON; fix or move it away") from None
                 entries[str(obj.get("file_name"))] = obj
         changed, overwrote_user = False, False
+        todo: list[tuple[str, str, str]] = []
         for b in built:
             for p in b.paths:
                 target = f"metadata.jsonl::{p}"
@@ -346,14 +405,16 @@ def write_captions(
                 if do:
                     overwrote_user |= cur is not None and w.ours.get(target) != digest(cur)
                     entries[p] = {**entries.get(p, {}), "file_name": p, "text": b.text}
-                    w.record(target, b.sha256, b.text)
+                    todo.append((target, b.sha256, b.text))
                     w.res.written.append(target)
                     changed = True
         if changed:
             if overwrote_user and original:
                 w.backup("metadata.jsonl", original)
             body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries.values())
+            rows = w.begin(todo)
             atomic_write_text(meta, body)
+            w.done(rows)
     else:
         owner: dict[str, str] = {}
         for b in built:
@@ -372,10 +433,10 @@ def write_captions(
                 if do:
                     if cur is not None and w.ours.get(rel) != digest(cur):
                         w.backup(rel, cur)
+                    rows = w.begin([(rel, b.sha256, b.text)])
                     atomic_write_text(f, b.text)
-                    w.record(rel, b.sha256, b.text)
+                    w.done(rows)
                     w.res.written.append(rel)
-    w.commit()
     manifest.update_images(
         (b.sha256, {"tags": b.tags, "caption": effective.get(b.sha256, b.text)}) for b in built
     )
