@@ -34,6 +34,7 @@ PLUGINS: list[str] = [
     "curate.commands.tag",
     "curate.commands.export",
     "curate.commands.train",
+    "curate.commands.decide",
 ]
 
 
@@ -55,9 +56,22 @@ def _print_scan(d: dict) -> None:
         ("unchanged (skipped)", d["unchanged"]),
         ("missing since last scan", d["missing"]),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
+        *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+
+
+def _caption_rows(c: dict) -> list[tuple[str, int]]:
+    if not c or not (c.get("user") or c.get("new") or c.get("changed") or c.get("removed")):
+        return []
+    return [
+        ("images with captions written by hand", c["user"]),
+        (
+            "caption files new / changed / gone",
+            f"{len(c['new'])} / {len(c['changed'])} / {len(c['removed'])}",
+        ),
+    ]
 
 
 @app.command()

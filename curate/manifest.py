@@ -109,7 +109,7 @@ class ImageRecord:
     caption: str | None = None
     split: str | None = None
     bucket: tuple[int, int] | None = None
-    user_caption: str | None = None  # text of a caption file a person wrote or edited (stages/user_captions.py)
+    user_caption: str | None = None  # a caption a person wrote or edited (stages/user_captions.py)
 
     @property
     def pixels(self) -> int:

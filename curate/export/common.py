@@ -65,8 +65,9 @@ def tag_caption(tags: list[str]) -> str:
 
 
 def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
-    """Caption text for one image: its caption, else its tags; the trigger word first when given."""
-    text = (rec.caption or "").strip() or tag_caption(rec.tags or [])
+    """Caption text for one image: the caption a person wrote (or edited), else curate's, else its tags;
+    the trigger word is put first when given (prepended when missing, never substituted)."""
+    text = (rec.user_caption or "").strip() or (rec.caption or "").strip() or tag_caption(rec.tags or [])
     text = " ".join(text.split())  # trainers read the first line only
     if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
         return " ".join(w for w in (trigger, class_word) if w)
@@ -114,7 +115,10 @@ def collect(
     manifest: Manifest, trigger: str | None, class_word: str | None
 ) -> tuple[list[ExportItem], list[str]]:
     """Kept images with their captions and splits; warnings for what the user should know."""
+    from ..stages.user_captions import refresh
+
     warnings = []
+    refresh(manifest)  # a caption edited by hand since the last scan is exported as it is now
     index = manifest.file_index()
     items = []
     records = manifest.kept_images()

@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS user_captions (
     size     INTEGER,               -- size and mtime of the file it came from (cheap change test)
     mtime_ns INTEGER,
     origin   TEXT NOT NULL,         -- user (curate never wrote it) | edited (changed after curate wrote it) | curate
-    at       REAL NOT NULL          -- when this text was first seen
+    at       REAL NOT NULL          -- when this row was last written
 );
 CREATE INDEX IF NOT EXISTS user_captions_image ON user_captions(image);
 """
@@ -110,7 +110,9 @@ def refresh(manifest: Manifest) -> RefreshResult:
     ours = dict(conn.execute("SELECT target, digest FROM caption_files").fetchall())
     known = {
         r[0]: r
-        for r in conn.execute("SELECT target, image, rank, text, digest, size, mtime_ns, origin FROM user_captions")
+        for r in conn.execute(
+            "SELECT target, image, rank, text, digest, size, mtime_ns, origin FROM user_captions"
+        )
     }
     images = [r[0] for r in conn.execute("SELECT path FROM files WHERE status='ok' AND sha256 IS NOT NULL")]
     by_dir: dict[str, list[str]] = {}
@@ -216,7 +218,9 @@ def sources(manifest: Manifest) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def write_user_text(manifest: Manifest, target: str, text: str, *, stamp: str | None = None) -> str | None:
+def write_user_text(
+    manifest: Manifest, target: str, text: str, *, stamp: str | None = None, update: bool = True
+) -> str | None:
     """Replace a person's caption at ``target`` with ``text`` (backed up first); it stays theirs.
 
     Returns the backup folder, or None when there was nothing to back up.
@@ -256,13 +260,15 @@ def write_user_text(manifest: Manifest, target: str, text: str, *, stamp: str | 
     # A person's text at this target from now on: curate's record of what it wrote there no longer applies.
     with manifest.transaction():
         manifest.conn.execute("DELETE FROM caption_files WHERE target=?", (target,))
-    refresh(manifest)
+    if update:
+        refresh(manifest)
     return backup_dir
 
 
 def _backup(manifest: Manifest, rel: str, text: str, stamp: str) -> str:
     bdir = manifest.root / STATE_DIR / "caption_backups" / stamp
-    atomic_write_text(bdir / rel, text)
+    if not (bdir / rel).exists():  # several edits of one metadata.jsonl: the first backup is the original
+        atomic_write_text(bdir / rel, text)
     return str(bdir)
 
 
