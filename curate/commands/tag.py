@@ -51,7 +51,7 @@ def _unit(name: str, v: float | None) -> None:
         raise CurateError(f"{name} must be between 0 and 1, got {v}")
 
 
-def _print_outcome(title: str, d: dict[str, Any], path: str = "DIR") -> None:
+def _print_outcome(title: str, d: dict[str, Any]) -> None:
     run, cap, w = d["run"], d["captions"], d["captions"]["write"]
     rows = []
     if run:
@@ -81,9 +81,8 @@ def _print_outcome(title: str, d: dict[str, Any], path: str = "DIR") -> None:
         )
     if w.get("not_applied"):
         err_console.print(
-            f"[yellow]kept {len(w['not_applied'])} caption(s) written by hand as they are[/]; to apply this edit "
-            f"to them, rerun with --overwrite (each is backed up first), e.g. "
-            f"curate edit {escape(path)} ... --overwrite",
+            f"[yellow]kept {len(w['not_applied'])} caption(s) written by hand as they are[/]; rerun the same "
+            "command with --overwrite to apply this edit to them (each is backed up first)",
             highlight=False,
         )
     for p, n in cap["over_limit"][:10]:
@@ -219,7 +218,7 @@ def register(app: typer.Typer) -> None:
                 drop_common=drop_common, general=general, character=character, max_tags=max_tags, format=fmt,
             )  # fmt: skip
         d = res.as_dict()
-        print_json(d) if as_json else _print_outcome("edit", d, path)
+        print_json(d) if as_json else _print_outcome("edit", d)
 
     @app.command()
     @handle_errors

@@ -510,12 +510,11 @@ def _edit_user_captions(
     manifest: Manifest, records: list[ImageRecord], cfg: CaptionConfig, res: WriteResult, overwrite: bool
 ) -> dict[str, str]:
     """Apply an edit to the captions people wrote; rewritten (backup first) only with ``overwrite``."""
-    from .user_captions import refresh, sources, write_user_text
+    from .user_captions import sources, write_user_text
 
     src = sources(manifest)
     effective: dict[str, str] = {}
     stamp = PurePosixPath(res.backup_dir).name if res.backup_dir else time.strftime("%Y%m%d-%H%M%S")
-    wrote = False
     for rec in records:
         hit = next((src[p] for p in rec.paths if p in src), None)
         if hit is None:
@@ -531,7 +530,6 @@ def _edit_user_captions(
             effective[rec.sha256] = text
             continue
         bdir = write_user_text(manifest, target, new, stamp=stamp, update=False)
-        wrote = True
         if bdir:
             res.backup_dir = bdir
             name = target.split("::", 1)[0]
@@ -539,8 +537,6 @@ def _edit_user_captions(
                 res.backed_up.append(name)
         res.written.append(target)
         effective[rec.sha256] = new
-    if wrote:
-        refresh(manifest)
     return effective
 
 
@@ -576,6 +572,7 @@ def rebuild(
         edited = _edit_user_captions(manifest, users, cfg, res, overwrite)
         built += [Built(r.sha256, r.paths, [], edited[r.sha256]) for r in users if r.sha256 in edited]
         effective.update(edited)
+    refresh(manifest)  # what curate just wrote is known as curate's, so a later edit shows as a change
     manifest.set_meta("caption.keep_tokens", str(cfg.keep_tokens))
     manifest.set_meta("caption.format", cfg.format)
     manifest.set_meta("caption.trigger", json.dumps(list(cfg.trigger)))
