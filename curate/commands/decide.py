@@ -34,7 +34,7 @@ def _find_root(items: list[str], dataset: str | None, manifest: str | None) -> t
         return dataset, items
     if len(items) >= 2 and Path(items[0]).is_dir():
         return items[0], items[1:]
-    if not items:
+    if not items or (len(items) == 1 and Path(items[0]).is_dir()):
         raise CurateError("no files given; pass the files to decide on: curate keep DIR FILE...")
     if manifest is None:
         start = Path(items[0]).expanduser().absolute()

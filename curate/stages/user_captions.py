@@ -195,7 +195,7 @@ def refresh(manifest: Manifest) -> RefreshResult:
 
     gone = [t for t in known if t not in seen]
     res.removed = sorted(gone)
-    if rows or gone:
+    if (rows or gone) and not _read_only(manifest):
         with manifest.transaction():
             conn.executemany(
                 "INSERT OR REPLACE INTO user_captions(target, image, rank, text, digest, size, mtime_ns, origin, at)"
@@ -205,6 +205,11 @@ def refresh(manifest: Manifest) -> RefreshResult:
             conn.executemany("DELETE FROM user_captions WHERE target=?", [(t,) for t in gone])
     res.user = len(manifest.user_captions())
     return res
+
+
+def _read_only(manifest: Manifest) -> bool:
+    """A manifest that cannot be written (read-only dataset): the captions of the last scan are used."""
+    return not os.access(manifest.path, os.W_OK) or not os.access(manifest.path.parent, os.W_OK)
 
 
 def sources(manifest: Manifest) -> dict[str, tuple[str, str, str]]:
