@@ -129,6 +129,10 @@ def test_edit_applies_to_hand_written_captions_only_with_overwrite(tmp_path):
     # the rewritten files are still the person's: a later tag run does not take them over
     with Dataset.open(ds) as d:
         assert all(r.user_caption for r in d.kept())
+        assert d.plan(model="sd15").style == "realistic"
+        for stem in ("a0", "a1", "a2"):  # hand-written style tags decide the plan's style
+            imgs[stem].with_suffix(".txt").write_text("anime, red hair")
+        assert d.plan(model="sd15").style == "anime"
 
 
 @pytest.fixture()

@@ -276,9 +276,8 @@ class WriteResult:
     backed_up: list[str] = field(default_factory=list)
     backup_dir: str | None = None
     collisions: list[str] = field(default_factory=list)  # images sharing a caption file name (a.png, a.jpg)
-    not_applied: list[str] = field(
-        default_factory=list
-    )  # a person's captions an edit would change (--overwrite)
+    # a person's captions that an edit would change, left as they are (applied with --overwrite)
+    not_applied: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

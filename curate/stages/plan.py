@@ -366,7 +366,9 @@ def plan(
     images = [r for r in manifest.kept_images() if r.split != "val"]
     buckets = [r.bucket for r in images]
     counts = list(Counter(buckets).values()) if all(buckets) and images else None
-    tag_lists = [r.tags for r in images if r.tags]
+    from .captions import tags_of  # a caption a person wrote counts with its comma-separated parts
+
+    tag_lists = [t for t in map(tags_of, images) if t]
     tag_captions = sum(1 for r in images if not (r.caption or "").strip()) > len(images) / 2
     name = trigger or manifest.root.name
     p = plan_training(
