@@ -341,6 +341,20 @@ def test_metadata_jsonl_captions_are_the_users(tmp_path):
         _sha(imgs[1]): "zz, jsonl text 1",
         _sha(imgs[2]): "zz, caption file text",  # .caption beside the image before metadata.jsonl
     }
+    original = (ds / "metadata.jsonl").read_text()
+    with Dataset.open(ds) as d:
+        assert d.set_caption("img1.png", "jsonl text 1, fixed") == "metadata.jsonl::img1.png"
+        out = d.edit(remove=["jsonl text 0"], overwrite=True)
+        assert out.captions.write.backed_up == ["metadata.jsonl"]
+    lines = [json.loads(x) for x in (ds / "metadata.jsonl").read_text().splitlines()]
+    assert [e["text"] for e in lines] == ["", "jsonl text 1, fixed", "jsonl text 2"]
+    backups = sorted(
+        (ds / ".curate" / "caption_backups").rglob("metadata.jsonl"), key=lambda p: p.stat().st_mtime_ns
+    )
+    assert [b.read_text() for b in backups] == [
+        original,
+        original.replace('jsonl text 1"', 'jsonl text 1, fixed"'),
+    ]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -335,7 +336,7 @@ class _Writer:
         self.overwrite = overwrite
         self.res = WriteResult()
         self.ours = dict(manifest.conn.execute("SELECT target, digest FROM caption_files").fetchall())
-        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.stamp = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]  # unique per run
 
     def backup(self, rel: str, text: str) -> None:
         bdir = self.m.root / STATE_DIR / "caption_backups" / self.stamp
@@ -509,11 +510,11 @@ def _edit_user_captions(
     manifest: Manifest, records: list[ImageRecord], cfg: CaptionConfig, res: WriteResult, overwrite: bool
 ) -> dict[str, str]:
     """Apply an edit to the captions people wrote; rewritten (backup first) only with ``overwrite``."""
-    from .user_captions import sources, write_user_text
+    from .user_captions import new_stamp, sources, write_user_text
 
     src = sources(manifest)
     effective: dict[str, str] = {}
-    stamp = PurePosixPath(res.backup_dir).name if res.backup_dir else time.strftime("%Y%m%d-%H%M%S")
+    stamp = PurePosixPath(res.backup_dir).name if res.backup_dir else new_stamp()
     for rec in records:
         hit = next((src[p] for p in rec.paths if p in src), None)
         if hit is None:

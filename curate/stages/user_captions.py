@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -233,7 +234,7 @@ def write_user_text(
     ensure(manifest)
     root = manifest.root
     backup_dir = None
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    stamp = stamp or new_stamp()
     if "::" in target:
         meta_rel, image = target.split("::", 1)
         meta = root / meta_rel
@@ -268,6 +269,11 @@ def write_user_text(
     if update:
         refresh(manifest)
     return backup_dir
+
+
+def new_stamp() -> str:
+    """A backup folder name, unique per operation (two edits in one second must not share one)."""
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def _backup(manifest: Manifest, rel: str, text: str, stamp: str) -> str:
