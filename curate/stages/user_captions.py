@@ -115,7 +115,9 @@ def refresh(manifest: Manifest) -> RefreshResult:
             "SELECT target, image, rank, text, digest, size, mtime_ns, origin FROM user_captions"
         )
     }
-    images = [r[0] for r in conn.execute("SELECT path FROM files WHERE status='ok' AND sha256 IS NOT NULL")]
+    images = sorted(
+        r[0] for r in conn.execute("SELECT path FROM files WHERE status='ok' AND sha256 IS NOT NULL")
+    )
     by_dir: dict[str, list[str]] = {}
     for p in images:
         by_dir.setdefault(str(PurePosixPath(p).parent), []).append(p)
@@ -126,6 +128,8 @@ def refresh(manifest: Manifest) -> RefreshResult:
     now = time.time()
 
     def consider(target: str, image: str, rank: int, st: os.stat_result, read) -> None:
+        if target in seen:  # a.jpg and a.png share a.txt: the first (as the writer does) owns it
+            return
         seen.add(target)
         prev = known.get(target)
         if prev is not None and prev[5] == st.st_size and prev[6] == st.st_mtime_ns and prev[1] == image:
