@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .dataset import Dataset
+from .stages.bucket import DEFAULT_FAMILY
 from .ui import (
     ConfigOpt,
     DatasetArg,
@@ -332,7 +333,7 @@ def run_all(
     ] = None,
     model: Annotated[
         str, typer.Option(help="Target model family: sd15 (512 px buckets) or sdxl (1024).")
-    ] = "sdxl",
+    ] = DEFAULT_FAMILY,
     trigger: Annotated[str | None, typer.Option(help="Trigger word put first in every caption.")] = None,
     class_word: Annotated[
         str | None, typer.Option("--class", help="Class word for the kohya folder name.")

@@ -7,16 +7,15 @@ from typing import Any
 
 from .dataset import Dataset
 from .errors import CurateError
+from .stages.bucket import DEFAULT_FAMILY, RESOLUTION
 from .ui import console, progress_bar, table
-
-RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
 def run_pipeline(
     ds: Dataset,
     *,
     out: str | None = None,
-    model: str = "sdxl",
+    model: str = DEFAULT_FAMILY,
     trigger: str | None = None,
     class_word: str | None = None,
     val: float = 0.1,
@@ -39,7 +38,7 @@ def run_pipeline(
     dd = ds.dedupe()
     summary["dedupe"] = {"groups": len(dd.groups), "rejected": dd.rejected}
     summary["split"] = ds.split(val=val, seed=seed).as_dict()
-    summary["bucket"] = ds.bucket(resolution=RESOLUTION[model]).as_dict()
+    summary["bucket"] = ds.bucket(model).as_dict()
     summary["report"] = str(ds.report())
     summary["counts"] = ds.summary()
     summary["kept"] = len(ds.kept())

@@ -8,6 +8,7 @@ import typer
 
 from ..dataset import Dataset
 from ..errors import CurateError
+from ..stages.bucket import DEFAULT_FAMILY
 from ..ui import ConfigOpt, DatasetArg, JsonOpt, ManifestOpt, console, handle_errors, print_json, table
 
 
@@ -51,9 +52,19 @@ def split(
 
 def bucket(
     path: DatasetArg,
-    resolution: Annotated[int, typer.Option(help="Base resolution (side of the square bucket area).")] = 1024,
-    min_size: Annotated[int, typer.Option("--min", help="Smallest bucket side.")] = 256,
-    max_size: Annotated[int, typer.Option("--max", help="Largest bucket side.")] = 2048,
+    model: Annotated[
+        str, typer.Option(help="Model family: sd15 (512 px) or sdxl (1024 px); sets the defaults below.")
+    ] = DEFAULT_FAMILY,
+    resolution: Annotated[
+        int | None,
+        typer.Option(help="Base resolution (side of the square bucket area); default: the family's."),
+    ] = None,
+    min_size: Annotated[
+        int | None, typer.Option("--min", help="Smallest bucket side (default 256, at most the resolution).")
+    ] = None,
+    max_size: Annotated[
+        int | None, typer.Option("--max", help="Largest bucket side (default twice the resolution).")
+    ] = None,
     step: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
     no_upscale: Annotated[
         bool, typer.Option("--no-upscale", help="Never enlarge images; buckets follow image sizes.")
@@ -64,7 +75,7 @@ def bucket(
 ):
     """Preflight: the trainer's aspect buckets for every kept image, crop loss, upscales, warnings."""
     with _open(path, manifest, config) as ds:
-        rep = ds.bucket(resolution=resolution, min_size=min_size, max_size=max_size, step=step,
+        rep = ds.bucket(model, resolution=resolution, min_size=min_size, max_size=max_size, step=step,
                         no_upscale=no_upscale)  # fmt: skip
     if as_json:
         print_json(rep.as_dict())
@@ -124,7 +135,7 @@ def export(
 
 def plan(
     path: DatasetArg,
-    model: Annotated[str, typer.Option(help="Model family: sd15 or sdxl.")] = "sdxl",
+    model: Annotated[str, typer.Option(help="Model family: sd15 or sdxl.")] = DEFAULT_FAMILY,
     vram: Annotated[float, typer.Option(help="GPU memory in GiB.")] = 24.0,
     style: Annotated[str | None, typer.Option(help="anime or realistic (default: from tags).")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (keep_tokens, sample prompt).")] = None,
