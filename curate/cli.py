@@ -340,6 +340,9 @@ def run_all(
     ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    reg: Annotated[
+        str | None, typer.Option("--reg", help="Folder of regularization images to export with --out.")
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -356,6 +359,7 @@ def run_all(
             class_word=class_word,
             val=val,
             seed=seed,
+            reg=reg,
             show=not as_json,
         )
     if as_json:

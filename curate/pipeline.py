@@ -20,11 +20,16 @@ def run_pipeline(
     class_word: str | None = None,
     val: float = 0.1,
     seed: int = 0,
+    reg: str | None = None,
     show: bool = True,
 ) -> dict[str, Any]:
     """scan -> filter -> dedupe -> split -> bucket -> report, then export + training plan into ``out``."""
     if model not in RESOLUTION:
         raise CurateError(f"unknown --model {model!r}; choose sd15 or sdxl")
+    if reg is not None and out is None:
+        raise CurateError("--reg exports regularization images with the curated set; add --out FOLDER")
+    if reg is not None and not Path(reg).expanduser().is_dir():
+        raise CurateError(f"--reg {reg} is not a folder; pass the folder of regularization images")
     if out is not None:
         target = Path(out)
         if target.exists() and any(target.iterdir()):
@@ -47,7 +52,7 @@ def run_pipeline(
     if out is not None:
         from .stages.plan import write_plan
 
-        res = ds.export(out, format="kohya", trigger=trigger, class_word=class_word)
+        res = ds.export(out, format="kohya", trigger=trigger, class_word=class_word, reg=reg)
         summary["export"] = res.as_dict()
         p = ds.plan(model=model, trigger=trigger, class_word=class_word)
         summary["plan"] = str(write_plan(p, Path(out) / "train.toml"))

@@ -108,7 +108,23 @@ def export(
     resize: Annotated[
         bool, typer.Option("--resize", help="Write each image scaled and cropped to its bucket.")
     ] = False,
-    copy: Annotated[bool, typer.Option("--copy", help="Copy files instead of hard-linking them.")] = False,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            "--link",
+            help="hard or sym: link files to the originals instead of copying them (edits to the export "
+            "then change your originals). Default: copy, as a reflink where the file system can.",
+        ),
+    ] = None,
+    copy: Annotated[bool, typer.Option("--copy", hidden=True, help="Copy files (the default now).")] = False,
+    reg: Annotated[
+        str | None,
+        typer.Option(
+            "--reg",
+            help="kohya: folder of regularization images (<N>_<class>/ folders, or --class with repeats 1), "
+            "exported into reg/ as is_reg subsets.",
+        ),
+    ] = None,
     flip_aug: Annotated[bool, typer.Option("--flip-aug", help="kohya: enable horizontal flips.")] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
@@ -117,15 +133,22 @@ def export(
     """Write the kept images with captions in a trainer's layout, atomically, never touching the sources."""
     if format not in ("kohya", "diffusers"):
         raise CurateError(f"unknown --format {format!r}; choose kohya or diffusers")
-    opts: dict = {"trigger": trigger, "class_word": class_word, "resize": resize, "link": not copy}
+    if copy and link:
+        raise CurateError("--copy and --link contradict each other; copying is the default, drop --copy")
+    if reg and format != "kohya":
+        raise CurateError(
+            "--reg works with --format kohya (sd-scripts' is_reg subsets); drop it or use kohya"
+        )
+    opts: dict = {"trigger": trigger, "class_word": class_word, "resize": resize, "link": link}
     if format == "kohya":
-        opts.update(repeats=repeats, flip_aug=flip_aug)
+        opts.update(repeats=repeats, flip_aug=flip_aug, reg=reg)
     with _open(path, manifest, config) as ds:
         res = ds.export(out, format, **opts)
     if as_json:
         print_json(res.as_dict())
         return
-    rows = [("train", res.train), ("val", res.val), ("hard-linked", res.linked), ("copied", res.copied),
+    rows = [("train", res.train), ("val", res.val), ("regularization", res.reg), ("copied", res.copied),
+            ("reflinked (copy-on-write)", res.reflinked), ("linked to the originals", res.linked),
             ("re-encoded", res.reencoded), ("resized to bucket", res.resized)]  # fmt: skip
     console.print(table(f"export ({res.format}) -> {res.out}", ["", "images"], rows))
     for f in res.files:
