@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .dataset import Dataset
 from .errors import CurateError
 from .stages.bucket import DEFAULT_FAMILY, RESOLUTION
@@ -74,4 +76,6 @@ def run_pipeline(
             rows.append(("training plan", summary["plan"]))
         console.print(table("curate run", ["stage", "result"], rows))
         console.print(f"report: {summary['report']}")
+        for w in summary.get("export", {}).get("warnings", []):
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     return summary
