@@ -102,9 +102,16 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="kohya (folders + dataset TOML) or diffusers.")
     ] = "kohya",
-    repeats: Annotated[int, typer.Option(help="kohya: repeats per epoch (folder prefix).")] = 10,
+    repeats: Annotated[
+        int, typer.Option(help="kohya: repeats per epoch of images outside <N>_<class> concept folders.")
+    ] = 10,
     trigger: Annotated[str | None, typer.Option(help="Trigger word, put first in every caption.")] = None,
-    class_word: Annotated[str | None, typer.Option("--class", help="Class word (kohya folder name).")] = None,
+    class_word: Annotated[
+        str | None,
+        typer.Option(
+            "--class", help="Class word of images outside concept folders (and of loose --reg images)."
+        ),
+    ] = None,
     resize: Annotated[
         bool, typer.Option("--resize", help="Write each image scaled and cropped to its bucket.")
     ] = False,
