@@ -51,15 +51,20 @@ def _training_data(
                     "(new images are not filtered or deduplicated: run `curate run` to curate them)",
                     highlight=False,
                 )
-        layout = kohya_layout(ds.manifest, **opts)
         old = read_export_record(target)
+        if ranks > 1 and old is None:
+            raise CurateError(
+                f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
+                "(or use curate train --gpus N, which exports first)"
+            )
+        layout = kohya_layout(ds.manifest, **opts)
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
             return str(target / "dataset.toml")
         if ranks > 1:
             raise CurateError(
-                f"the export in {target} is missing or out of date; export once before torchrun: "
-                f"curate export {source} {target} --format kohya (or use curate train --gpus N, which exports first)"
+                f"the export in {target} is out of date (the dataset or the export options changed); "
+                "refresh it before torchrun: use curate train --gpus N, which re-exports first"
             )
         res = export_kohya(ds.manifest, target, replace=True, **opts)
     for w in res.warnings:
