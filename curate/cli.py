@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .dataset import Dataset
+from .stages.bucket import DEFAULT_FAMILY
 from .ui import (
     ConfigOpt,
     DatasetArg,
@@ -346,13 +347,16 @@ def run_all(
     ] = None,
     model: Annotated[
         str, typer.Option(help="Target model family: sd15 (512 px buckets) or sdxl (1024).")
-    ] = "sdxl",
+    ] = DEFAULT_FAMILY,
     trigger: Annotated[str | None, typer.Option(help="Trigger word put first in every caption.")] = None,
     class_word: Annotated[
         str | None, typer.Option("--class", help="Class word for the kohya folder name.")
     ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    reg: Annotated[
+        str | None, typer.Option("--reg", help="Folder of regularization images to export with --out.")
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -369,6 +373,7 @@ def run_all(
             class_word=class_word,
             val=val,
             seed=seed,
+            reg=reg,
             show=not as_json,
         )
     if as_json:

@@ -121,12 +121,15 @@ class Dataset:
 
         return split(self.manifest, val, seed, **options)
 
-    def bucket(self, **settings: Any):
-        """Assign kept images to the trainer's aspect buckets (images.bucket_w/h) and report the cost."""
-        from .stages.bucket import BucketSettings, bucket_images
+    def bucket(self, model: str | None = None, **settings: Any):
+        """Assign kept images to the trainer's aspect buckets (images.bucket_w/h) and report the cost.
+
+        ``model`` (sd15 | sdxl, default DEFAULT_FAMILY) sets the defaults of unset settings.
+        """
+        from .stages.bucket import bucket_images, family_settings
 
         return bucket_images(
-            self.manifest, BucketSettings(**{k: v for k, v in settings.items() if v is not None})
+            self.manifest, family_settings(model, **{k: v for k, v in settings.items() if v is not None})
         )
 
     def export(self, out: str | Path, format: str = "kohya", **options: Any):
