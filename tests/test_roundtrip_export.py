@@ -110,7 +110,8 @@ def test_two_concept_kohya_folder_keeps_concepts_repeats_and_class_tokens(tmp_pa
     # `curate export` with a class word: loose images get it, concepts keep theirs; captions reach the files.
     with Dataset.open(ds, create=False) as d:
         alice = [r for r in d.kept() if r.path.startswith("5_alice woman/")]
-        d.manifest.update_images([(r.sha256, {"caption": f"alice smiling {i}"}) for i, r in enumerate(alice)])
+        for i, r in enumerate(alice):  # a hand edit of their caption files (the person's text wins)
+            d.set_caption(r.path, f"alice smiling {i}")
         alice_caps = {r.sha256: f"zz, alice smiling {i}" for i, r in enumerate(alice)}
         d.manifest.update_images([(loose["sha256"], {"split": "train"})])
     out2 = tmp_path / "OUT2"
@@ -227,7 +228,7 @@ def test_train_reuses_an_unchanged_export_and_re_exports_any_change(tmp_path, ca
     # A caption changes: re-exported, the new caption is in the files.
     with Dataset.open(ds, create=False) as d:
         rec = next(r for r in d.kept() if r.split != "val")
-        d.manifest.update_images([(rec.sha256, {"caption": "brand new caption"})])
+    (ds / rec.path).with_suffix(".txt").write_text("brand new caption\n", "utf-8")  # a hand edit
     assert "re-exported: 1 image(s) changed" in _train_data(capsys, ds, runs)
     rec_file = next(
         m
