@@ -41,6 +41,7 @@ class ScanResult:
     missing: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -268,9 +269,8 @@ def scan(
                 workers, initializer=_init_worker, initargs=(known, cfg, os.getpid())
             ) as pool:
                 try:
-                    with (
-                        _signals_deferred()
-                    ):  # map() forks the workers: none may start with curate's handlers
+                    # map() forks the workers: none may start with curate's signal handlers
+                    with _signals_deferred():
                         results = pool.map(_read_one, abs_paths, chunksize=4)
                     run(results)
                 except BaseException:
@@ -283,9 +283,16 @@ def scan(
         with contextlib.suppress(Exception):
             _write_scan_rejects(manifest)
         raise
-    res.seconds = time.perf_counter() - t0
     _write_scan_rejects(manifest)
+    res.captions = _refresh_captions(manifest).as_dict()
+    res.seconds = time.perf_counter() - t0
     return res
+
+
+def _refresh_captions(manifest: Manifest):
+    from .user_captions import refresh
+
+    return refresh(manifest)
 
 
 def _write_scan_rejects(manifest: Manifest) -> None:
