@@ -42,7 +42,13 @@ def _training_data(
     target = output_dir / "data"
     opts = {"repeats": repeats, "trigger": trigger, "class_word": class_word, "reg": reg}
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    with Dataset.open(source, create=False) as ds:
+    if ranks > 1 and read_export_record(target) is None:  # before touching the manifest
+        raise CurateError(
+            f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
+            "(or use curate train --gpus N, which exports first)"
+        )
+    # every torchrun rank opens it: only a single process takes the writer lock (and scans)
+    with Dataset.open(source, create=False, write=ranks == 1) as ds:
         if ranks == 1:  # under torchrun every rank would scan at once; the launcher's export decides
             scan = ds.scan()
             if scan.decoded or scan.missing:
