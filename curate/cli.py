@@ -6,6 +6,7 @@ import importlib
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .dataset import Dataset
 from .ui import (
@@ -82,7 +83,7 @@ def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
             f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
         )
         for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {p}: {why}")
+            console.print(f"[yellow]skipped[/] {escape(p)}: {escape(why)}")
     return res.as_dict()
 
 
@@ -208,7 +209,7 @@ def dedupe(
                     else ""
                 )
                 console.print(
-                    f"CLIP {c['model']} ({c['pretrained']}): {c['embedded']} images, {c['pairs']} pairs >= "
+                    f"CLIP {escape(str(c['model']))} ({escape(str(c['pretrained']))}): {c['embedded']} images, {c['pairs']} pairs >= "
                     f"{c['threshold']}, index {c['index']} in {c['seconds']} s{recall}"
                 )
         if apply:
@@ -275,7 +276,7 @@ def report(
     if as_json:
         print_json({"report": str(p)})
     else:
-        console.print(f"report written to {p}")
+        console.print(f"report written to {escape(str(p))}")
 
 
 @app.command()
@@ -305,7 +306,7 @@ def restore(
     else:
         console.print(f"restored {len(res.moved)} file(s)")
         for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {p}: {why}")
+            console.print(f"[yellow]skipped[/] {escape(p)}: {escape(why)}")
 
 
 @app.command()

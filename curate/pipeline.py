@@ -69,5 +69,5 @@ def run_pipeline(
             rows.append(("exported to", summary["export"]["out"]))
             rows.append(("training plan", summary["plan"]))
         console.print(table("curate run", ["stage", "result"], rows))
-        console.print(f"report: {summary['report']}")
+        console.print(f"report: {summary['report']}", markup=False)
     return summary

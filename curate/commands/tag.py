@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..dataset import Dataset
 from ..errors import CurateError
@@ -78,7 +79,9 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
             "[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]"
         )
     for p, n in cap["over_limit"][:10]:
-        err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
+        err_console.print(
+            f"[yellow]warning[/]: {escape(p)} has {n} CLIP tokens (> 75); use --max-tags or edit it"
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -231,7 +234,7 @@ def register(app: typer.Typer) -> None:
             table(f"tags: {st.tagged} of {st.images} images tagged", ["tag", "images", "share"],
                   [(t, n, f"{f:.0%}") for t, n, f in st.frequency[:top]])
         )  # fmt: skip
-        console.print(f"in every image: {', '.join(st.always) or '-'}")
+        console.print(f"in every image: {escape(', '.join(st.always)) or '-'}")
         counted = [c for _, c in st.tokens if c is not None]
         if counted:
             console.print(

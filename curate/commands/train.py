@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import CurateError
 from ..ui import JsonOpt, console, handle_errors, print_json, table
@@ -19,7 +20,7 @@ def _training_data(
     if (source / ".curate" / "manifest.db").exists():
         target = output_dir / "data"
         if (target / "dataset.toml").exists():
-            console.print(f"using the earlier export in {target}")
+            console.print(f"using the earlier export in {escape(str(target))}")
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank would export at once
             raise CurateError(
                 f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
@@ -32,7 +33,9 @@ def _training_data(
                 res = ds.export(
                     target, format="kohya", repeats=repeats, trigger=trigger, class_word=class_word
                 )
-            console.print(f"exported {res.train} training and {res.val} validation images to {target}")
+            console.print(
+                f"exported {res.train} training and {res.val} validation images to {escape(str(target))}"
+            )
         return str(target / "dataset.toml")
     return str(source)
 
@@ -50,7 +53,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         config: Annotated[
-            Path | None, typer.Option(help="Training TOML with a [train] table (from `curate plan`).")
+            Path | None, typer.Option(help="Training TOML with a \\[train] table (from `curate plan`).")
         ] = None,
         base: Annotated[
             str | None, typer.Option(help="Base model: diffusers folder, .safetensors or hub id.")
@@ -118,10 +121,10 @@ def register(app: typer.Typer) -> None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
             console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
+                f"stopped at step {result.steps}; resume with: curate train --resume {escape(str(result.state_path))}"
             )
         else:
-            console.print(f"saved {result.lora_path} ({result.steps} steps)")
+            console.print(f"saved {escape(str(result.lora_path))} ({result.steps} steps)")
 
     @app.command("lora-info")
     @handle_errors
