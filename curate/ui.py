@@ -103,10 +103,19 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 
     t0 = time.perf_counter()
 
+    started = False
+
     def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:  # shown from the first report on: an early error stays a single line
+            prog.start()
+            started = True
         dt = time.perf_counter() - t0
         rate = f"{done / dt:.0f}/s" if dt > 0 and done else ""
         prog.update(task, completed=done, total=total, rate=rate)
 
-    with prog:
+    try:
         yield update
+    finally:
+        if started:
+            prog.stop()
