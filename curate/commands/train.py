@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import CurateError
-from ..ui import JsonOpt, console, handle_errors, print_json, table
+from ..ui import JsonOpt, console, handle_errors, print_json, table, warn
 
 
 def _training_data(
@@ -146,3 +146,5 @@ def register(app: typer.Typer) -> None:
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]
         console.print(table(str(file), ["", "value"], rows))
+        if info.get("problems"):
+            warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")
