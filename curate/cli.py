@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ from .ui import (
     print_json,
     progress_bar,
     table,
+    warn,
 )
 
 app = typer.Typer(
@@ -82,9 +84,19 @@ def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
         console.print(
             f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
         )
-        for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {escape(p)}: {escape(why)}")
+    _print_skipped(res.skipped)
     return res.as_dict()
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One stderr line per file an apply/restore left alone; the command then exits 1."""
+    for p, why in skipped:
+        warn(f"skipped {p}: {why}")
+
+
+def _exit_if_skipped(*results: dict | None) -> None:
+    if any(r and r.get("skipped") for r in results):
+        raise typer.Exit(1)
 
 
 @app.command("filter")
@@ -135,6 +147,7 @@ def filter_cmd(
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out.get("apply"))
 
 
 @app.command()
@@ -216,6 +229,7 @@ def dedupe(
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out.get("apply"))
 
 
 @app.command()
@@ -287,6 +301,7 @@ def apply(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = No
         out = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out)
 
 
 @app.command()
@@ -299,14 +314,18 @@ def restore(
     as_json: JsonOpt = False,
 ):
     """Undo --apply: move quarantined files back where they were (never overwriting)."""
-    with _open(path, manifest, config, create=False) as ds:
+    from .stages.quarantine import INDEX_NAME, QUARANTINE
+
+    # A lost manifest is no reason to keep files in the quarantine: its own index says where they belong.
+    has_index = (Path(path) / ".curate" / QUARANTINE / INDEX_NAME).exists()
+    with _open(path, manifest, config, create=has_index) as ds:
         res = ds.restore(batch=batch)
     if as_json:
         print_json(res.as_dict())
     else:
         console.print(f"restored {len(res.moved)} file(s)")
-        for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {escape(p)}: {escape(why)}")
+    _print_skipped(res.skipped)
+    _exit_if_skipped(res.as_dict())
 
 
 @app.command()
