@@ -63,6 +63,32 @@ def _print_scan(d: dict) -> None:
     console.print(table("scan", ["", "count"], rows))
 
 
+BAD_NAME_FIX = "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8 -r --notest DIR)"
+
+
+def _unusable(ds: Dataset, d: dict) -> list[list[str]]:
+    """[path, reason, detail] of every file the scan rejected, names that are not UTF-8 first."""
+    rows = [[n, "bad-filename", BAD_NAME_FIX] for n in d.get("bad_names", [])]
+    rows += [
+        [r[0], r[1], r[2] or ""]
+        for r in ds.manifest.conn.execute(
+            "SELECT r.path, r.reason, r.detail FROM rejects r JOIN files f ON f.path=r.path"
+            " WHERE r.stage='scan' AND f.status='ok' ORDER BY r.path"
+        )
+    ]
+    return rows
+
+
+def _print_unusable(rows: list[list[str]], where: str, limit: int = 20) -> None:
+    if not rows:
+        return
+    more = f" (first {limit}; `curate scan {where} --json` lists all)" if len(rows) > limit else ""
+    console.print(table(f"unusable files: {len(rows)}{more}", ["file", "reason", "detail"], rows[:limit]))
+    bad = sum(1 for r in rows if r[1] == "bad-filename")
+    if bad:
+        warn(f"{bad} file name(s) are not valid UTF-8 and were left out of the manifest; rename them")
+
+
 @app.command()
 @handle_errors
 def scan(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
@@ -70,10 +96,12 @@ def scan(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = Non
     with _open(path, manifest, config) as ds:
         d = _do_scan(ds, as_json)
         d["summary"] = ds.summary()
+        d["unusable"] = _unusable(ds, d)
     if as_json:
         print_json(d)
     else:
         _print_scan(d)
+        _print_unusable(d["unusable"], str(path))
         if d["interrupted"]:
             console.print("[yellow]interrupted: rerun `curate scan` to continue[/]")
 
@@ -139,9 +167,21 @@ def filter_cmd(
         )
         out = {"filter": res.as_dict()}
         if not as_json:
-            rows = sorted(res.by_reason.items(), key=lambda kv: -kv[1])
+            examples: dict[str, list[str]] = {}
+            for p, found in ds.manifest.rejected_paths().items():
+                for _stage, reason, _ in (f for f in found if f[0] == "filter"):
+                    for r in reason.split(","):
+                        examples.setdefault(r, []).append(p)
+            rows = [
+                (r, n, ", ".join(examples.get(r, [])[:3]) + (", ..." if len(examples.get(r, [])) > 3 else ""))
+                for r, n in sorted(res.by_reason.items(), key=lambda kv: -kv[1])
+            ]
             console.print(
-                table(f"filter: {res.rejected} of {res.checked} images rejected", ["reason", "images"], rows)
+                table(
+                    f"filter: {res.rejected} of {res.checked} images rejected",
+                    ["reason", "images", "e.g."],
+                    rows,
+                )
             )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
