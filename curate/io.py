@@ -63,21 +63,30 @@ class PathOutside(ValueError):
     """A relative path (from the manifest or an index) that would leave the dataset root."""
 
 
+def lexical_escape(rel: str) -> str | None:
+    """Why the relative path ``rel`` (as the manifest stores it) would leave the dataset, or None."""
+    if not rel or "\0" in rel:
+        return "empty path"
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", rel):
+        return "an absolute path"
+    if any(part == ".." for part in pure.parts) or pure.name in ("", ".", ".."):
+        return "a path that goes up with .."
+    if pure.parts[0] == STATE_DIR:
+        return f"inside {STATE_DIR}/, curate's own folder"
+    return None
+
+
 def inside(root: str | os.PathLike, rel: str) -> Path:
     """``root / rel`` if ``rel`` is a clean relative path that stays inside ``root``, else PathOutside(why).
 
     The folders on the way are resolved (a symlinked folder leading out is refused); the last component
     is not followed, so a symlink inside the dataset is the link itself, never the file it points to.
     """
-    if not rel or "\0" in rel:
-        raise PathOutside("empty path")
+    why = lexical_escape(rel)
+    if why:
+        raise PathOutside(why)
     pure = PurePosixPath(rel)
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", rel):
-        raise PathOutside("an absolute path")
-    if any(part == ".." for part in pure.parts) or pure.name in ("", ".", ".."):
-        raise PathOutside("a path that goes up with ..")
-    if pure.parts[0] == STATE_DIR:
-        raise PathOutside(f"inside {STATE_DIR}/, curate's own folder")
     root_real = os.path.realpath(root)
     parent = os.path.realpath(os.path.join(root_real, *pure.parts[:-1]))
     if os.path.commonpath([parent, root_real]) != root_real:

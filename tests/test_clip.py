@@ -189,7 +189,7 @@ def test_missing_weights_give_one_line_offline_errors(tmp_path):
         CurateError, match=r"timm/vit_base_patch32_clip_224\.openai open_clip_model\.safetensors"
     ):
         load_clip("ViT-B-32", "openai", "cpu")
-    with pytest.raises(CurateError, match="not in the local Hugging Face cache.*`hf download nobody/no-such-clip open_clip_config.json open_clip_model.safetensors --local-dir no-such-clip`"):
+    with pytest.raises(CurateError, match="Hugging Face cache.*.*`hf download nobody/no-such-clip"):
         load_clip("hf-hub:nobody/no-such-clip", None, "cpu")
     with pytest.raises(CurateError, match="unknown CLIP model"):
         load_clip("ViT-Nope-99", "openai", "cpu")

@@ -270,3 +270,23 @@ def test_restore_reports_files_nothing_records(ds: Path):
     lines = skipped_lines(r)
     assert len(lines) == 1 and "tiny.png" in lines[0] and "by hand" in lines[0]
     assert (ds / ".curate" / "quarantine" / "tiny.png").exists()
+
+
+def test_no_stage_writes_beside_a_manifest_row_outside_the_dataset(ds: Path, tmp_path: Path):
+    import tests.tiny_wd14 as tiny_wd14
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert cli("scan", str(ds), "--json").exit_code == 0
+    img = ds / "img1.png"
+    st = img.stat()
+    with db(ds) as conn:  # the same bytes recorded under a path that leads out
+        conn.execute(
+            "INSERT INTO files(path, sha256, size, mtime_ns, status) VALUES ('../outside/x.png',?,?,?, 'ok')",
+            (sha(img), st.st_size, st.st_mtime_ns),
+        )
+    model = tiny_wd14.build(tmp_path / "tagger")
+    r = cli("tag", str(ds), "--model", str(model), "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert list(outside.iterdir()) == []  # no caption written beside ../outside/x.png
+    assert (ds / "img1.txt").exists()
