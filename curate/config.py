@@ -265,8 +265,33 @@ SECTIONS: dict[str, type | None] = {
 }
 
 
+def _check_plan(values: dict[str, Any], source: Path) -> None:
+    """[plan] overrides must have the type of the table they replace (unknown keys: plan.tables says)."""
+    from .stages.plan import _TABLES
+
+    kinds = {dict: "a table", list: "a list", str: "a string", bool: "true or false", int: "a number",
+             float: "a number"}  # fmt: skip
+    for k, v in values.items():
+        if k not in _TABLES:
+            continue
+        want = type(_TABLES[k])
+        ok = (
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            if want in (int, float)
+            else isinstance(v, want)
+        )
+        if want is int and isinstance(v, float):
+            ok = False
+        if not ok:
+            expected = "an integer" if want is int else kinds.get(want, want.__name__)
+            raise CurateError(f"{k} in {_where('plan', source)} must be {expected}, got {_toml_repr(v)}")
+
+
 def _check_section(name: str, values: dict[str, Any], source: Path) -> None:
     """Unknown keys, wrong types and nonsense values of a section read elsewhere, checked at load time."""
+    if name == "plan":
+        _check_plan(values, source)
+        return
     types = _section_types(name)
     if types is None:
         return

@@ -119,6 +119,8 @@ def test_warnings_and_table_cells_are_plain_text(capsys):
         ("[blip]\nbatch_size = 0\n", ["batch_size in [blip]", "at least 1"]),
         ("[tag]\nfloor = 3\n", ["floor in [tag]", "between 0 and 1"]),
         ("min_side = 3\n", ["min_side in", "not inside a section; put it under [filter]"]),
+        ('[plan]\nnetwork_dim = "abc"\n', ["network_dim in [plan]", "must be an integer"]),
+        ("[plan]\nsize_tiers = 3\n", ["size_tiers in [plan]", "must be a list"]),
     ],
 )
 def test_bad_curate_toml_is_one_line(odd: Path, toml: str, needles: list[str]):
