@@ -376,10 +376,22 @@ def status(
     """Counts from the manifest: files, distinct images, rejects, quarantined."""
     with _open(path, manifest, config, create=False) as ds:
         counts = ds.summary()
+        present = {r[0] for r in ds.manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
+        rejects = {p: f for p, f in ds.manifest.rejected_paths().items() if p in present}
     if as_json:
         print_json(counts)
     else:
         console.print(table("status", ["", "count"], list(counts.items())))
+        by: dict[tuple[str, str], list[str]] = {}
+        for p, found in sorted(rejects.items()):
+            for stage, reason, _ in found:
+                by.setdefault((stage, reason), []).append(p)
+        if by:
+            rows = [(st, why, len(ps), ", ".join(ps[:3]) + (", ..." if len(ps) > 3 else ""))
+                    for (st, why), ps in sorted(by.items())]  # fmt: skip
+            console.print(
+                table("rejected files still in the dataset", ["stage", "reason", "files", "e.g."], rows)
+            )
 
 
 @app.command("run")

@@ -64,6 +64,7 @@ def test_bracketed_file_names_print_verbatim(odd: Path):
     assert ODD_NAME in r.stdout and ODD_CORRUPT in r.stdout
     r = cli("status", str(odd))
     assert r.exit_code == 0 and "rejected_files" in r.stdout
+    assert ODD_NAME in r.stdout and ODD_CORRUPT in r.stdout  # examples of the rejects, by name
     assert tree_hashes(odd) == before
 
 
