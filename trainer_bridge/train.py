@@ -572,7 +572,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
                     if main:
                         progress.console.print(
-                            f"stopped at step {global_step}; resume with resume={result.state_path}"
+                            f"stopped at step {global_step}; resume with resume={result.state_path}",
+                            markup=False,
                         )
                     return result
                 if done:

@@ -86,7 +86,9 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
             highlight=False,
         )
     for p, n in cap["over_limit"][:10]:
-        err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
+        err_console.print(
+            f"[yellow]warning[/]: {escape(p)} has {n} CLIP tokens (> 75); use --max-tags or edit it"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CurateError, require
+from . import hf_download, is_hub_id, local_dir_for
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
@@ -85,9 +86,15 @@ def resolve_model(model: str) -> tuple[Path, Path]:
         if not csv_path.exists():
             raise CurateError(f"no {TAGS_FILE} next to {p}; put the model's tag list there")
         return p, csv_path
-    if model.count("/") != 1 or p.exists():
+    if p.exists():
         raise CurateError(
-            f"tagger {model!r} is neither a folder with {MODEL_FILE} + {TAGS_FILE} nor a Hugging Face repo id"
+            f"tagger {model} is a file; pass the folder that holds {MODEL_FILE} and {TAGS_FILE}"
+        )
+    if not is_hub_id(model):
+        kind = "file" if p.suffix == ".onnx" else "folder"
+        raise CurateError(
+            f"no such {kind} {model}; --model takes a folder with {MODEL_FILE} + {TAGS_FILE} "
+            "or a Hugging Face repo id (owner/name)"
         )
     hub = require("huggingface_hub", "tag")
     files = []
@@ -97,9 +104,11 @@ def resolve_model(model: str) -> tuple[Path, Path]:
         except Exception:
             break
     if len(files) != 2:
+        local = local_dir_for(model)
         raise CurateError(
-            f"tagger {model} is not downloaded; run `huggingface-cli download {model} {MODEL_FILE} {TAGS_FILE}` "
-            f"(stored in the Hugging Face cache, {_hf_cache()}) or pass --model <folder with {MODEL_FILE} and {TAGS_FILE}>"
+            f"tagger {model} is not downloaded (no folder {model} here, not in the Hugging Face cache "
+            f"{_hf_cache()}); on a connected machine run `{hf_download(model, (MODEL_FILE, TAGS_FILE), local)}` "
+            f"and pass --model ./{local}"
         )
     return files[0], files[1]
 
