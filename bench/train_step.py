@@ -121,7 +121,12 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    compile_ = variant.startswith("compile")
+    levers = set(
+        variant.replace("-", "+").split("+")
+    )  # e.g. "graph", "compile+graph", "graph+cudnn", "graph+cl"
+    compile_ = "compile" in levers
+    channels_last = channels_last or "cl" in levers
+    torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
     unet, fwd, opt, params = build(cfg, rank, channels_last, False)
     if compile_:
         fwd = torch.compile(unet, dynamic=False)
@@ -136,7 +141,7 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
     flops = _FLOPS[name, bs]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # the peak of this variant's own steps (weights + state stay counted)
-    fs = fast(fwd, opt, params) if variant.endswith("graph") else None
+    fs = fast(fwd, opt, params) if "graph" in levers else None
 
     def one():
         return fast_step(fs, x, h, added, gen) if fs else step(fwd, opt, params, x, h, added, gen)
@@ -176,6 +181,7 @@ def run_peer(name, bs, compile_=False, out=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
     import lora_step_peer as P
 
+    torch.backends.cudnn.benchmark = False  # the peer's own settings
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         P.run(name, P.SD15 if name.startswith("sd15") else P.SDXL, bs, compile_=compile_)
@@ -187,7 +193,7 @@ SHAPES = [("sd15-512", SD15, 1), ("sd15-512", SD15, 8), ("sd15-512", SD15, 16), 
           ("sdxl-1024", SDXL, 4)]  # fmt: skip
 
 
-def suite(out, variants, which, compiled_cases):
+def suite(out, variants, which, compiled_cases, batches=None):
     """Peer and ours side by side: per shape the peer, then each of our variants; compiled cases last."""
     torch.backends.cuda.matmul.allow_tf32 = True
     emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -200,7 +206,7 @@ def suite(out, variants, which, compiled_cases):
             emit(dict(error=f"{type(e).__name__}: {str(e)[:300]}", args=[str(a)[:40] for a in args]), out)
 
     for name, cfg, bs in SHAPES:
-        if name.split("-")[0] not in which:
+        if name.split("-")[0] not in which or (batches and bs not in batches):
             continue
         guarded(run_peer, name, bs, out=out)
         for v in variants:
@@ -251,14 +257,24 @@ if __name__ == "__main__":
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--variant", default="plain", help="plain | graph | compile-graph")
+    ap.add_argument(
+        "--variant", default="plain", help="plain | graph | compile-graph | graph+cudnn | graph+cl"
+    )
     ap.add_argument("--suite", action="store_true", help="peer + ours side by side, every shape")
     ap.add_argument("--variants", default="graph,plain", help="with --suite: our variants per shape")
     ap.add_argument("--compiled", default="sd15-512:8:peer,sd15-512:8:compile-graph",
                     help="with --suite: name:batch:who cases run last (who = peer or a variant)")  # fmt: skip
+    ap.add_argument("--batches", default="", help="with --suite: only these batch sizes, e.g. 8,16")
     a = ap.parse_args()
     if a.suite:
-        suite(a.out, a.variants.split(","), a.which, [c for c in a.compiled.split(",") if c])
+        bs_only = [int(b) for b in a.batches.split(",") if b]
+        suite(
+            a.out,
+            [v for v in a.variants.split(",") if v],
+            a.which,
+            [c for c in a.compiled.split(",") if c],
+            bs_only,
+        )
         sys.exit(0)
     if a.variant != "plain":
         torch.backends.cuda.matmul.allow_tf32 = True
