@@ -53,5 +53,13 @@ def test_fast_option_on_cpu(sd15_dir, dataset, tmp_path):  # noqa: F811
     with pytest.warns(UserWarning, match="fast step off: CUDA graphs need a CUDA GPU"):
         assert make_fast_step(cfg.override({"fast": "graph"}), **args) is None
     assert make_fast_step(cfg.override({"fast": "off"}), **args) is None
+    # on CUDA, settings the graphs cannot take fall back to the plain step with one warning line, no error
+    cuda = {**args, "device": torch.device("cuda")}
+    with pytest.warns(UserWarning, match="fast step off: data-parallel runs"):
+        assert make_fast_step(cfg, **cuda, world=2) is None
+    with pytest.warns(UserWarning, match="fast step off: compile = true runs without CUDA graphs"):
+        assert make_fast_step(cfg.override({"compile": True}), **cuda) is None
+    with pytest.warns(UserWarning, match="fast step off: a trained text encoder"):
+        assert make_fast_step(cfg.override({"fast": "eager"}), **args, train_te=True) is None
     with pytest.raises(TrainError, match="fast must be one of auto, graph, eager, off"):
         make_fast_step(cfg.override({"fast": "fastest"}), **args)

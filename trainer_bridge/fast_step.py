@@ -49,10 +49,15 @@ def make_fast_step(cfg: Any, *, unet_fwd, params, optimizer, alphas_cumprod, los
         raise TrainError(f"fast must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":
         return None
+    if mode == "eager":  # the settings graphs need, minus the GPU
+        reason = why_not(cfg, "cuda", world, train_te, scaler)
+        if reason:
+            warnings.warn(f"fast step off: {reason}", stacklevel=2)
+            return None
+        return _new(cfg, unet_fwd, params, optimizer, alphas_cumprod, loss_kw, capture=False)
     reason = why_not(cfg, device.type, world, train_te, scaler)
-    if mode == "eager":
-        return None if reason and device.type == "cuda" else _new(cfg, unet_fwd, params, optimizer, alphas_cumprod,
-                                                                   loss_kw, capture=False)  # fmt: skip
+    if not reason and mode == "auto" and getattr(cfg, "compile", False):
+        reason = "compile = true runs without CUDA graphs (set fast = 'graph' to capture the compiled step)"
     if reason:
         if device.type == "cuda" or mode == "graph":
             warnings.warn(f"fast step off: {reason}", stacklevel=2)
