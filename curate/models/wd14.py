@@ -223,7 +223,8 @@ class WD14Tagger:
         self.notices: list[str] = [notice] if notice else []
         self._threads = threads
         self.session = self._session(onnx_path)
-        if device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
+        tried_cuda = isinstance(self.providers[0], tuple)
+        if tried_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # onnxruntime-gpu is installed but its CUDA/cuDNN libraries did not load: it fell back quietly.
             self.notices.append(
                 "onnxruntime's CUDA provider did not start (CUDA/cuDNN libraries missing or mismatched); "
