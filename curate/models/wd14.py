@@ -298,6 +298,9 @@ class WD14Tagger:
         parts = list(self._pool.map(lambda x: self._run(x[None]), list(batch)))
         return np.concatenate(parts).astype(np.float32)
 
+    def collate(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays)
+
     def submit(self, batch: np.ndarray) -> Future:
         """Start ``predict`` on a worker thread (onnxruntime releases the GIL); ``.result()`` gives the scores."""
         return self._runner.submit(self.predict, batch)

@@ -197,13 +197,23 @@ class TorchTagger:
             logits = self.net(x)
         return logits.float().sigmoid_()
 
-    def _launch(self, batch: np.ndarray):
+    def collate(self, arrays: list[np.ndarray]):
+        """Stack preprocessed images straight into pinned host memory (one copy less per batch on CUDA)."""
+        if not self.cuda:
+            return np.stack(arrays)
+        buf = self._torch.empty((len(arrays), *arrays[0].shape), dtype=self._torch.uint8, pin_memory=True)
+        np.stack(arrays, out=buf.numpy())
+        return buf
+
+    def _launch(self, batch):
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch))
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             if not self.cuda:
                 return _Ready(self._forward(x).numpy())
-            x = x.pin_memory().to(self.torch_device, non_blocking=True)
+            if not x.is_pinned():
+                x = x.pin_memory()
+            x = x.to(self.torch_device, non_blocking=True)
             probs = self._forward(x)
             out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(probs, non_blocking=True)
@@ -211,7 +221,7 @@ class TorchTagger:
             event.record()
             return _Pending(event, out)
 
-    def submit(self, batch: np.ndarray):
+    def submit(self, batch):
         """Queue a batch; ``.result()`` gives [N, n_tags] scores. On CUDA only the launch happens here."""
         if len(batch) == 0:
             return _Ready(np.zeros((0, len(self.labels)), np.float32))
@@ -223,7 +233,7 @@ class TorchTagger:
         except self._torch.cuda.OutOfMemoryError:
             return _Ready(self._split(batch))
 
-    def _split(self, batch: np.ndarray) -> np.ndarray:
+    def _split(self, batch) -> np.ndarray:
         """Out of GPU memory: run the batch in halves (and remember the smaller size)."""
         self._torch.cuda.empty_cache()
         if len(batch) == 1:
@@ -235,7 +245,7 @@ class TorchTagger:
             self.notices.append(msg)
         return np.concatenate([self.predict(batch[:half]), self.predict(batch[half:])])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch) -> np.ndarray:
         """[N, size, size, 3] uint8 RGB -> [N, n_tags] probabilities (blocking)."""
         return np.asarray(self.submit(batch).result(), dtype=np.float32)
 

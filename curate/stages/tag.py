@@ -214,7 +214,7 @@ def tag_images(
                     batch.append(rec)
                     arrays.append(arr)
                 if batch:
-                    running.append((batch, tagger.submit(np.stack(arrays))))
+                    running.append((batch, tagger.submit(tagger.collate(arrays))))
                 while running and (len(running) > 1 or not pending):
                     done_batch, handle = running.popleft()
                     store(done_batch, handle.result())
