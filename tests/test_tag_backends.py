@@ -143,7 +143,7 @@ def test_cli_torch_backend_end_to_end_then_rethreshold_without_model(ds_path, ti
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["run"]["backend"] == "torch" and d["run"]["inferred"] == 8 and d["run"]["images_per_second"] > 0
-    assert "only timm weights" in d["run"]["why"]
+    assert ("torch sees CUDA" if torch.cuda.is_available() else "only timm weights") in d["run"]["why"]
     low = {p.name: p.read_text() for p in ds_path.glob("*.txt")}
     assert len(low) == 8
     shutil.rmtree(model)  # stored scores re-threshold with no model on disk
