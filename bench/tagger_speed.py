@@ -306,48 +306,49 @@ def bench_v3(args, out: Path, info: dict) -> None:
         # Model only: synthetic uint8 batches through the torch backend (H2D, normalise, forward, D2H).
         cuda = args.v3_device.startswith("cuda")
         files = wd14.locate(str(folder))
-        tagger = TorchTagger(files, device=args.v3_device)
         x = np.random.default_rng(0).integers(0, 255, (max(args.v3_batches), 448, 448, 3), dtype=np.uint8)
-        for bs in args.v3_batches:
-            xb = tagger.collate(list(x[:bs]))  # pinned, as tag_images hands batches over
-            for _ in range(2):
-                tagger.predict(xb)
-            iters = max(3, int(args.v3_model_images / bs))
-            t0 = time.perf_counter()
-            prev = None
-            for _ in range(iters):
-                h = tagger.submit(xb)
-                if prev is not None:
-                    prev.result()
-                prev = h
-            prev.result()
-            dt = time.perf_counter() - t0
-            emit(out, {**base, "case": "torch_model_only", "batch": bs, "dtype": tagger.dtype,
-                       "img_per_s": round(bs * iters / dt, 1), "speedup_vs_baseline": round(bs * iters / dt * t_base, 1),
-                       "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None})  # fmt: skip
-        auto_batch = tagger.default_batch
-        del tagger
-        torch.cuda.empty_cache() if cuda else None
+        auto_batch = 0
+        for dtype in args.v3_dtypes:
+            tagger = TorchTagger(files, device=args.v3_device, dtype=dtype)
+            auto_batch = auto_batch or tagger.default_batch
+            for bs in args.v3_batches:
+                xb = tagger.collate(list(x[:bs]))  # pinned, as tag_images hands batches over
+                for _ in range(2):
+                    tagger.predict(xb)
+                iters = max(3, int(args.v3_model_images / bs))
+                t0 = time.perf_counter()
+                prev = None
+                for _ in range(iters):
+                    h = tagger.submit(xb)
+                    if prev is not None:
+                        prev.result()
+                    prev = h
+                prev.result()
+                dt = time.perf_counter() - t0
+                emit(out, {**base, "case": "torch_model_only", "batch": bs, "dtype": tagger.dtype,
+                           "img_per_s": round(bs * iters / dt, 1), "speedup_vs_baseline": round(bs * iters / dt * t_base, 1),
+                           "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None})  # fmt: skip
+            del tagger
+            torch.cuda.empty_cache() if cuda else None
 
-        # End to end: curate's stage from the JPEG files (decode threads, batches on the GPU, score writes).
+        # End to end: curate's stage from the JPEG files (decoding, batches on the GPU, score writes).
         wd14._CACHE.clear()
         with Dataset.open(root) as ds:
-            cuda = args.v3_device.startswith("cuda")
-            cfg = TagConfig(
-                model=str(folder), device=args.v3_device, backend="auto" if cuda else "torch", force=True
-            )
-            tag_images(ds.manifest, cfg, records=recs[: 2 * auto_batch])  # load + warm-up
-            for rep in range(args.v3_repeats):
-                t0 = time.perf_counter()
-                run = tag_images(ds.manifest, cfg, records=recs)
-                dt = time.perf_counter() - t0
-                stored = load_scores(ds.manifest, model_key(str(folder)))
-                per_image = sum(len(v) for v in stored.values()) / max(1, len(stored))
-                emit(out, {**base, "case": "curate_tag_end_to_end", "repeat": rep, "images": len(recs),
-                           "backend": run.backend, "runtime": run.runtime, "why": run.why, "batch": run.batch_size,
-                           "decode_workers": workers, "tags_stored_per_image": round(per_image, 1),
-                           "seconds": round(dt, 3), "img_per_s": round(len(recs) / dt, 1),
-                           "speedup_vs_baseline": round(len(recs) / dt * t_base, 1), "failed": len(run.failed)})  # fmt: skip
+            for dtype, decode in args.v3_e2e:
+                cfg = TagConfig(model=str(folder), device=args.v3_device, backend="auto" if cuda else "torch",
+                                dtype=dtype, decode=decode, force=True)  # fmt: skip
+                tag_images(ds.manifest, cfg, records=recs[: 2 * auto_batch])  # load + warm-up
+                for rep in range(args.v3_repeats):
+                    t0 = time.perf_counter()
+                    run = tag_images(ds.manifest, cfg, records=recs)
+                    dt = time.perf_counter() - t0
+                    stored = load_scores(ds.manifest, model_key(str(folder)))
+                    per_image = sum(len(v) for v in stored.values()) / max(1, len(stored))
+                    emit(out, {**base, "case": "curate_tag_end_to_end", "repeat": rep, "images": len(recs),
+                               "backend": run.backend, "runtime": run.runtime, "why": run.why, "batch": run.batch_size,
+                               "decode": run.decode, "tags_stored_per_image": round(per_image, 1),
+                               "seconds": round(dt, 3), "img_per_s": round(len(recs) / dt, 1),
+                               "speedup_vs_baseline": round(len(recs) / dt * t_base, 1), "failed": len(run.failed)})  # fmt: skip
         wd14._CACHE.clear()
         torch.cuda.empty_cache() if cuda else None
         shutil.rmtree(folder, ignore_errors=True)
@@ -469,6 +470,11 @@ def main() -> None:
     ap.add_argument("--v3-model-images", type=int, default=1024, help="images per model-only timing")
     ap.add_argument("--v3-repeats", type=int, default=2)
     ap.add_argument("--v3-device", default="cuda", help="cuda (the figures) or cpu (a smoke run)")
+    ap.add_argument(
+        "--v3-dtypes", nargs="+", default=["auto", "bf16"], help="torch tagger dtypes, model-only"
+    )
+    ap.add_argument("--v3-e2e", nargs="+", default=["auto:auto", "bf16:auto", "auto:threads"],
+                    type=lambda v: tuple(v.split(":")), help="dtype:decode pairs end to end")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tagger_speed.jsonl"))
     args = ap.parse_args()
     out = Path(args.out)

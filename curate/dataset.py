@@ -158,6 +158,7 @@ class Dataset:
         overwrite: bool = False,
         progress=None,
         backend: str | None = None,
+        dtype: str | None = None,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
@@ -169,7 +170,9 @@ class Dataset:
         from .stages.captions import Outcome, apply_changes, remembered
         from .stages.tag import tag_config, tag_images
 
-        cfg = tag_config(self, model=model, device=device, backend=backend, batch_size=batch_size, force=force)
+        cfg = tag_config(
+            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
+        )
         run = tag_images(self.manifest, cfg, progress=progress)
         if "source" not in caption:
             prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))

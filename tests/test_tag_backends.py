@@ -3,6 +3,7 @@ equal scores, the v3 reference preprocessing, backend choice, CPU fallback notic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -256,3 +257,24 @@ def test_bad_timm_files_are_one_line_errors(timm_dir, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(CurateError, match="cannot read timm config"):
         wd14.load_tagger(str(bad), "cpu", "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_process_decoding_gives_the_thread_scores_and_reports_broken_files(ds_path, timm_dir, backend):
+    from curate.stages.tag import TagConfig, tag_images
+
+    with Dataset.open(ds_path) as ds:
+        base = TagConfig(
+            model=str(timm_dir), backend=backend, device="cpu", force=True, batch_size=3, workers=2
+        )
+        by_threads = tag_images(ds.manifest, dataclasses.replace(base, decode="threads"))
+        assert by_threads.decode == "threads x 2" and by_threads.inferred == 8
+        want = _stored(ds, str(timm_dir))
+        (ds_path / "img3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken after the scan")
+        run = tag_images(ds.manifest, dataclasses.replace(base, decode="processes"))
+        # ONNX takes float32 BGR, which the shared uint8 slots do not hold: it stays on threads.
+        assert run.decode == ("processes x 2" if backend == "torch" else "threads x 2")
+        assert run.inferred == 7 and [p for p, _ in run.failed] == ["img3.png"]
+        got = _stored(ds, str(timm_dir))
+        for sha, scores in got.items():
+            assert scores == want[sha]

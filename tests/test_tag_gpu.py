@@ -105,6 +105,11 @@ def test_torch_backend_on_cuda_matches_cpu_onnx(ds_path, tmp_path):
     diff = np.abs(fp32.predict(x) - onnx_t.predict(x[..., ::-1].astype(np.float32))).max()
     print("fp32 cuda vs onnx cpu:", diff)
     assert diff < 2e-3  # cuDNN may run the patch conv in TF32
+    bf16 = TorchTagger(files, device="cuda", dtype="bf16")
+    assert bf16.dtype == "bf16 weights" and next(bf16.net.parameters()).dtype == torch.bfloat16
+    diff = np.abs(bf16.predict(x) - onnx_t.predict(x[..., ::-1].astype(np.float32))).max()
+    print("bf16 weights vs onnx cpu:", diff)
+    assert diff < 0.05
 
 
 def test_cli_explain_device_names_cuda(ds_path, tmp_path):

@@ -82,15 +82,15 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
 
 
-def _explain_device(ds: Dataset, model, device, backend, batch_size, as_json: bool) -> None:
+def _explain_device(ds: Dataset, model, device, backend, dtype, batch_size, as_json: bool) -> None:
     """`curate tag --explain-device`: which backend, device and provider the tagger gets here, and why."""
     import importlib.util
 
     from ..models.wd14 import load_tagger
     from ..stages.tag import tag_config
 
-    cfg = tag_config(ds, model=model, device=device, backend=backend, batch_size=batch_size)
-    tagger = load_tagger(cfg.model, cfg.device, cfg.backend)
+    cfg = tag_config(ds, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size)
+    tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
     env: dict[str, Any] = {}
     if importlib.util.find_spec("onnxruntime"):
         import onnxruntime as ort
@@ -107,7 +107,11 @@ def _explain_device(ds: Dataset, model, device, backend, batch_size, as_json: bo
     if as_json:
         print_json(d)
         return
-    rows = [(k, escape(", ".join(v) if isinstance(v, list) else str(v))) for k, v in d.items() if v not in ([], "")]
+    rows = [
+        (k, escape(", ".join(v) if isinstance(v, list) else str(v)))
+        for k, v in d.items()
+        if v not in ([], "")
+    ]
     console.print(table("tagger device", ["", ""], rows))
 
 
@@ -147,6 +151,12 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[
             int | None, typer.Option(help="Images per model call (default: 32, or sized to GPU memory).")
         ] = None,
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                help="torch backend: auto (bf16/fp16 autocast on GPU), bf16 or fp16 (weights), fp32."
+            ),
+        ] = None,
         force: Annotated[
             bool, typer.Option("--force", help="Re-run the model on images already scored.")
         ] = False,
@@ -169,11 +179,11 @@ def register(app: typer.Typer) -> None:
             raise CurateError(f"--backend {backend!r}: use auto, torch or onnx")
         with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
             if explain_device:
-                _explain_device(ds, model, device, backend, batch_size, as_json)
+                _explain_device(ds, model, device, backend, dtype, batch_size, as_json)
                 return
             with progress_bar("tag", enabled=not as_json) as bar:
                 res = ds.tag(
-                    model=model, device=device, backend=backend, batch_size=batch_size, force=force or None,
+                    model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force or None,
                     overwrite=overwrite, progress=bar, general=general, character=character, mcut=mcut,
                     rating=rating, trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags,
                     format=fmt,
@@ -189,7 +199,7 @@ def register(app: typer.Typer) -> None:
         if run.get("backend"):
             err_console.print(
                 f"tagger ran on {escape(run['runtime'])}: {run['images_per_second']:.1f} img/s, "
-                f"batch {run['batch_size']} ({escape(run['why'])})"
+                f"batch {run['batch_size']}, decoding on {run['decode']} ({escape(run['why'])})"
             )
 
     @app.command()

@@ -333,16 +333,16 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str, str], Any] = {}
 
 
-def load_tagger(model: str, device: str = "auto", backend: str = "auto") -> Any:
-    """Cached loader: the same (model, device, backend) gives the same tagger (ONNX or torch).
+def load_tagger(model: str, device: str = "auto", backend: str = "auto", dtype: str = "auto") -> Any:
+    """Cached loader: the same (model, device, backend, dtype) gives the same tagger (ONNX or torch).
 
     The tagger carries ``backend``, ``device``, ``notices`` (one-line warnings, e.g. CPU fallback) and
     ``why`` (how the backend was picked).
     """
-    key = (model, device, backend)
+    key = (model, device, backend, dtype)
     if key not in _CACHE:
         files = locate(model)
         chosen, why = choose_backend(files, device, backend)
@@ -351,7 +351,7 @@ def load_tagger(model: str, device: str = "auto", backend: str = "auto") -> Any:
                 raise CurateError(missing_message(files, "torch"))
             from .wd_torch import TorchTagger
 
-            tagger: Any = TorchTagger(files, device=device)
+            tagger: Any = TorchTagger(files, device=device, dtype=dtype)
         else:
             if files.onnx is None or files.tags is None:
                 raise CurateError(missing_message(files, "onnx"))

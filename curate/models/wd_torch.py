@@ -71,6 +71,15 @@ def read_timm_config(path: Path) -> TimmConfig:
     return cfg
 
 
+def prepare_u8(img: Image.Image, size: int, scale: int, resample: int) -> np.ndarray:
+    """Pad to a white square, resize to ``scale`` and centre-crop ``size`` (timm eval transform), uint8 RGB."""
+    if scale == size:
+        return preprocess_u8(img, size, Image.Resampling(resample))
+    sq = preprocess_u8(img, scale, Image.Resampling(resample))
+    top = int(round((scale - size) / 2.0))  # torchvision CenterCrop
+    return np.ascontiguousarray(sq[top : top + size, top : top + size])
+
+
 def torch_device(device: str):
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch.device, or a one-line error when CUDA is absent."""
     torch = require("torch", "tag")
@@ -150,10 +159,21 @@ class TorchTagger:
         self.conv = not any(k in self.cfg.arch for k in ("vit", "swin", "eva", "deit", "beit"))
         self._mf = torch.channels_last if self.conv else torch.contiguous_format
         self.net = net.eval().to(self.torch_device, memory_format=self._mf)
-        if dtype == "auto":
-            dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.cuda else "fp32"
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
-        self.dtype = dtype
+        # auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU; bf16 / fp16: weights and activations in that
+        # type (faster, a little further from the fp32 reference); fp32: no reduced precision.
+        if dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise CurateError(f"unknown dtype {dtype!r} for the torch tagger; use auto, fp32, bf16 or fp16")
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.amp = self.cast = None
+        if dtype == "auto" and self.cuda:
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.dtype = f"{'bf16' if self.amp == torch.bfloat16 else 'fp16'} autocast"
+        elif dtype in half:
+            self.cast = half[dtype]
+            self.net = self.net.to(self.cast)
+            self.dtype = f"{dtype} weights"
+        else:
+            self.dtype = "fp32"
         self.size = self.cfg.size
         # The reference normalises RGB and then swaps to BGR; the swap happens first here, so mean/std flip too.
         self._mean = torch.tensor(self.cfg.mean[::-1], device=self.torch_device).view(1, 3, 1, 1)
@@ -168,8 +188,7 @@ class TorchTagger:
         where = self.device
         if self.cuda:
             where += f" ({self._torch.cuda.get_device_name(self.torch_device)})"
-        amp = f"{self.dtype} autocast" if self.amp is not None else "fp32"
-        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {amp}"
+        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}"
 
     @property
     def _torch(self):
@@ -177,19 +196,22 @@ class TorchTagger:
 
         return torch
 
+    @property
+    def decode_spec(self) -> tuple[int, int, int]:
+        """Arguments of ``prepare_u8`` after the image: picklable, for decoding in other processes."""
+        return (self.size, self._scale, int(self._resample))
+
     def preprocess_image(self, img: Image.Image) -> np.ndarray:
         """uint8 [size, size, 3] RGB: the padded square resized as timm's eval transform does; decode threads."""
-        if self._scale == self.size:
-            return preprocess_u8(img, self.size, self._resample)
-        sq = preprocess_u8(img, self._scale, self._resample)
-        top = int(round((self._scale - self.size) / 2.0))  # torchvision CenterCrop
-        return np.ascontiguousarray(sq[top : top + self.size, top : top + self.size])
+        return prepare_u8(img, *self.decode_spec)
 
     def _forward(self, x):
         """uint8 NHWC RGB on the device -> float32 probabilities."""
         torch = self._torch
         x = x.flip(-1).permute(0, 3, 1, 2).float().div_(255.0)  # BGR, NCHW view, as ToTensor
         x = x.sub_(self._mean).div_(self._std).contiguous(memory_format=self._mf)
+        if self.cast is not None:
+            x = x.to(self.cast)
         if self.amp is not None:
             with torch.autocast(self.torch_device.type, dtype=self.amp):
                 logits = self.net(x)
