@@ -149,11 +149,8 @@ def _attach(name: str, shape: tuple[int, ...]) -> None:
 
     try:
         shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python >= 3.13
-    except TypeError:
-        from multiprocessing import resource_tracker
-
+    except TypeError:  # spawned workers share the parent's resource tracker: registering again is a no-op
         shm = shared_memory.SharedMemory(name=name)
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     _WORKER["shm"] = shm
     _WORKER["slots"] = np.ndarray(shape, np.uint8, buffer=shm.buf)
 
