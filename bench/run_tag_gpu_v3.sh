@@ -18,10 +18,10 @@ import torch, timm, onnxruntime as o, os
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "timm", timm.__version__,
       "onnxruntime", o.__version__, o.get_available_providers(), "cores", os.cpu_count())
 PY
-timeout 150 python3 -m pytest -q -rs -s -p no:cacheprovider -p no:warnings tests/test_tag_gpu.py \
+timeout 75 python3 -m pytest -q -rs -s -p no:cacheprovider -p no:warnings tests/test_tag_gpu.py \
   tests/test_tag_backends.py 2>&1 | grep -v "^$" > "$OUT/tag_gpu_tests.txt"
 tail -12 "$OUT/tag_gpu_tests.txt"
 BENCH_ARGS=${BENCH_ARGS:---v3 vit swinv2 --images 3000 --baseline-images 16 --v3-batches 128 --v3-repeats 1}
 # shellcheck disable=SC2086
-timeout 300 python3 bench/tagger_speed.py $BENCH_ARGS --skip-tagger --blip none --out "$OUT/tag_gpu_h200.jsonl" 2>&1 \
+timeout 160 python3 bench/tagger_speed.py $BENCH_ARGS --skip-tagger --blip none --out "$OUT/tag_gpu_h200.jsonl" 2>&1 \
   | grep -E '^\{|Error|error' | tail -30
