@@ -473,7 +473,7 @@ def main() -> None:
     ap.add_argument(
         "--v3-dtypes", nargs="+", default=["auto", "bf16"], help="torch tagger dtypes, model-only"
     )
-    ap.add_argument("--v3-e2e", nargs="+", default=["auto:auto", "bf16:auto", "auto:threads"],
+    ap.add_argument("--v3-e2e", nargs="+", default=[("auto", "auto"), ("bf16", "auto"), ("auto", "threads")],
                     type=lambda v: tuple(v.split(":")), help="dtype:decode pairs end to end")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tagger_speed.jsonl"))
     args = ap.parse_args()
