@@ -84,7 +84,11 @@ def torch_device(device: str):
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch.device, or a one-line error when CUDA is absent."""
     torch = require("torch", "tag")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     if device == "cpu":
         return torch.device("cpu")
     if device.startswith("cuda"):
