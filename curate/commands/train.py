@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import CurateError
-from ..ui import JsonOpt, console, handle_errors, print_json, table
+from ..ui import JsonOpt, console, handle_errors, print_json, table, warn
 
 
 def _training_data(
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         config: Annotated[
-            Path | None, typer.Option(help="Training TOML with a [train] table (from `curate plan`).")
+            Path | None, typer.Option(help="Training TOML with a \\[train] table (from `curate plan`).")
         ] = None,
         base: Annotated[
             str | None, typer.Option(help="Base model: diffusers folder, .safetensors or hub id.")
@@ -179,12 +179,12 @@ def register(app: typer.Typer) -> None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
             console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
+                f"stopped at step {result.steps}; resume with: curate train --resume {escape(str(result.state_path))}"
             )
             if not (cfg.stop_after_steps and result.steps >= cfg.stop_after_steps):
                 raise typer.Exit(130)  # Ctrl-C: the state is saved, but the run did not finish
         else:
-            console.print(f"saved {result.lora_path} ({result.steps} steps)")
+            console.print(f"saved {escape(str(result.lora_path))} ({result.steps} steps)")
 
     @app.command("lora-info")
     @handle_errors
@@ -206,3 +206,5 @@ def register(app: typer.Typer) -> None:
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]
         console.print(table(str(file), ["", "value"], rows))
+        if info.get("problems"):
+            warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")
