@@ -150,7 +150,9 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
             raise typer.Exit(130)  # interrupted, as after Ctrl-C anywhere else
-        console.print(f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False)
+        console.print(
+            f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
+        )
 
     @app.command("lora-info")
     @handle_errors
