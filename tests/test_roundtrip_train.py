@@ -491,3 +491,48 @@ def test_disk_full_during_save_is_one_line_and_leaves_nothing_complete(
     )  # a LoRA written before the state failed is complete
     if fail_at == 2:
         load_lora(out / "lora.safetensors")
+
+
+def test_lora_info_reads_odd_metadata_without_a_traceback(tmp_path):
+    from trainer_bridge import lora as L
+    from trainer_bridge.export import save_lora
+
+    mod = L.LoRAModule(torch.nn.Linear(8, 8), rank=2, alpha=1)
+    mod.kohya_name = "lora_unet_x"
+    path = save_lora(tmp_path / "odd.safetensors", L.lora_state_dict([mod]),
+                     {"ss_network_dim": "abc", "ss_network_alpha": "?", "ss_tag_frequency": ["not", "a", "dict"],
+                      "ss_network_args": "[1]"})  # fmt: skip
+    code, out = cli("lora-info", str(path), "--json", sets=[])
+    assert code == 0, out
+    info = json.loads(out)
+    assert (info["rank"], info["alpha"], info["top_tags"], info["network_args"]) == (2, 1.0, [], {})
+
+
+def test_curated_dataset_trains_at_set_plan_or_family_resolution(sd15_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`curate train DS`: the export's TOML (1024 from the default bucket settings) does not pick the resolution."""
+    import trainer_bridge
+    from trainer_bridge.train import TrainResult
+
+    ds = tmp_path / "ds"
+    for i in range(4):
+        picture(ds / f"p{i}.png", 64, 64, i)
+    assert cli("scan", str(ds), sets=[])[0] == 0
+    xl = tmp_path / "xl"  # only model_index.json is read before training starts
+    xl.mkdir()
+    idx = json.loads((sd15_dir / "model_index.json").read_text())
+    (xl / "model_index.json").write_text(json.dumps({**idx, "_class_name": "StableDiffusionXLPipeline"}))
+    got = []
+    monkeypatch.setattr(
+        trainer_bridge, "train", lambda cfg: got.append(cfg) or TrainResult(Path("x"), None, 1, 1)
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[train]\nresolution = 768\nbase = "{sd15_dir}"\n')
+    for args, want in (
+        (["--base", str(sd15_dir)], 512),
+        (["--base", str(xl)], 1024),
+        (["--base", str(sd15_dir), "--set", "resolution=64"], 64),
+        (["--config", str(plan)], 768),
+    ):
+        code, out = cli("train", str(ds), "--output-dir", str(tmp_path / "o"), *args, sets=[])
+        assert code == 0, out
+        assert got[-1].resolution == want and got[-1].data.endswith("dataset.toml"), (args, got[-1])

@@ -84,15 +84,22 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         except (KeyError, ValueError):
             return None
 
-    tags = js("ss_tag_frequency") or {}
+    def num(key: str, kind: type) -> Any:  # odd metadata (ss_network_dim = "abc") reads as 0, not a traceback
+        try:
+            return kind(float(meta.get(key, 0)))
+        except (TypeError, ValueError, OverflowError):
+            return kind(0)
+
+    tags = js("ss_tag_frequency")
     top: dict[str, int] = {}
-    for freq in tags.values():
-        for t, n in freq.items():
-            top[t] = top.get(t, 0) + int(n)
+    for freq in tags.values() if isinstance(tags, dict) else []:
+        for t, n in freq.items() if isinstance(freq, dict) else []:
+            if isinstance(n, int | float) and not isinstance(n, bool):
+                top[str(t)] = top.get(str(t), 0) + int(n)
     return {
         "file": str(path),
-        "rank": int(meta.get("ss_network_dim", 0)) or (max(ranks) if ranks else 0),
-        "alpha": float(meta.get("ss_network_alpha", 0)) or (max(alphas) if alphas else 0.0),
+        "rank": num("ss_network_dim", int) or (max(ranks) if ranks else 0),
+        "alpha": num("ss_network_alpha", float) or (max(alphas) if alphas else 0.0),
         "ranks": sorted(ranks),
         "modules": len(modules),
         "unet_modules": sum(m.startswith("lora_unet_") for m in modules),
@@ -102,7 +109,7 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "base_model_hash": meta.get("ss_sd_model_hash", ""),
         "v_prediction": meta.get("ss_v_parameterization", "False") == "True",
         "network_module": meta.get("ss_network_module", ""),
-        "network_args": js("ss_network_args") or {},
+        "network_args": args if isinstance(args := js("ss_network_args"), dict) else {},
         "learning_rate": meta.get("ss_learning_rate", ""),
         "unet_lr": meta.get("ss_unet_lr", ""),
         "text_encoder_lr": meta.get("ss_text_encoder_lr", ""),

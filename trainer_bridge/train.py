@@ -617,7 +617,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     result.lora_path, result.state_path = save(f"{cfg.output_name}-step{global_step:06d}", ep,
                                                                global_step, nb, True, f"{cfg.output_name}-state")  # fmt: skip
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
-                    say(f"stopped at step {global_step}; the state is in {result.state_path}")
+                    say(f"saved a resumable state at step {global_step} in {result.state_path}")
                     return result
                 if done:
                     break
