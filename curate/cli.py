@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .dataset import Dataset
+from .stages.bucket import DEFAULT_FAMILY
 from .ui import (
     ConfigOpt,
     DatasetArg,
@@ -34,6 +35,7 @@ PLUGINS: list[str] = [
     "curate.commands.tag",
     "curate.commands.export",
     "curate.commands.train",
+    "curate.commands.decide",
 ]
 
 
@@ -55,9 +57,22 @@ def _print_scan(d: dict) -> None:
         ("unchanged (skipped)", d["unchanged"]),
         ("missing since last scan", d["missing"]),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
+        *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+
+
+def _caption_rows(c: dict) -> list[tuple[str, int]]:
+    if not c or not (c.get("user") or c.get("new") or c.get("changed") or c.get("removed")):
+        return []
+    return [
+        ("images with captions written by hand", c["user"]),
+        (
+            "caption files new / changed / gone",
+            f"{len(c['new'])} / {len(c['changed'])} / {len(c['removed'])}",
+        ),
+    ]
 
 
 @app.command()
@@ -332,13 +347,16 @@ def run_all(
     ] = None,
     model: Annotated[
         str, typer.Option(help="Target model family: sd15 (512 px buckets) or sdxl (1024).")
-    ] = "sdxl",
+    ] = DEFAULT_FAMILY,
     trigger: Annotated[str | None, typer.Option(help="Trigger word put first in every caption.")] = None,
     class_word: Annotated[
         str | None, typer.Option("--class", help="Class word for the kohya folder name.")
     ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    reg: Annotated[
+        str | None, typer.Option("--reg", help="Folder of regularization images to export with --out.")
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -355,6 +373,7 @@ def run_all(
             class_word=class_word,
             val=val,
             seed=seed,
+            reg=reg,
             show=not as_json,
         )
     if as_json:

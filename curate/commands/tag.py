@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..dataset import Dataset
 from ..errors import CurateError
@@ -67,6 +68,7 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         ("unchanged", w["unchanged"]),
         ("kept: existing captions (not written by curate)", len(w["kept_user"])),
         ("kept: edited by hand", len(w["kept_edited"])),
+        ("kept: written by hand, this edit not applied", len(w.get("not_applied", []))),
         ("backed up before overwrite", len(w["backed_up"])),
         ("trigger / keep_tokens", f"{', '.join(cap['trigger']) or '-'} / {cap['keep_tokens']}"),
         ("dropped as common", ", ".join(cap["dropped_common"]) or "-"),
@@ -76,6 +78,12 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
     if w["kept_user"] or w["kept_edited"]:
         err_console.print(
             "[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]"
+        )
+    if w.get("not_applied"):
+        err_console.print(
+            f"[yellow]kept {len(w['not_applied'])} caption(s) written by hand as they are[/]; rerun the same "
+            "command with --overwrite to apply this edit to them (each is backed up first)",
+            highlight=False,
         )
     for p, n in cap["over_limit"][:10]:
         err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
@@ -227,11 +235,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(st.as_dict())
             return
+        users = f" ({st.user_captions} from captions written by hand)" if st.user_captions else ""
         console.print(
-            table(f"tags: {st.tagged} of {st.images} images tagged", ["tag", "images", "share"],
+            table(f"tags: {st.tagged} of {st.images} images tagged{users}", ["tag", "images", "share"],
                   [(t, n, f"{f:.0%}") for t, n, f in st.frequency[:top]])
         )  # fmt: skip
-        console.print(f"in every image: {', '.join(st.always) or '-'}")
+        console.print(f"in every image: {escape(', '.join(st.always)) or '-'}")
         counted = [c for _, c in st.tokens if c is not None]
         if counted:
             console.print(

@@ -37,6 +37,7 @@ class ScanResult:
     missing: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -197,9 +198,16 @@ def scan(
                     raise
     except KeyboardInterrupt:
         res.interrupted = True
-    res.seconds = time.perf_counter() - t0
     _write_scan_rejects(manifest)
+    res.captions = _refresh_captions(manifest).as_dict()
+    res.seconds = time.perf_counter() - t0
     return res
+
+
+def _refresh_captions(manifest: Manifest):
+    from .user_captions import refresh
+
+    return refresh(manifest)
 
 
 def _write_scan_rejects(manifest: Manifest) -> None:
