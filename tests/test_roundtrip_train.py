@@ -536,3 +536,27 @@ def test_curated_dataset_trains_at_set_plan_or_family_resolution(sd15_dir, tmp_p
         code, out = cli("train", str(ds), "--output-dir", str(tmp_path / "o"), *args, sets=[])
         assert code == 0, out
         assert got[-1].resolution == want and got[-1].data.endswith("dataset.toml"), (args, got[-1])
+
+
+@pytest.mark.slow
+def test_two_concept_kohya_folder_with_reg_round_trips_into_the_lora(sd15_dir, tmp_path):  # noqa: F811
+    """`curate train DS --reg REG` on kohya-layout input: concepts, repeats, class tokens and reg images arrive."""
+    ds, reg = tmp_path / "ds", tmp_path / "reg"
+    for i in range(2):
+        picture(ds / "3_alice woman" / f"a{i}.png", 64, 64, i)
+        picture(ds / "1_bob man" / f"b{i}.png", 64, 64, 10 + i)
+        picture(reg / f"r{i}.png", 64, 64, 20 + i)
+    (ds / "3_alice woman" / "a0.txt").write_text("alice woman, red hair")
+    assert cli("scan", str(ds), sets=[])[0] == 0
+    out = tmp_path / "o"
+    code, text = cli("train", str(ds), "--reg", str(reg), "--base", str(sd15_dir), "--output-dir", str(out),
+                     sets=[*TINY, "resolution=64"])  # fmt: skip
+    assert code == 0, text
+    meta = load_lora(out / "lora.safetensors")[1]
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert {k: v["n_repeats"] for k, v in dirs.items()} == {"3_alice woman": 3, "1_bob man": 1}, dirs
+    assert meta["ss_num_train_images"] == str(2 * 3 + 2 * 1) and int(meta["ss_num_reg_images"]) == 2 * int(
+        next(iter(json.loads(meta["ss_reg_dataset_dirs"]).values()))["n_repeats"]
+    )
+    freq = json.loads(meta["ss_tag_frequency"])
+    assert freq["3_alice woman"]["red hair"] == 1 and freq["1_bob man"]["bob man"] == 2, freq

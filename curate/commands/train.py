@@ -160,9 +160,7 @@ def register(app: typer.Typer) -> None:
             )
         if config:
             cfg = TrainConfig.from_toml(config)
-        elif (
-            resume
-        ):  # the run as it was configured, data source included: `curate train --resume STATE` alone
+        elif resume:  # the run as it was configured, data source included: `--resume STATE` alone
             from trainer_bridge.state import state_config
 
             names = {f.name for f in dataclasses.fields(TrainConfig)}
