@@ -162,6 +162,8 @@ class Dataset:
         force: bool | None = None,
         overwrite: bool = False,
         progress=None,
+        backend: str | None = None,
+        dtype: str | None = None,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
@@ -170,16 +172,12 @@ class Dataset:
         replace, max_tags, format, ...); they are remembered, so a later call with only a new threshold
         re-thresholds stored scores in seconds without running the model.
         """
-        from .config import _coerce
-        from .stages.captions import CAPTION_KEYS, Outcome, apply_changes, remembered
-        from .stages.tag import DEFAULT_TAGGER, TagConfig, tag_images
+        from .stages.captions import Outcome, apply_changes, remembered
+        from .stages.tag import tag_config, tag_images
 
-        # [tag] may also hold caption options (general, character, trigger, ...); [caption] wins over them.
-        section = {k: v for k, v in self.config.section("tag").items() if k not in CAPTION_KEYS}
-        cfg = _coerce(TagConfig, section, "tag")
-        last = self.manifest.get_meta("tag.model")
-        model = model or section.get("model") or last or DEFAULT_TAGGER
-        cfg = override(cfg, model=model, device=device, batch_size=batch_size, force=force)
+        cfg = tag_config(
+            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
+        )
         run = tag_images(self.manifest, cfg, progress=progress)
         if "source" not in caption:
             prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))

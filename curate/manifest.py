@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CurateError
-from .io import STATE_DIR
+from .io import STATE_DIR, lexical_escape
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.db"
@@ -271,7 +271,8 @@ class Manifest:
         q = f"SELECT sha256, path FROM files WHERE sha256 IS NOT NULL AND status IN ({','.join('?' * len(statuses))}) ORDER BY length(path), path"
         out: dict[str, list[str]] = {}
         for sha, path in self.conn.execute(q, statuses):
-            out.setdefault(sha, []).append(path)
+            if lexical_escape(path) is None:  # a hand-edited row such as ../x.jpg reaches no stage
+                out.setdefault(sha, []).append(path)
         return out
 
     def images(

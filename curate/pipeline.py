@@ -75,7 +75,7 @@ def run_pipeline(
             rows.append(("exported to", summary["export"]["out"]))
             rows.append(("training plan", summary["plan"]))
         console.print(table("curate run", ["stage", "result"], rows))
-        console.print(f"report: {summary['report']}")
+        console.print(f"report: {summary['report']}", markup=False)
         for w in summary.get("export", {}).get("warnings", []):
             console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..dataset import Dataset
 from ..errors import CurateError
@@ -18,7 +19,7 @@ def _open(path: str, manifest: str | None, config: str | None) -> Dataset:
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(w))}", highlight=False)
 
 
 def split(
@@ -159,7 +160,7 @@ def export(
             ("re-encoded", res.reencoded), ("resized to bucket", res.resized)]  # fmt: skip
     console.print(table(f"export ({res.format}) -> {res.out}", ["", "images"], rows))
     for f in res.files:
-        console.print(f"wrote {res.out / f}")
+        console.print(f"wrote {escape(str(res.out / f))}")
     _warn(res.warnings)
 
 
@@ -200,7 +201,9 @@ def plan(
     rows.append(("total steps", p.total_steps, p.reasons["total_steps"]))
     console.print(table(f"plan: {model}, {vram:g} GiB, {p.images} training images ({p.style})",
                         ["option", "value", "why"], rows))  # fmt: skip
-    console.print(f"wrote {target} (its \\[train] table is the trainer's config)", highlight=False)
+    console.print(
+        f"wrote {escape(str(target))} (its \\[train] table is the trainer's config)", highlight=False
+    )
     _warn(p.warnings)
 
 

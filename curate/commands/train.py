@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import CurateError
-from ..ui import JsonOpt, console, handle_errors, print_json, table
+from ..ui import JsonOpt, console, handle_errors, print_json, table, warn
 
 
 def _training_data(
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         config: Annotated[
-            Path | None, typer.Option(help="Training TOML with a [train] table (from `curate plan`).")
+            Path | None, typer.Option(help="Training TOML with a \\[train] table (from `curate plan`).")
         ] = None,
         base: Annotated[
             str | None, typer.Option(help="Base model: diffusers folder, .safetensors or hub id.")
@@ -226,3 +226,5 @@ def register(app: typer.Typer) -> None:
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]
         console.print(table(str(file), ["", "value"], rows))
+        if info.get("problems"):
+            warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")
