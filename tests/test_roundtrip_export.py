@@ -336,3 +336,27 @@ def test_bucket_defaults_and_sd_scripts_rules(tmp_path):
     assert code == 0, log
     train = tomllib.loads((tmp_path / "xl.toml").read_text("utf-8"))["train"]
     assert (train["model_family"], train["resolution"]) == ("sdxl", 1024)
+
+
+@pytest.mark.parametrize(
+    ("texts", "shuffle"),
+    [
+        (["1girl, long hair, smile", "1girl, short hair, red eyes", "outdoors, tree, sky"], True),
+        (["a photo of a woman smiling at the camera.", "a cat asleep on a red sofa in the sun."] * 2, False),
+    ],
+)
+def test_tag_lists_shuffle_and_sentences_do_not(tmp_path, texts, shuffle):
+    """shuffle_caption follows what the captions are (tag lists vs sentences), in export and plan alike."""
+    ds = tmp_path / "DS"
+    ds.mkdir()
+    for i, text in enumerate(texts):
+        textured(640, 640, seed=80 + i).save(ds / f"im{i}.png")
+        (ds / f"im{i}.txt").write_text(text, "utf-8")
+    assert _cli("scan", ds)[0] == 0
+    code, log = _cli("export", ds, tmp_path / "OUT", "--trigger", "zz")
+    assert code == 0, log
+    general = tomllib.loads((tmp_path / "OUT" / "dataset.toml").read_text("utf-8"))["general"]
+    assert general["shuffle_caption"] is shuffle and general["keep_tokens"] == 1
+    code, log = _cli("plan", ds, "--out", tmp_path / "train.toml")
+    assert code == 0, log
+    assert tomllib.loads((tmp_path / "train.toml").read_text("utf-8"))["train"]["shuffle_caption"] is shuffle

@@ -68,6 +68,21 @@ def tag_caption(tags: list[str]) -> str:
     return ", ".join(t.replace("_", " ") if len(t) > 3 else t for t in tags)
 
 
+def looks_like_tags(text: str) -> bool:
+    """True for a comma-separated tag list ("1girl, long hair, smile"), False for a sentence or nothing.
+
+    Tag lists shuffle well (kohya's shuffle_caption); sentences lose their meaning when shuffled.
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) < 2:
+        return False
+    for p in parts:  # a sentence: long clauses, articles ("a photo of a cat"), end punctuation
+        words = p.lower().split()
+        if len(words) > 4 or {"a", "an", "the"} & set(words) or p.endswith((".", "!", "?")):
+            return False
+    return True
+
+
 def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
     """Caption text for one image: the caption a person wrote (or edited), else curate's, else its tags;
     the trigger word is put first when given (prepended when missing, never substituted)."""

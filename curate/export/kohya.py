@@ -39,6 +39,7 @@ from .common import (
     collect,
     link_mode,
     link_warning,
+    looks_like_tags,
     make_caption,
     place_file,
     resolve_settings,
@@ -295,7 +296,8 @@ def kohya_layout(
     warnings += reg_warnings
     settings = resolve_settings(manifest, settings, warnings)
     if shuffle_caption is None:  # tag lists shuffle well; sentences do not
-        shuffle_caption = sum(1 for it in items if not (it.rec.caption or "").strip()) > len(items) / 2
+        captioned = [it.caption for it in items if it.caption]
+        shuffle_caption = sum(map(looks_like_tags, captioned)) > len(captioned) / 2 if captioned else True
     subsets: dict[str, Subset] = {}
     plain_tokens = " ".join(w for w in (trigger, class_word) if w) or None
     for it in items:

@@ -374,7 +374,10 @@ def plan(
     from .captions import tags_of  # a caption a person wrote counts with its comma-separated parts
 
     tag_lists = [t for t in map(tags_of, images) if t]
-    tag_captions = sum(1 for r in images if not (r.caption or "").strip()) > len(images) / 2
+    from ..export.common import looks_like_tags, make_caption
+
+    captioned = [c for c in map(make_caption, images) if c]  # none yet: assume tags will come (curate tag)
+    tag_captions = sum(map(looks_like_tags, captioned)) > len(captioned) / 2 if captioned else True
     name = trigger or manifest.root.name
     p = plan_training(
         len(images),
