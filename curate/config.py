@@ -49,10 +49,14 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class DedupeConfig:
-    method: str = "hash"  # phash | dhash | hash | clip | both
-    phash_threshold: int = 8  # max Hamming distance of 64-bit pHash
+    method: str = "auto"  # auto (verified local features) | phash | dhash | hash | clip | both (auto + CLIP)
+    phash_threshold: int = 8  # max Hamming distance of 64-bit pHash (auto: direct accept)
     dhash_threshold: int = 12  # max Hamming distance of 64-bit dHash ("hash": both must hold)
-    keep: tuple[str, ...] = ("pixels", "sharpness", "filesize")  # keep-best order
+    # keep-best: "original" = the most original copy (see curate/stages/keeper.py), or an order of
+    # pixels, sharpness, filesize, png
+    keep: tuple[str, ...] = ("original",)
+    min_inliers: int = 10  # auto: RANSAC inliers a verified pair needs
+    min_ncc: float = 0.5  # auto: tile-median normalised cross-correlation of the warped overlap
 
 
 T = TypeVar("T")
