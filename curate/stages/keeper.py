@@ -3,10 +3,11 @@
 Rules, in order (the first that tells two copies apart decides):
 1. not rejected by another stage;
 2. not upscaled: a copy with more pixels but far less fine detail per pixel is an upscale of the other;
-3. no padding: less area in flat bars (letterbox, border, caption bar);
+3. no padding: less area in flat fill (letterbox, border, caption bar, rotation corners);
+   uncropped: the copy that shows more of the scene (both measured on the verified pair's overlap);
 4. colour over grey;
 5. fewer compression artifacts: higher JPEG quality from the quantisation tables (JPEG vs JPEG only);
-6. sharper, only beyond a tolerance (so JPEG noise and small differences do not decide);
+6. sharper at equal scale over the shared tiles, only beyond a tolerance (verified pairs only);
 7. more pixels; then the larger file; then the path.
 """
 
@@ -23,7 +24,7 @@ UPSCALE_DETAIL = 0.8  # ... with less than this share of the other's fine detail
 BORDER_MARGIN = 0.03
 GREY_MAX, COLOUR_MIN = 3.0, 8.0
 JPEG_MARGIN = 8.0
-SHARP_TOLERANCE = 1.5
+SHARP_TOLERANCE = 2.0
 
 
 @dataclass
@@ -106,9 +107,14 @@ def compare(a: Copy, b: Copy, ev: dict[str, Any] | None = None) -> tuple[int, st
             return (
                 1 if oa < ob else -1
             ), f"no overlay (text or logo drawn on {max(oa, ob)} tiles of the dropped copy)"
-    ha, hb = a.sharpness, b.sharpness
-    if min(ha, hb) > 0 and max(ha, hb) / min(ha, hb) > SHARP_TOLERANCE:
-        return (1 if ha > hb else -1), f"sharper beyond tolerance ({max(ha, hb):.0f} vs {min(ha, hb):.0f})"
+    # Sharpness only at equal scale, over the tiles both copies share (an overlay or JPEG blocking in a
+    # few tiles cannot win it); without a verified pair there is no fair comparison.
+    if ev is not None and "sharp" in ev:
+        r = float(ev["sharp"])
+        if max(r, 1 / max(r, 1e-6)) > SHARP_TOLERANCE:
+            return (
+                1 if r > 1 else -1
+            ), f"sharper beyond tolerance ({max(r, 1 / r):.2f}x edge energy at equal scale)"
     if a.rec.pixels != b.rec.pixels:
         return (1 if a.rec.pixels > b.rec.pixels else -1), "more pixels"
     if a.rec.size != b.rec.size:

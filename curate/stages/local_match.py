@@ -183,12 +183,14 @@ class Verdict:
     extra_b: float = 0.0
     overlay_a: int = 0  # overlap tiles that differ and carry more edges in a (text or logo drawn on a)
     overlay_b: int = 0
+    sharp: float = 1.0  # median over overlap tiles of a's / b's Laplacian energy, at equal scale
 
     def evidence(self) -> dict:
         out = {"inliers": self.inliers, "ncc": round(self.ncc, 3), "mirror": self.mirror}
         for k in ("cover_a", "cover_b", "pad_a", "pad_b", "extra_a", "extra_b"):
             out[k] = round(getattr(self, k), 3)
         out["overlay_a"], out["overlay_b"] = self.overlay_a, self.overlay_b
+        out["sharp"] = round(self.sharp, 3)
         return out
 
 
@@ -209,14 +211,22 @@ def _sane(h: np.ndarray) -> str:
 
 
 def _outside(thumb: np.ndarray, covered: np.ndarray) -> tuple[float, float]:
-    """(padding, extra content): shares of the frame outside the overlap that are flat / textured."""
-    import cv2
+    """(padding, extra content): shares of the frame outside the overlap that are fill / real content.
 
+    Fill is one flat value over most of the outside area that is rare inside the overlap (a black
+    letterbox around a photo); a dark sky or space that the photo itself is full of is content.
+    """
     out = ~covered
     share = float(out.mean())
     if share < 0.02:
         return 0.0, 0.0
-    return (share, 0.0) if _fill_share(thumb[out]) >= 0.6 else (0.0, share)
+    outside = thumb[out]
+    hist = np.bincount(outside.astype(np.uint8).ravel(), minlength=256)
+    mode = int(np.argmax(hist))
+    fill = float(hist[max(0, mode - 4) : mode + 5].sum() / outside.size)
+    inside = thumb[covered]
+    same = float(np.mean(np.abs(inside.astype(np.int16) - mode) <= 4)) if inside.size else 0.0
+    return (share, 0.0) if fill >= 0.6 and same <= 0.25 else (0.0, share)
 
 
 def _fill_share(values: np.ndarray) -> float:
@@ -234,7 +244,11 @@ def _edges(t: np.ndarray) -> float:
 
 
 def tile_ncc(
-    a: np.ndarray, b_warped: np.ndarray, mask: np.ndarray, overlay: list[int] | None = None
+    a: np.ndarray,
+    b_warped: np.ndarray,
+    mask: np.ndarray,
+    overlay: list[int] | None = None,
+    sharp: list[float] | None = None,
 ) -> float:
     """Median normalised cross-correlation over the grid tiles that lie inside the overlap and have texture.
 
@@ -257,6 +271,8 @@ def tile_ncc(
                 continue  # flat fill (a caption bar, a wall): it would correlate between any two memes
             ncc = float(np.mean((ta - ta.mean()) * (tb - tb.mean())) / (sa * sb)) if min(sa, sb) >= 2 else 0.0
             vals.append(ncc)
+            if sharp is not None and ncc >= 0.5 and m.all():
+                sharp.append(_edges(a[y0:y1, x0:x1]) / max(_edges(b_warped[y0:y1, x0:x1]), 1e-6))
             if overlay is not None and ncc < 0.85 and m.all():
                 ea, eb = _edges(a[y0:y1, x0:x1]), _edges(b_warped[y0:y1, x0:x1])
                 if ea > 1.6 * eb:
@@ -339,10 +355,14 @@ def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: 
         )
         cover_b = float(back.mean())
         a = cv2.GaussianBlur(fa.thumb.astype(np.float32), (0, 0), 1.5)
+        warped_raw = warped
         warped = cv2.GaussianBlur(warped, (0, 0), 1.5)
-        overlay = [0, 0]
+        overlay, sharp = [0, 0], []
+        # sharpness at equal scale: on the unblurred grey copies
+        tile_ncc(fa.thumb.astype(np.float32), warped_raw, mask, None, sharp)
         ncc = tile_ncc(a, warped, mask, overlay)
         v = Verdict(False, n_in, ncc, mirror, cover_a, cover_b)
+        v.sharp = float(np.median(sharp)) if sharp else 1.0
         v.overlay_a, v.overlay_b = overlay
         v.pad_a, v.extra_a = _outside(fa.thumb, mask)
         v.pad_b, v.extra_b = _outside(thumb_b, back > 0)
