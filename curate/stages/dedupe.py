@@ -9,6 +9,7 @@ XOR + popcount. No Python loop over pairs. Groups are connected components of th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -251,7 +252,7 @@ def hash_pairs(records: list[ImageRecord], cfg: DedupeConfig) -> list[tuple[int,
         return [(int(a), int(b), {"dhash": int(x)}) for a, b, x in zip(i, j, d, strict=True)]
     i, j, d = near_pairs(ph, cfg.phash_threshold)
     dd = popcount64(dh[i] ^ dh[j]).astype(np.int64) if len(i) else np.zeros(0, np.int64)
-    if cfg.method in ("hash", "both"):
+    if cfg.method in ("hash", "both", "both-unverified"):
         ok = dd <= cfg.dhash_threshold
         i, j, d, dd = i[ok], j[ok], d[ok], dd[ok]
     return [
@@ -344,6 +345,17 @@ def find_duplicates(
     records = [r for r in everything if not r.error]
     demote = frozenset(r.path for r in records if all(p in rejected_elsewhere for p in r.paths))
     if cfg.method in ("auto", "both"):
+        from .features import have_cv2
+
+        if not have_cv2():
+            notice = (
+                f"--method {cfg.method} needs OpenCV (pip install opencv-python-headless); "
+                f"using {'hash' if cfg.method == 'auto' else 'hash + CLIP'} without verification"
+            )
+            if stats is not None:
+                stats["notice"] = notice
+            cfg = dataclasses.replace(cfg, method="hash" if cfg.method == "auto" else "both-unverified")
+    if cfg.method in ("auto", "both"):
         from .dedupe_auto import auto_groups
 
         near, auto_stats = auto_groups(
@@ -353,17 +365,20 @@ def find_duplicates(
             stats.update(auto_stats)
     else:
         pairs: list[tuple[int, int, dict[str, Any]]] = []
-        if cfg.method in ("phash", "dhash", "hash", "both"):
+        if cfg.method in ("phash", "dhash", "hash", "both-unverified"):
             pairs += hash_pairs(records, cfg)
         if extra_pairs is not None:
             pairs += extra_pairs(records)
         pairs = merge_pairs(pairs)
+        name = "both" if cfg.method == "both-unverified" else cfg.method
         if tuple(cfg.keep) == ("original",):
             from .dedupe_auto import star_groups
 
-            near = star_groups(manifest, records, pairs, cfg.method, demote, verify=False)
+            near = star_groups(manifest, records, pairs, name, demote, verify=False)
+            for g in near:
+                g.method = _group_method(g.edges, name)
         else:
-            near = build_groups(records, pairs, cfg.keep, cfg.method, demote=demote)
+            near = build_groups(records, pairs, cfg.keep, name, demote=demote)
     near, exact = _with_exact_copies(near, everything, root)
     for k, g in enumerate(near + exact, start=1):
         g.id = k

@@ -31,10 +31,14 @@ def _edge_words(e: dict[str, Any]) -> str:
     """Why a link was made, in words."""
     if "inliers" in e:
         words = f"{e['inliers']} RANSAC inliers, tile NCC {e['ncc']:.2f}"
+        if not e["inliers"]:
+            words = f"low texture: whole-frame NCC {e['ncc']:.2f}"
         if e.get("mirror"):
             words += ", mirrored"
         if "phash" in e:
             words += f", pHash distance {e['phash']}"
+        if "clip" in e:
+            words += f", CLIP similarity {e['clip']}"
         if e.get("via"):
             words += f" (candidate from {e['via']})"
         return words
@@ -231,12 +235,15 @@ def auto_groups(
             cand[key] = "multi-crop pHash + ORB votes" if key in cand else "ORB votes"
         stats["candidates_votes"] = len(votes)
         stats["vote_index"] = kind
+    extra_info: dict[tuple[int, int], dict[str, Any]] = {}
     if extra_pairs is not None:
         for a, b, info in extra_pairs(records):
             key = (min(a, b), max(a, b))
-            cand.setdefault(key, "CLIP")
+            cand[key] = cand[key] + " + CLIP" if key in cand else "CLIP"
+            extra_info[key] = info
             if key in accepted:
                 accepted[key].update(info)
+        stats["candidates_clip"] = len(extra_info)
     stats["seconds_candidates"] = round(time.perf_counter() - t, 3)
     # 3. verify
     t = time.perf_counter()
@@ -251,7 +258,7 @@ def auto_groups(
         if fa is not None and fb is not None:
             v = verify(fa, fb, cfg.min_inliers, cfg.min_ncc)
             if v.ok:
-                accepted[(a, b)] = {**v.evidence(), "via": cand[(a, b)]}
+                accepted[(a, b)] = {**v.evidence(), **extra_info.get((a, b), {}), "via": cand[(a, b)]}
                 ok += 1
         if progress and (n % 16 == 0 or n == len(pending)):
             progress(n, len(pending))
@@ -264,7 +271,7 @@ def auto_groups(
         manifest,
         records,
         pairs,
-        "auto" if cfg.method == "auto" else cfg.method,
+        cfg.method,
         demote,
         verify=True,
         signals={s: lt.signals for s, lt in light.items()},

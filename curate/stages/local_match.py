@@ -303,9 +303,41 @@ def _outside_bands(kp: np.ndarray, shape: tuple[int, int], b: list[float] | None
     return (y >= top * h) & (y <= h - bottom * h) & (x >= left * w) & (x <= w - right * w)
 
 
+LOW_TEXTURE_KP = 40  # fewer ORB keypoints than this: too smooth for RANSAC, compare whole frames instead
+LOW_TEXTURE_NCC = 0.95
+
+
+def _whole_frame(fa: Features, fb: Features) -> Verdict:
+    """Low-texture images: NCC of the whole frames at one size, plain and mirrored (resize, recompress,
+    colour change and mirror are checked; crops of a smooth image cannot be told from another smooth image)."""
+    import cv2
+
+    ha, wa = fa.thumb.shape
+    hb, wb = fb.thumb.shape
+    if abs(np.log((wa / ha) / (wb / hb))) > 0.05:
+        return Verdict(False, why="low texture and different aspect ratio")
+    a = cv2.resize(fa.thumb.astype(np.float32), (64, 64), interpolation=cv2.INTER_AREA)
+    b = cv2.resize(fb.thumb.astype(np.float32), (64, 64), interpolation=cv2.INTER_AREA)
+    best = Verdict(False, why="low texture, frames differ")
+    for mirror in (False, True):
+        bb = b[:, ::-1] if mirror else b
+        sa, sb = a.std(), bb.std()
+        if sa < 1 or sb < 1:
+            ncc = 1.0 if abs(float(a.mean()) - float(bb.mean())) < 8 else 0.0
+        else:
+            ncc = float(np.mean((a - a.mean()) * (bb - bb.mean())) / (sa * sb))
+        if ncc > best.ncc:
+            best = Verdict(ncc >= LOW_TEXTURE_NCC, 0, ncc, mirror, 1.0, 1.0)
+            best.why = "" if best.ok else f"low texture, whole-frame NCC {ncc:.2f}"
+    return best
+
+
 def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: float = MIN_NCC) -> Verdict:
     """Is b a re-framing (crop, pad, mirror, rotation, perspective, overlay) of the same photo as a?"""
     import cv2
+
+    if min(len(fa.kp), len(fb.kp)) < LOW_TEXTURE_KP:
+        return _whole_frame(fa, fb)
 
     cv2.setNumThreads(1)  # many small calls: threads only contend on a shared machine
     best = Verdict(False, why="too few matching keypoints")
