@@ -103,7 +103,7 @@ def star_groups(
         if ev is None or "inliers" not in ev:
             if key in measured:
                 ev = measured[key]
-            elif verify and cache is not None and (ev is not None or (a in small_comp and b in small_comp)):
+            elif verify and cache is not None and ev is not None and a in small_comp and b in small_comp:
                 from .local_match import verify as verify_pair
 
                 fa, fb = cache.get(records[key[0]].sha256), cache.get(records[key[1]].sha256)
@@ -160,7 +160,7 @@ def star_groups(
                 a, b = (k, m) if k < m else (m, k)
                 edges.append({"a": records[a].path, "b": records[b].path, **info})
         if len(members) > 1:
-            groups.append(_make_group(copies, members, edges, method, evidence))
+            groups.append(_make_group(copies, members, edges, method, evidence))  # members[0] is the keeper
         if len(rest) > 1:
             sub = {m: n for n, m in enumerate(rest)}
             si = [sub[a] for a, b in link if a in sub and b in sub and link[(a, b)] is not None]
@@ -175,7 +175,7 @@ def star_groups(
 
 def _make_group(copies: list[Copy], members: list[int], edges: list[dict], method: str, evidence) -> DupGroup:
     cs = [copies[m] for m in members]
-    keeper, why = choose(cs, evidence)
+    keeper, why = choose(cs, evidence, keeper=cs[0])  # the star's centre: every member is linked to it
     ordered = [keeper] + [c for c in cs if c is not keeper]
     explain = [f"kept {keeper.rec.path} ({describe_copy(keeper)})"]
     for c in ordered[1:]:
@@ -183,6 +183,65 @@ def _make_group(copies: list[Copy], members: list[int], edges: list[dict], metho
     for e in edges:
         explain.append(f"  {e['a']} ~ {e['b']}: {_edge_words(e)}")
     return DupGroup(0, keeper.rec.path, [c.rec.path for c in ordered], method, explain, edges)
+
+
+_W: dict[str, Any] = {}
+
+
+def _init_verifier(root: str, db: str, min_inliers: int, min_ncc: float) -> None:
+    _W["cache"] = F.FeatureCache(Manifest(root, db, create=False))
+    _W["args"] = (min_inliers, min_ncc)
+
+
+def _verify_chunk(pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+    """Worker: verify pairs of content hashes; evidence of the accepted ones, None for the others."""
+    from .local_match import verify
+
+    cache: F.FeatureCache = _W["cache"]
+    out: list[dict[str, Any] | None] = []
+    for sa, sb in pairs:
+        fa, fb = cache.get(sa), cache.get(sb)
+        v = verify(fa, fb, *_W["args"]) if fa is not None and fb is not None else None
+        out.append(v.evidence() if v is not None and v.ok else None)
+    return out
+
+
+def verify_many(
+    manifest: Manifest,
+    pairs: list[tuple[str, str]],
+    cfg: DedupeConfig,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
+    chunk: int = 64,
+):
+    """Verify candidate pairs (in order), on every core when there are many; yields evidence or None."""
+    import os
+
+    workers = workers or os.cpu_count() or 1
+    if progress and pairs:
+        progress(0, len(pairs))
+    chunks = [pairs[k : k + chunk] for k in range(0, len(pairs), chunk)]
+    args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc)
+    done = 0
+    if workers <= 1 or len(pairs) < 4 * chunk:
+        _init_verifier(*args)
+        results = map(_verify_chunk, chunks)
+        pool = None
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, initializer=_init_verifier, initargs=args)
+        results = pool.map(_verify_chunk, chunks)
+    try:
+        for res in results:
+            yield from res
+            done += len(res)
+            if progress:
+                progress(done, len(pairs))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _W.clear()
 
 
 def auto_groups(
@@ -195,7 +254,7 @@ def auto_groups(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[DupGroup], dict[str, Any]]:
     """The verified pipeline; returns the groups and what it did (counts and seconds per step)."""
-    from .local_match import multicrop_candidates, verify, vote_candidates
+    from .local_match import multicrop_candidates, vote_candidates
 
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"images": len(records)}
@@ -251,17 +310,11 @@ def auto_groups(
     pending = sorted(k for k in cand if k not in accepted)
     stats["pairs_verified"] = len(pending)
     ok = 0
-    if progress and pending:
-        progress(0, len(pending))
-    for n, (a, b) in enumerate(pending, 1):
-        fa, fb = cache.get(records[a].sha256), cache.get(records[b].sha256)
-        if fa is not None and fb is not None:
-            v = verify(fa, fb, cfg.min_inliers, cfg.min_ncc)
-            if v.ok:
-                accepted[(a, b)] = {**v.evidence(), **extra_info.get((a, b), {}), "via": cand[(a, b)]}
-                ok += 1
-        if progress and (n % 16 == 0 or n == len(pending)):
-            progress(n, len(pending))
+    sha_pairs = [(records[a].sha256, records[b].sha256) for a, b in pending]
+    for (a, b), ev in zip(pending, verify_many(manifest, sha_pairs, cfg, progress), strict=True):
+        if ev is not None:
+            accepted[(a, b)] = {**ev, **extra_info.get((a, b), {}), "via": cand[(a, b)]}
+            ok += 1
     stats["pairs_accepted"] = ok
     stats["seconds_verify"] = round(time.perf_counter() - t, 3)
     # 4. star groups around the keeper

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 FEATURE_VERSION = 1
 THUMB_SIDE = 384  # long side of the grey copy used for ORB, RANSAC and NCC
@@ -208,10 +208,15 @@ def extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any]:
     small = rgb.copy()
     small.thumbnail((128, 128), Image.Resampling.BILINEAR)
     small_rgb = np.asarray(small)
-    grey_img = rgb.convert("L")
-    if max(grey_img.size) > THUMB_SIDE:
-        grey_img = ImageOps.contain(grey_img, (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
-    thumb = np.asarray(grey_img)
+    w0, h0 = rgb.size
+    scale = THUMB_SIDE / max(w0, h0)
+    size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
+    if size == (w0, h0):
+        thumb = full_grey
+    else:  # area averaging down, linear up (small images): as cheap as it gets, and alias-free
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        thumb = cv2.resize(full_grey, size, interpolation=interp)
+    grey_img = Image.fromarray(thumb)
     mirror = np.ascontiguousarray(thumb[:, ::-1])
     codes = []
     for m in (grey_img, Image.fromarray(mirror)):

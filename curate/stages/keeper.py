@@ -25,6 +25,7 @@ BORDER_MARGIN = 0.03
 GREY_MAX, COLOUR_MIN = 3.0, 8.0
 JPEG_MARGIN = 8.0
 SHARP_TOLERANCE = 2.0
+ROUND_ROBIN = 24  # groups up to this size compare every pair; larger ones run a challenge round
 
 
 @dataclass
@@ -50,12 +51,26 @@ def flip(ev: dict[str, Any] | None) -> dict[str, Any] | None:
             out[k[:-2] + "_b"] = v
         elif k.endswith("_b"):
             out[k[:-2] + "_a"] = v
+        elif k in ("sharp", "hscale"):  # ratios of a to b
+            out[k] = 1.0 / v if v else v
     return out
 
 
-def _upscaled(x: Copy, y: Copy) -> str:
-    """Why x (the larger) looks like an upscale of y, or ''."""
-    if x.rec.pixels <= UPSCALE_PIXELS * y.rec.pixels:
+def content_scale(a: Copy, b: Copy, ev: dict[str, Any] | None) -> float:
+    """How much larger a draws the shared content than b, in native pixels per pixel (area ratio).
+
+    From the verified homography when there is one (a crop has more pixels but the same scale), else
+    from the pixel counts (pHash-linked copies show the same framing)."""
+    ta, tb = a.signals.get("thumb"), b.signals.get("thumb")
+    if ev is not None and "hscale" in ev and ta and tb and a.rec.width and b.rec.width:
+        k = (tb[1] / b.rec.width) * float(ev["hscale"]) * (a.rec.width / ta[1])
+        return k * k
+    return a.rec.pixels / max(1, b.rec.pixels)
+
+
+def _upscaled(x: Copy, y: Copy, scale: float) -> str:
+    """Why x (drawing the content ``scale`` times larger in area) looks like an upscale of y, or ''."""
+    if scale <= UPSCALE_PIXELS:
         return ""
     dx, dy = x.signals.get("detail"), y.signals.get("detail")
     if dx is not None and dy is not None:
@@ -72,8 +87,9 @@ def compare(a: Copy, b: Copy, ev: dict[str, Any] | None = None) -> tuple[int, st
     sa, sb = a.signals, b.signals
     if a.demoted != b.demoted:
         return (1 if b.demoted else -1), "not rejected by another check"
-    for x, y, sign in ((a, b, -1), (b, a, 1)):
-        why = _upscaled(x, y)
+    scale = content_scale(a, b, ev)
+    for x, y, sign, sc in ((a, b, -1, scale), (b, a, 1, 1 / max(scale, 1e-9))):
+        why = _upscaled(x, y, sc)
         if why:
             return sign, f"not upscaled (the larger copy is an upscale: {why})"
     if ev is not None:
@@ -123,7 +139,9 @@ def compare(a: Copy, b: Copy, ev: dict[str, Any] | None = None) -> tuple[int, st
 
 
 def choose(
-    copies: list[Copy], evidence: Callable[[Copy, Copy], dict[str, Any] | None] | None = None
+    copies: list[Copy],
+    evidence: Callable[[Copy, Copy], dict[str, Any] | None] | None = None,
+    keeper: Copy | None = None,
 ) -> tuple[Copy, dict[str, str]]:
     """The keeper and, per other path, the rule that decided.
 
@@ -134,8 +152,19 @@ def choose(
     def cmp(x: Copy, y: Copy) -> tuple[int, str]:
         return compare(x, y, evidence(x, y) if evidence else None)
 
+    if keeper is not None:  # already chosen: only explain
+        return keeper, {c.rec.path: cmp(keeper, c)[1] for c in copies if c is not keeper}
+
     if len(copies) == 1:
         return copies[0], {}
+    if len(copies) <= ROUND_ROBIN:
+        # Every pair once: the copy that wins most comparisons (robust to a non-transitive rule pair).
+        wins = {id(c): 0 for c in copies}
+        for n, x in enumerate(copies):
+            for y in copies[n + 1 :]:
+                wins[id(x if cmp(x, y)[0] > 0 else y)] += 1
+        keeper = max(copies, key=lambda c: wins[id(c)])
+        return keeper, {c.rec.path: cmp(keeper, c)[1] for c in copies if c is not keeper}
     # Champion and challengers (2n comparisons, each may measure one pair): a second pass settles the
     # rare non-transitive case.
     keeper = copies[0]

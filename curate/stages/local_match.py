@@ -25,6 +25,7 @@ MULTICROP_MAX = 12
 TOP_PARTNERS = 5
 TOP_VOTE_PARTNERS = 8  # a photo with many copies needs more than 5
 MIN_VOTES = 6
+VOTE_OVER_BACKGROUND = 4.0
 VOTE_BAND = 8  # a query votes for images within best + band bits
 VOTE_MAX_DIST = 64
 VOTE_K = 16
@@ -156,9 +157,11 @@ def vote_candidates(
             sel = np.flatnonzero(a == i)
             if not len(sel):
                 continue
+            # Votes above the image's background: the median over every image it voted for at all.
+            floor = max(MIN_VOTES, VOTE_OVER_BACKGROUND * float(np.median(votes[sel])))
             sel = sel[np.argsort(-votes[sel], kind="stable")[:TOP_VOTE_PARTNERS]]
             for t in sel:
-                if votes[t] >= MIN_VOTES:
+                if votes[t] >= floor:
                     j = int(b[t])
                     key2 = (i, j) if i < j else (j, i)
                     out[key2] = max(out.get(key2, 0), int(votes[t]))
@@ -184,6 +187,7 @@ class Verdict:
     overlay_a: int = 0  # overlap tiles that differ and carry more edges in a (text or logo drawn on a)
     overlay_b: int = 0
     sharp: float = 1.0  # median over overlap tiles of a's / b's Laplacian energy, at equal scale
+    hscale: float = 1.0  # linear scale of the homography (b's grey copy -> a's)
 
     def evidence(self) -> dict:
         out = {"inliers": self.inliers, "ncc": round(self.ncc, 3), "mirror": self.mirror}
@@ -191,6 +195,7 @@ class Verdict:
             out[k] = round(getattr(self, k), 3)
         out["overlay_a"], out["overlay_b"] = self.overlay_a, self.overlay_b
         out["sharp"] = round(self.sharp, 3)
+        out["hscale"] = round(self.hscale, 4)
         return out
 
 
@@ -395,6 +400,7 @@ def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: 
         ncc = tile_ncc(a, warped, mask, overlay)
         v = Verdict(False, n_in, ncc, mirror, cover_a, cover_b)
         v.sharp = float(np.median(sharp)) if sharp else 1.0
+        v.hscale = float(np.sqrt(abs(np.linalg.det((h / h[2, 2])[:2, :2]))))
         v.overlay_a, v.overlay_b = overlay
         v.pad_a, v.extra_a = _outside(fa.thumb, mask)
         v.pad_b, v.extra_b = _outside(thumb_b, back > 0)
