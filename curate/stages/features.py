@@ -211,12 +211,10 @@ def extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any]:
     w0, h0 = rgb.size
     scale = THUMB_SIDE / max(w0, h0)
     size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
-    if size == (w0, h0):
-        thumb = full_grey
-    else:  # area averaging down, linear up (small images): as cheap as it gets, and alias-free
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        thumb = cv2.resize(full_grey, size, interpolation=interp)
-    grey_img = Image.fromarray(thumb)
+    grey_img = Image.fromarray(full_grey)
+    if size != (w0, h0):  # Lanczos keeps the contrast of small detail (stars, texture) that ORB needs
+        grey_img = grey_img.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0 if scale < 1 else None)
+    thumb = np.asarray(grey_img)
     mirror = np.ascontiguousarray(thumb[:, ::-1])
     codes = []
     for m in (grey_img, Image.fromarray(mirror)):

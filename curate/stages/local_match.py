@@ -157,8 +157,12 @@ def vote_candidates(
             sel = np.flatnonzero(a == i)
             if not len(sel):
                 continue
-            # Votes above the image's background: the median over every image it voted for at all.
-            floor = max(MIN_VOTES, VOTE_OVER_BACKGROUND * float(np.median(votes[sel])))
+            # Votes must stand out of the image's background: the median votes of the images ranked beyond
+            # twice the partner limit (a photo with many real copies has few such images: no floor then).
+            ranked = np.sort(votes[sel])[::-1]
+            tail = ranked[2 * TOP_VOTE_PARTNERS :]
+            background = float(np.median(tail)) if len(tail) >= 8 else 0.0
+            floor = max(MIN_VOTES, VOTE_OVER_BACKGROUND * background)
             sel = sel[np.argsort(-votes[sel], kind="stable")[:TOP_VOTE_PARTNERS]]
             for t in sel:
                 if votes[t] >= floor:
