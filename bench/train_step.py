@@ -3,6 +3,12 @@ random-init SD1.5 / SDXL UNets with cached latents and text embeddings already o
 to_q/k/v/out.0, bf16 autocast. Prints one JSON line per case, with the fields of bench/peer/lora_step_peer.py.
 
     python bench/train_step.py [sd15] [sdxl] [--channels-last] [--compile] [--out results.jsonl]
+    python bench/train_step.py --suite --out results.jsonl   # peer + ours, every variant, in one process
+
+Variants (--variant): plain = the eager step; graph = trainer_bridge.fast_step (forward+backward and the
+optimizer step as CUDA graph replays, the default of `curate train`); compile-graph = the same over a
+torch.compile'd UNet (compile = true). --suite runs the peer (bench/peer/lora_step_peer.py) and ours on the same
+shapes in the same process and appends each figure to --out as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -82,6 +88,138 @@ def step(fwd, opt, params, x, h, added, gen):
     return loss
 
 
+def fast(fwd, opt, params, max_grad_norm=1.0):
+    """Our default step: trainer_bridge.fast_step.FastStep over the same UNet, optimizer and loss settings."""
+    from trainer_bridge.fast_step import FastStep
+
+    global ALPHAS
+    ALPHAS = ALPHAS.cuda()
+    return FastStep(fwd, params, opt, ALPHAS, {"autocast_dtype": torch.bfloat16}, max_grad_norm=max_grad_norm)
+
+
+def fast_step(fs, x, h, added, gen):
+    loss = fs.micro_step(x, h, added, gen)
+    fs.optimizer_step()
+    return loss
+
+
+def emit(res: dict, out: str | None) -> None:
+    line = json.dumps(res)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+_FLOPS: dict = {}
+
+
+def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, channels_last=False):
+    """One figure of ours: build, warm up (capture / compile), time `blocks` x `iters` steps, report the median."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    levers = set(
+        variant.replace("-", "+").split("+")
+    )  # e.g. "graph", "compile+graph", "graph+cudnn", "graph+cl"
+    compile_ = "compile" in levers
+    channels_last = channels_last or "cl" in levers
+    torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
+    unet, fwd, opt, params = build(cfg, rank, channels_last, False)
+    if compile_:
+        fwd = torch.compile(unet, dynamic=False)
+    x, h, added = batch(cfg, bs, channels_last)
+    gen = torch.Generator("cuda").manual_seed(0)
+    if (name, bs) not in _FLOPS:
+        step(unet, opt, params, x, h, added, gen)
+        torch.cuda.synchronize()
+        with FlopCounterMode(display=False) as fc:
+            step(unet, opt, params, x, h, added, gen)
+        _FLOPS[name, bs] = fc.get_total_flops()
+    flops = _FLOPS[name, bs]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # the peak of this variant's own steps (weights + state stay counted)
+    fs = fast(fwd, opt, params) if "graph" in levers else None
+
+    def one():
+        return fast_step(fs, x, h, added, gen) if fs else step(fwd, opt, params, x, h, added, gen)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    one()  # graph: warm-up + capture; compile: compilation
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    for _ in range(3):
+        one()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            loss = one()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / iters)
+    dt = sorted(times)[len(times) // 2]
+    emit(dict(impl="trainer_bridge", variant=variant, case=name, batch=bs, rank=rank, compile=compile_,
+              channels_last=channels_last, it_s=round(1 / dt, 3), img_s=round(bs / dt, 2),
+              step_ms=[round(t * 1e3, 2) for t in times], first_step_s=round(first_s, 1),
+              tflop_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / dt / 1e12, 1),
+              peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              reserved_gib=round(torch.cuda.memory_reserved() / 2**30, 2),
+              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture),
+              lora_params_m=round(sum(p.numel() for p in params) / 1e6, 2),
+              loss_finite=bool(torch.isfinite(loss))), out)  # fmt: skip
+
+
+def run_peer(name, bs, compile_=False, out=None):
+    """One figure of the peer (diffusers + peft reference step), its own code and timing, tagged impl=peer."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
+    import lora_step_peer as P
+
+    torch.backends.cudnn.benchmark = False  # the peer's own settings
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        P.run(name, P.SD15 if name.startswith("sd15") else P.SDXL, bs, compile_=compile_)
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    emit({"impl": "peer", **res}, out)
+
+
+SHAPES = [("sd15-512", SD15, 1), ("sd15-512", SD15, 8), ("sd15-512", SD15, 16), ("sdxl-1024", SDXL, 1),
+          ("sdxl-1024", SDXL, 4)]  # fmt: skip
+
+
+def suite(out, variants, which, compiled_cases, batches=None):
+    """Peer and ours side by side: per shape the peer, then each of our variants; compiled cases last."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+              diffusers=__import__("diffusers").__version__, peft=__import__("peft").__version__), out)  # fmt: skip
+
+    def guarded(fn, *args, **kw):  # one failing figure must not cost the others
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            emit(dict(error=f"{type(e).__name__}: {str(e)[:300]}", args=[str(a)[:40] for a in args]), out)
+
+    for name, cfg, bs in SHAPES:
+        if name.split("-")[0] not in which or (batches and bs not in batches):
+            continue
+        guarded(run_peer, name, bs, out=out)
+        for v in variants:
+            guarded(run_variant, name, cfg, bs, v, out=out)
+    for case in compiled_cases:  # e.g. "sd15-512:8:peer", "sd15-512:8:compile-graph"
+        name, bs, who = case.split(":")
+        cfg = SD15 if name.startswith("sd15") else SDXL
+        if who == "peer":
+            guarded(run_peer, name, int(bs), compile_=True, out=out)
+        else:
+            guarded(run_variant, name, cfg, int(bs), who, out=out)
+
+
 def run(name, cfg, bs, rank=32, channels_last=False, compile_=False, iters=20, out=None, checkpointing=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -119,7 +257,31 @@ if __name__ == "__main__":
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--variant", default="plain", help="plain | graph | compile-graph | graph+cudnn | graph+cl"
+    )
+    ap.add_argument("--suite", action="store_true", help="peer + ours side by side, every shape")
+    ap.add_argument("--variants", default="graph,plain", help="with --suite: our variants per shape")
+    ap.add_argument("--compiled", default="sd15-512:8:peer,sd15-512:8:compile-graph",
+                    help="with --suite: name:batch:who cases run last (who = peer or a variant)")  # fmt: skip
+    ap.add_argument("--batches", default="", help="with --suite: only these batch sizes, e.g. 8,16")
     a = ap.parse_args()
+    if a.suite:
+        bs_only = [int(b) for b in a.batches.split(",") if b]
+        suite(
+            a.out,
+            [v for v in a.variants.split(",") if v],
+            a.which,
+            [c for c in a.compiled.split(",") if c],
+            bs_only,
+        )
+        sys.exit(0)
+    if a.variant != "plain":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for name, cfg, bs in SHAPES:
+            if name.split("-")[0] in a.which:
+                run_variant(name, cfg, bs, a.variant, out=a.out, channels_last=a.channels_last)
+        sys.exit(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     head = json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__))
     print(head, flush=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .dataset import Dataset
+from .stages.bucket import DEFAULT_FAMILY
 from .ui import (
     ConfigOpt,
     DatasetArg,
@@ -18,6 +21,7 @@ from .ui import (
     print_json,
     progress_bar,
     table,
+    warn,
 )
 
 app = typer.Typer(
@@ -34,6 +38,7 @@ PLUGINS: list[str] = [
     "curate.commands.tag",
     "curate.commands.export",
     "curate.commands.train",
+    "curate.commands.decide",
 ]
 
 
@@ -55,9 +60,48 @@ def _print_scan(d: dict) -> None:
         ("unchanged (skipped)", d["unchanged"]),
         ("missing since last scan", d["missing"]),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
+        *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+
+
+def _caption_rows(c: dict) -> list[tuple[str, int]]:
+    if not c or not (c.get("user") or c.get("new") or c.get("changed") or c.get("removed")):
+        return []
+    return [
+        ("images with captions written by hand", c["user"]),
+        (
+            "caption files new / changed / gone",
+            f"{len(c['new'])} / {len(c['changed'])} / {len(c['removed'])}",
+        ),
+    ]
+
+
+BAD_NAME_FIX = "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8 -r --notest DIR)"
+
+
+def _unusable(ds: Dataset, d: dict) -> list[list[str]]:
+    """[path, reason, detail] of every file the scan rejected, names that are not UTF-8 first."""
+    rows = [[n, "bad-filename", BAD_NAME_FIX] for n in d.get("bad_names", [])]
+    rows += [
+        [r[0], r[1], r[2] or ""]
+        for r in ds.manifest.conn.execute(
+            "SELECT r.path, r.reason, r.detail FROM rejects r JOIN files f ON f.path=r.path"
+            " WHERE r.stage='scan' AND f.status='ok' ORDER BY r.path"
+        )
+    ]
+    return rows
+
+
+def _print_unusable(rows: list[list[str]], where: str, limit: int = 20) -> None:
+    if not rows:
+        return
+    more = f" (first {limit}; `curate scan {where} --json` lists all)" if len(rows) > limit else ""
+    console.print(table(f"unusable files: {len(rows)}{more}", ["file", "reason", "detail"], rows[:limit]))
+    bad = sum(1 for r in rows if r[1] == "bad-filename")
+    if bad:
+        warn(f"{bad} file name(s) are not valid UTF-8 and were left out of the manifest; rename them")
 
 
 @app.command()
@@ -67,10 +111,12 @@ def scan(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = Non
     with _open(path, manifest, config) as ds:
         d = _do_scan(ds, as_json)
         d["summary"] = ds.summary()
+        d["unusable"] = _unusable(ds, d)
     if as_json:
         print_json(d)
     else:
         _print_scan(d)
+        _print_unusable(d["unusable"], str(path))
         if d["interrupted"]:
             console.print("[yellow]interrupted: rerun `curate scan` to continue[/]")
 
@@ -81,9 +127,19 @@ def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
         console.print(
             f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
         )
-        for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {p}: {why}")
+    _print_skipped(res.skipped)
     return res.as_dict()
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One stderr line per file an apply/restore left alone; the command then exits 1."""
+    for p, why in skipped:
+        warn(f"skipped {p}: {why}")
+
+
+def _exit_if_skipped(*results: dict | None) -> None:
+    if any(r and r.get("skipped") for r in results):
+        raise typer.Exit(1)
 
 
 @app.command("filter")
@@ -126,14 +182,27 @@ def filter_cmd(
         )
         out = {"filter": res.as_dict()}
         if not as_json:
-            rows = sorted(res.by_reason.items(), key=lambda kv: -kv[1])
+            examples: dict[str, list[str]] = {}
+            for p, found in ds.manifest.rejected_paths().items():
+                for _stage, reason, _ in (f for f in found if f[0] == "filter"):
+                    for r in reason.split(","):
+                        examples.setdefault(r, []).append(p)
+            rows = [
+                (r, n, ", ".join(examples.get(r, [])[:3]) + (", ..." if len(examples.get(r, [])) > 3 else ""))
+                for r, n in sorted(res.by_reason.items(), key=lambda kv: -kv[1])
+            ]
             console.print(
-                table(f"filter: {res.rejected} of {res.checked} images rejected", ["reason", "images"], rows)
+                table(
+                    f"filter: {res.rejected} of {res.checked} images rejected",
+                    ["reason", "images", "e.g."],
+                    rows,
+                )
             )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out.get("apply"))
 
 
 @app.command()
@@ -234,13 +303,14 @@ def dedupe(
                     else ""
                 )
                 console.print(
-                    f"CLIP {c['model']} ({c['pretrained']}): {c['embedded']} images, {c['pairs']} pairs >= "
+                    f"CLIP {escape(str(c['model']))} ({escape(str(c['pretrained']))}): {c['embedded']} images, {c['pairs']} pairs >= "
                     f"{c['threshold']}, index {c['index']} in {c['seconds']} s{recall}"
                 )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out.get("apply"))
 
 
 @app.command()
@@ -301,7 +371,7 @@ def report(
     if as_json:
         print_json({"report": str(p)})
     else:
-        console.print(f"report written to {p}")
+        console.print(f"report written to {escape(str(p))}")
 
 
 @app.command()
@@ -312,6 +382,7 @@ def apply(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = No
         out = _apply_and_print(ds, as_json)
     if as_json:
         print_json(out)
+    _exit_if_skipped(out)
 
 
 @app.command()
@@ -324,14 +395,18 @@ def restore(
     as_json: JsonOpt = False,
 ):
     """Undo --apply: move quarantined files back where they were (never overwriting)."""
-    with _open(path, manifest, config, create=False) as ds:
+    from .stages.quarantine import INDEX_NAME, QUARANTINE
+
+    # A lost manifest is no reason to keep files in the quarantine: its own index says where they belong.
+    has_index = (Path(path) / ".curate" / QUARANTINE / INDEX_NAME).exists()
+    with _open(path, manifest, config, create=has_index) as ds:
         res = ds.restore(batch=batch)
     if as_json:
         print_json(res.as_dict())
     else:
         console.print(f"restored {len(res.moved)} file(s)")
-        for p, why in res.skipped:
-            console.print(f"[yellow]skipped[/] {p}: {why}")
+    _print_skipped(res.skipped)
+    _exit_if_skipped(res.as_dict())
 
 
 @app.command()
@@ -342,10 +417,22 @@ def status(
     """Counts from the manifest: files, distinct images, rejects, quarantined."""
     with _open(path, manifest, config, create=False) as ds:
         counts = ds.summary()
+        present = {r[0] for r in ds.manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
+        rejects = {p: f for p, f in ds.manifest.rejected_paths().items() if p in present}
     if as_json:
         print_json(counts)
     else:
         console.print(table("status", ["", "count"], list(counts.items())))
+        by: dict[tuple[str, str], list[str]] = {}
+        for p, found in sorted(rejects.items()):
+            for stage, reason, _ in found:
+                by.setdefault((stage, reason), []).append(p)
+        if by:
+            rows = [(st, why, len(ps), ", ".join(ps[:3]) + (", ..." if len(ps) > 3 else ""))
+                    for (st, why), ps in sorted(by.items())]  # fmt: skip
+            console.print(
+                table("rejected files still in the dataset", ["stage", "reason", "files", "e.g."], rows)
+            )
 
 
 @app.command("run")
@@ -358,13 +445,16 @@ def run_all(
     ] = None,
     model: Annotated[
         str, typer.Option(help="Target model family: sd15 (512 px buckets) or sdxl (1024).")
-    ] = "sdxl",
+    ] = DEFAULT_FAMILY,
     trigger: Annotated[str | None, typer.Option(help="Trigger word put first in every caption.")] = None,
     class_word: Annotated[
         str | None, typer.Option("--class", help="Class word for the kohya folder name.")
     ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    reg: Annotated[
+        str | None, typer.Option("--reg", help="Folder of regularization images to export with --out.")
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -381,6 +471,7 @@ def run_all(
             class_word=class_word,
             val=val,
             seed=seed,
+            reg=reg,
             show=not as_json,
         )
     if as_json:

@@ -121,12 +121,15 @@ class Dataset:
 
         return split(self.manifest, val, seed, **options)
 
-    def bucket(self, **settings: Any):
-        """Assign kept images to the trainer's aspect buckets (images.bucket_w/h) and report the cost."""
-        from .stages.bucket import BucketSettings, bucket_images
+    def bucket(self, model: str | None = None, **settings: Any):
+        """Assign kept images to the trainer's aspect buckets (images.bucket_w/h) and report the cost.
+
+        ``model`` (sd15 | sdxl, default DEFAULT_FAMILY) sets the defaults of unset settings.
+        """
+        from .stages.bucket import bucket_images, family_settings
 
         return bucket_images(
-            self.manifest, BucketSettings(**{k: v for k, v in settings.items() if v is not None})
+            self.manifest, family_settings(model, **{k: v for k, v in settings.items() if v is not None})
         )
 
     def export(self, out: str | Path, format: str = "kohya", **options: Any):
@@ -145,7 +148,9 @@ class Dataset:
     def plan(self, **options: Any):
         """Training plan (LRs, epochs, repeats, batch, steps) with a reason per value; [plan] overrides tables."""
         from .stages.plan import plan
+        from .stages.user_captions import refresh
 
+        refresh(self.manifest)  # captions edited by hand since the scan count
         return plan(self.manifest, overrides=self.config.section("plan"), **options)
 
     def tag(
@@ -157,6 +162,8 @@ class Dataset:
         force: bool | None = None,
         overwrite: bool = False,
         progress=None,
+        backend: str | None = None,
+        dtype: str | None = None,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
@@ -165,16 +172,12 @@ class Dataset:
         replace, max_tags, format, ...); they are remembered, so a later call with only a new threshold
         re-thresholds stored scores in seconds without running the model.
         """
-        from .config import _coerce
-        from .stages.captions import CAPTION_KEYS, Outcome, apply_changes, remembered
-        from .stages.tag import DEFAULT_TAGGER, TagConfig, tag_images
+        from .stages.captions import Outcome, apply_changes, remembered
+        from .stages.tag import tag_config, tag_images
 
-        # [tag] may also hold caption options (general, character, trigger, ...); [caption] wins over them.
-        section = {k: v for k, v in self.config.section("tag").items() if k not in CAPTION_KEYS}
-        cfg = _coerce(TagConfig, section, "tag")
-        last = self.manifest.get_meta("tag.model")
-        model = model or section.get("model") or last or DEFAULT_TAGGER
-        cfg = override(cfg, model=model, device=device, batch_size=batch_size, force=force)
+        cfg = tag_config(
+            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
+        )
         run = tag_images(self.manifest, cfg, progress=progress)
         if "source" not in caption:
             prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))
@@ -223,13 +226,50 @@ class Dataset:
             caption["blacklist"] = tuple(dict.fromkeys([*cur.blacklist, *remove]))
         if replace:
             caption["replace"] = (*cur.replace, *replace)
-        return Outcome(None, apply_changes(self.manifest, self.config, caption, overwrite=overwrite))
+        return Outcome(
+            None, apply_changes(self.manifest, self.config, caption, overwrite=overwrite, edit_user=True)
+        )
 
     def tag_stats(self):
         """Tag frequency table, always-present tags and per-image CLIP token counts."""
         from .stages.captions import tag_stats
 
         return tag_stats(self.manifest)
+
+    # -- per-image decisions -----------------------------------------------------------------------
+    def keep(self, paths: list[str | Path]) -> list[str]:
+        """Keep these files whatever filter / dedupe decide (a scan error still wins); manifest paths."""
+        from .stages.user_captions import resolve_image
+
+        rels = list(dict.fromkeys(resolve_image(self.manifest, p) for p in paths))
+        self.manifest.set_decisions(rels, "keep")
+        return rels
+
+    def reject(self, paths: list[str | Path], reason: str = "manual") -> list[str]:
+        """Reject these files by hand (``curate apply`` quarantines them like any reject); manifest paths."""
+        from .stages.user_captions import resolve_image
+
+        reason = " ".join(str(reason).split()) or "manual"
+        rels = list(dict.fromkeys(resolve_image(self.manifest, p) for p in paths))
+        self.manifest.set_decisions(rels, "reject", reason)
+        return rels
+
+    def undecide(self, paths: list[str | Path]) -> list[str]:
+        """Forget the manual decisions on these files (the stages' own decisions apply again)."""
+        from .stages.user_captions import resolve_image
+
+        rels = list(dict.fromkeys(resolve_image(self.manifest, p) for p in paths))
+        self.manifest.set_decisions(rels, None)
+        return rels
+
+    def set_caption(self, path: str | Path, text: str) -> str:
+        """Write ``text`` as the person's caption of one image (atomic; backup of other text of theirs).
+
+        Returns the caption file (or ``metadata.jsonl::<image>``) written; it wins over curate's captions.
+        """
+        from .stages.user_captions import set_caption
+
+        return set_caption(self.manifest, path, text)
 
     # -- reading -------------------------------------------------------------------------------------
     def images(self) -> list[ImageRecord]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 STATE_DIR = ".curate"
+TMP_PREFIX = ".curate-tmp-"  # atomic_write's temporary sibling (hidden, so never scanned as an image)
 # Decompression-bomb limit: images with more pixels than this are rejected without decoding.
 DEFAULT_MAX_PIXELS = 40_000 * 40_000 // 10  # 160 MP
 
@@ -55,6 +57,41 @@ def iter_image_files(root: Path, *, exclude: tuple[str, ...] = (STATE_DIR,)) -> 
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield Path(dirpath) / name
+
+
+class PathOutside(ValueError):
+    """A relative path (from the manifest or an index) that would leave the dataset root."""
+
+
+def lexical_escape(rel: str) -> str | None:
+    """Why the relative path ``rel`` (as the manifest stores it) would leave the dataset, or None."""
+    if not rel or "\0" in rel:
+        return "empty path"
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", rel):
+        return "an absolute path"
+    if any(part == ".." for part in pure.parts) or pure.name in ("", ".", ".."):
+        return "a path that goes up with .."
+    if pure.parts[0] == STATE_DIR:
+        return f"inside {STATE_DIR}/, curate's own folder"
+    return None
+
+
+def inside(root: str | os.PathLike, rel: str) -> Path:
+    """``root / rel`` if ``rel`` is a clean relative path that stays inside ``root``, else PathOutside(why).
+
+    The folders on the way are resolved (a symlinked folder leading out is refused); the last component
+    is not followed, so a symlink inside the dataset is the link itself, never the file it points to.
+    """
+    why = lexical_escape(rel)
+    if why:
+        raise PathOutside(why)
+    pure = PurePosixPath(rel)
+    root_real = os.path.realpath(root)
+    parent = os.path.realpath(os.path.join(root_real, *pure.parts[:-1]))
+    if os.path.commonpath([parent, root_real]) != root_real:
+        raise PathOutside("a folder on the way is a symlink that leads out of the dataset")
+    return Path(root) / pure
 
 
 def _flatten_alpha(img: Image.Image, flags: list[str]) -> Image.Image:
@@ -162,7 +199,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """Write a file via a temporary sibling and an atomic rename; the target is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A short temp name: the target's own name may already be at the 255-byte limit of a file name.
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with open(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
             yield fh

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CurateError
-from .io import STATE_DIR
+from .io import STATE_DIR, lexical_escape
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.db"
@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS moves (
     state   TEXT NOT NULL,         -- pending | done | restored
     at      REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS decisions (
+    path     TEXT PRIMARY KEY,     -- a person's per-file decision (curate keep / curate reject)
+    decision TEXT NOT NULL CHECK (decision IN ('keep', 'reject')),
+    reason   TEXT,
+    at       REAL NOT NULL
+);
 """
 
 
@@ -103,6 +109,7 @@ class ImageRecord:
     caption: str | None = None
     split: str | None = None
     bucket: tuple[int, int] | None = None
+    user_caption: str | None = None  # a caption a person wrote or edited (stages/user_captions.py)
 
     @property
     def pixels(self) -> int:
@@ -133,6 +140,10 @@ def _decode_row(row: sqlite3.Row, paths: list[str]) -> ImageRecord:
         split=row["split"],
         bucket=(row["bucket_w"], row["bucket_h"]) if row["bucket_w"] else None,
     )
+
+
+def _first_caption(paths: list[str], captions: dict[str, str]) -> str | None:
+    return next((captions[p] for p in paths if p in captions), None)
 
 
 def default_manifest_path(root: Path) -> Path:
@@ -260,7 +271,8 @@ class Manifest:
         q = f"SELECT sha256, path FROM files WHERE sha256 IS NOT NULL AND status IN ({','.join('?' * len(statuses))}) ORDER BY length(path), path"
         out: dict[str, list[str]] = {}
         for sha, path in self.conn.execute(q, statuses):
-            out.setdefault(sha, []).append(path)
+            if lexical_escape(path) is None:  # a hand-edited row such as ../x.jpg reaches no stage
+                out.setdefault(sha, []).append(path)
         return out
 
     def images(
@@ -268,6 +280,7 @@ class Manifest:
     ) -> list[ImageRecord]:
         """Every distinct image that has at least one file with one of ``statuses``."""
         paths = self._paths_by_sha(statuses)
+        captions = self.user_captions()
         rows = self.conn.execute("SELECT * FROM images ORDER BY sha256")
         out = []
         for row in rows:
@@ -276,32 +289,89 @@ class Manifest:
                 continue
             if not include_errors and row["error"]:
                 continue
-            out.append(_decode_row(row, p))
+            rec = _decode_row(row, p)
+            rec.user_caption = _first_caption(rec.paths, captions)
+            out.append(rec)
         out.sort(key=lambda r: r.path)
         return out
+
+    def user_captions(self) -> dict[str, str]:
+        """image path -> the caption a person wrote beside it (.txt before .caption before metadata.jsonl)."""
+        try:
+            rows = self.conn.execute(
+                "SELECT image, text FROM user_captions WHERE origin != 'curate' AND text != ''"
+                " ORDER BY image, rank DESC"
+            ).fetchall()
+        except sqlite3.OperationalError:  # no caption seen yet: the table is created by the first scan
+            return {}
+        return {image: text for image, text in rows}  # the lowest rank comes last and wins
 
     def image(self, sha256: str) -> ImageRecord | None:
         row = self.conn.execute("SELECT * FROM images WHERE sha256=?", (sha256,)).fetchone()
         if row is None:
             return None
-        return _decode_row(row, self._paths_by_sha(("ok", "quarantined")).get(sha256, []))
+        rec = _decode_row(row, self._paths_by_sha(("ok", "quarantined")).get(sha256, []))
+        rec.user_caption = _first_caption(rec.paths, self.user_captions())
+        return rec
 
-    def rejected_paths(self) -> dict[str, list[tuple[str, str, str | None]]]:
-        """path -> [(stage, reason, detail), ...]."""
+    def rejected_paths(self, *, raw: bool = False) -> dict[str, list[tuple[str, str, str | None]]]:
+        """path -> [(stage, reason, detail), ...], with the manual decisions applied (unless ``raw``).
+
+        A manual keep cancels every stage's reject except the scan's (unusable bytes stay unusable);
+        a manual reject adds a ``manual`` entry.
+        """
         out: dict[str, list[tuple[str, str, str | None]]] = {}
         for path, stage, reason, detail in self.conn.execute(
             "SELECT path, stage, reason, detail FROM rejects ORDER BY path, stage"
         ):
             out.setdefault(path, []).append((stage, reason, detail))
+        if raw:
+            return out
+        for path, (decision, reason) in self.decisions().items():
+            if decision == "keep":
+                left = [r for r in out.get(path, []) if r[0] == "scan"]
+                if left:
+                    out[path] = left
+                else:
+                    out.pop(path, None)
+            else:
+                out.setdefault(path, []).append(("manual", reason or "manual", "rejected by hand"))
         return out
 
+    # -- manual decisions -------------------------------------------------------------------------
+    def decisions(self) -> dict[str, tuple[str, str | None]]:
+        """path -> (keep | reject, reason) for every file a person decided on."""
+        rows = self.conn.execute("SELECT path, decision, reason FROM decisions")
+        return {p: (d, r) for p, d, r in rows}
+
+    def set_decisions(self, paths: Iterable[str], decision: str | None, reason: str | None = None) -> None:
+        """Record ``decision`` ('keep' | 'reject') for ``paths``; None forgets their decisions."""
+        if decision not in ("keep", "reject", None):
+            raise CurateError(f"decision must be keep or reject, got {decision!r}")
+        now = time.time()
+        with self.transaction():
+            for p in paths:
+                if decision is None:
+                    self.conn.execute("DELETE FROM decisions WHERE path=?", (p,))
+                else:
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO decisions(path, decision, reason, at) VALUES (?,?,?,?)",
+                        (p, decision, reason, now),
+                    )
+
     def kept_images(self) -> list[ImageRecord]:
-        """Images with at least one present, un-rejected file; ``path`` is that file."""
+        """Images with at least one present, un-rejected file; ``path`` is that file.
+
+        Manual decisions count: a manual keep beats filter/dedupe rejects (never a scan error), a
+        manual reject removes the file.
+        """
         rejected = self.rejected_paths()
+        captions = self.user_captions()
         out = []
         for rec in self.images(include_errors=False):
             keep = [p for p in rec.paths if p not in rejected]
             if keep:
+                rec.user_caption = _first_caption(keep + rec.paths, captions)
                 rec.paths = keep
                 rec.path = keep[0]
                 out.append(rec)
@@ -336,13 +406,15 @@ class Manifest:
 
     def counts(self) -> dict[str, int]:
         c = self.conn
+        ok = {r[0] for r in c.execute("SELECT path FROM files WHERE status='ok'")}
+        decisions = self.decisions()
         return {
             "files": c.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0],
             "images": c.execute(
                 "SELECT count(DISTINCT sha256) FROM files WHERE status='ok' AND sha256 IS NOT NULL"
             ).fetchone()[0],
             "quarantined": c.execute("SELECT count(*) FROM files WHERE status='quarantined'").fetchone()[0],
-            "rejected_files": c.execute(
-                "SELECT count(DISTINCT r.path) FROM rejects r JOIN files f ON f.path=r.path WHERE f.status='ok'"
-            ).fetchone()[0],
+            "rejected_files": len(self.rejected_paths().keys() & ok),
+            "manual_keep": sum(1 for p, (d, _) in decisions.items() if d == "keep" and p in ok),
+            "manual_reject": sum(1 for p, (d, _) in decisions.items() if d == "reject" and p in ok),
         }

@@ -5,27 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .dataset import Dataset
 from .errors import CurateError
+from .stages.bucket import DEFAULT_FAMILY, RESOLUTION
 from .ui import console, progress_bar, table
-
-RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
 def run_pipeline(
     ds: Dataset,
     *,
     out: str | None = None,
-    model: str = "sdxl",
+    model: str = DEFAULT_FAMILY,
     trigger: str | None = None,
     class_word: str | None = None,
     val: float = 0.1,
     seed: int = 0,
+    reg: str | None = None,
     show: bool = True,
 ) -> dict[str, Any]:
     """scan -> filter -> dedupe -> split -> bucket -> report, then export + training plan into ``out``."""
     if model not in RESOLUTION:
         raise CurateError(f"unknown --model {model!r}; choose sd15 or sdxl")
+    if reg is not None and out is None:
+        raise CurateError("--reg exports regularization images with the curated set; add --out FOLDER")
+    if reg is not None and not Path(reg).expanduser().is_dir():
+        raise CurateError(f"--reg {reg} is not a folder; pass the folder of regularization images")
     if out is not None:
         target = Path(out)
         if target.exists() and any(target.iterdir()):
@@ -39,7 +45,7 @@ def run_pipeline(
     dd = ds.dedupe()
     summary["dedupe"] = {"groups": len(dd.groups), "rejected": dd.rejected}
     summary["split"] = ds.split(val=val, seed=seed).as_dict()
-    summary["bucket"] = ds.bucket(resolution=RESOLUTION[model]).as_dict()
+    summary["bucket"] = ds.bucket(model).as_dict()
     summary["report"] = str(ds.report())
     summary["counts"] = ds.summary()
     summary["kept"] = len(ds.kept())
@@ -48,7 +54,7 @@ def run_pipeline(
     if out is not None:
         from .stages.plan import write_plan
 
-        res = ds.export(out, format="kohya", trigger=trigger, class_word=class_word)
+        res = ds.export(out, format="kohya", trigger=trigger, class_word=class_word, reg=reg)
         summary["export"] = res.as_dict()
         p = ds.plan(model=model, trigger=trigger, class_word=class_word)
         summary["plan"] = str(write_plan(p, Path(out) / "train.toml"))
@@ -69,5 +75,7 @@ def run_pipeline(
             rows.append(("exported to", summary["export"]["out"]))
             rows.append(("training plan", summary["plan"]))
         console.print(table("curate run", ["stage", "result"], rows))
-        console.print(f"report: {summary['report']}")
+        console.print(f"report: {summary['report']}", markup=False)
+        for w in summary.get("export", {}).get("warnings", []):
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     return summary

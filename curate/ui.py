@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .errors import CurateError
 
@@ -45,7 +46,9 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except CurateError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            err_console.print(
+                Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: work already committed is kept; rerun to continue")
@@ -59,12 +62,24 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", show_lines=False)
+    """A table whose title, headers and cells are plain text: a file named ``[red]x.jpg`` shows as is."""
+    t = Table(title=Text(str(title)), title_justify="left", show_lines=False)
     for c in columns:
-        t.add_column(c, overflow="fold")
+        t.add_column(Text(str(c)), overflow="fold")
     for r in rows:
-        t.add_row(*(str(x) for x in r))
+        t.add_row(*(x if isinstance(x, Text) else Text(str(x)) for x in r))
     return t
+
+
+def warn(message: str, *, stderr: bool = True) -> None:
+    """Print ``warning: message`` (the message as plain text, never markup) on stderr or stdout."""
+    con = err_console if stderr else console
+    con.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+def say(*parts: Any, style: str | None = None) -> None:
+    """Print user text (paths, names) on stdout without interpreting ``[...]`` as markup."""
+    console.print(Text(" ".join(str(p) for p in parts), style=style or ""), highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -88,10 +103,19 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 
     t0 = time.perf_counter()
 
+    started = False
+
     def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:  # shown from the first report on: an early error stays a single line
+            prog.start()
+            started = True
         dt = time.perf_counter() - t0
         rate = f"{done / dt:.0f}/s" if dt > 0 and done else ""
         prog.update(task, completed=done, total=total, rate=rate)
 
-    with prog:
+    try:
         yield update
+    finally:
+        if started:
+            prog.stop()

@@ -81,4 +81,4 @@ def test_missing_blip_message(ds_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(ds_path / "none"))
     with Dataset.open(ds_path) as ds, pytest.raises(CurateError) as e:
         ds.caption(model="Salesforce/blip-image-captioning-large", device="cpu")
-    assert "huggingface-cli download Salesforce/blip-image-captioning-large" in e.value.message
+    assert "hf download Salesforce/blip-image-captioning-large --local-dir blip-" in e.value.message

@@ -192,7 +192,7 @@ def test_missing_weights_give_one_line_offline_errors(tmp_path):
         CurateError, match=r"timm/vit_base_patch32_clip_224\.openai open_clip_model\.safetensors"
     ):
         load_clip("ViT-B-32", "openai", "cpu")
-    with pytest.raises(CurateError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(CurateError, match="Hugging Face cache.*.*`hf download nobody/no-such-clip"):
         load_clip("hf-hub:nobody/no-such-clip", None, "cpu")
     with pytest.raises(CurateError, match="unknown CLIP model"):
         load_clip("ViT-Nope-99", "openai", "cpu")
@@ -218,7 +218,7 @@ def test_cli_dedupe_clip_errors_and_json(tiny, tmp_path):
     assert runner.invoke(app, ["scan", str(root), "--json"]).exit_code == 0
     r = runner.invoke(app, ["dedupe", str(root), "--method", "clip", "--device", "cpu"])
     assert r.exit_code == 2
-    assert "huggingface-cli download" in r.output and "Traceback" not in r.output
+    assert "hf download timm/" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["dedupe", str(root), "--method", "clip", "--threshold", "1.5"])
     assert r.exit_code == 2 and "between -1 and 1" in r.output
     (root / "curate.toml").write_text("[clip]\nworkers = 0\n")

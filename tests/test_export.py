@@ -59,8 +59,26 @@ def _check_value(where: str, value, kind) -> None:
         )
 
 
-def validate_sd_scripts_config(cfg: dict) -> None:
-    """Raise AssertionError where sd-scripts' voluptuous schema would raise Invalid."""
+def _check_buckets(where: str, ds: dict, general: dict, step_multiple: int) -> None:
+    """sd-scripts' dataset checks (train_util: adjust_min_max_bucket_reso_by_steps, verify_bucket_reso_steps)."""
+    get = lambda k, default: ds.get(k, general.get(k, default))  # noqa: E731
+    res = get("resolution", None)
+    assert res is not None, f"{where}: resolution is required"
+    lo, hi = (res, res) if isinstance(res, int) else (min(res), max(res))
+    if not get("enable_bucket", False):
+        return
+    mn, mx, step = get("min_bucket_reso", 256), get("max_bucket_reso", 1024), get("bucket_reso_steps", 64)
+    assert mn % step == 0 and mx % step == 0, f"{where}: sd-scripts would round min/max to the step"
+    assert mn <= lo, f"{where}: min_bucket_reso {mn} above resolution {lo}"
+    assert hi <= mx, f"{where}: max_bucket_reso {mx} below resolution {hi}"
+    assert step % step_multiple == 0, f"{where}: bucket_reso_steps {step} not divisible by {step_multiple}"
+
+
+def validate_sd_scripts_config(cfg: dict, step_multiple: int = 64) -> None:
+    """Raise AssertionError where sd-scripts' voluptuous schema or its dataset checks would fail.
+
+    ``step_multiple``: 64 for train_network.py (SD1.5), 32 for sdxl_train_network.py.
+    """
     assert set(cfg) <= {"general", "datasets"}, set(cfg)
     for k, v in cfg.get("general", {}).items():
         assert k in GENERAL, f"[general] {k} not allowed"
@@ -71,6 +89,8 @@ def validate_sd_scripts_config(cfg: dict) -> None:
                 continue
             assert k in DB_DATASET, f"[[datasets]] {k} not allowed"
             _check_value(f"datasets.{k}", v, DB_DATASET[k])
+        _check_buckets("[[datasets]]", ds, cfg.get("general", {}), step_multiple)
+        assert any(not sub.get("is_reg", False) for sub in ds["subsets"]), "reg subsets alone train nothing"
         for sub in ds["subsets"]:
             assert "image_dir" in sub, "image_dir is required"
             assert "metadata_file" not in sub
@@ -87,10 +107,18 @@ def test_schema_checker_catches_mistakes():
     validate_sd_scripts_config(good)
     for bad in (
         {"general": {"min_bucket_reso": "256"}, "datasets": [{"subsets": [{"image_dir": "x"}]}]},
-        {"datasets": [{"subsets": [{"num_repeats": 1}]}]},  # no image_dir
-        {"datasets": [{"subsets": [{"image_dir": "x", "enable_bucket": True}]}]},  # dataset-level key
+        {"datasets": [{"resolution": 512, "subsets": [{"num_repeats": 1}]}]},  # no image_dir
+        {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "x", "enable_bucket": True}]}]},  # dataset key
         {"datasets": [{"max_train_steps": 5, "subsets": [{"image_dir": "x"}]}]},
-    ):
+        {"datasets": [{"resolution": 512, "enable_bucket": True, "min_bucket_reso": 768,
+                       "subsets": [{"image_dir": "x"}]}]},  # min above the resolution
+        {"datasets": [{"resolution": 512, "enable_bucket": True, "min_bucket_reso": 200,
+                       "subsets": [{"image_dir": "x"}]}]},  # not a multiple of the step
+        {"datasets": [{"resolution": 512, "enable_bucket": True, "bucket_reso_steps": 32,
+                       "subsets": [{"image_dir": "x"}]}]},  # SD1.5 needs steps of 64
+        {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "x", "is_reg": True}]}]},
+        {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "x", "is_reg": "yes"}]}]},
+    ):  # fmt: skip
         with pytest.raises(AssertionError):
             validate_sd_scripts_config(bad)
 
@@ -148,11 +176,12 @@ def test_kohya_export_layout_captions_toml(prepared, tmp_path):
     side = {m["source"]: m["split"] for m in manifest["images"]}
     for paths in fams.values():
         assert len({side[p] for p in paths}) == 1
-    # Files are hard links to the sources (same inode) and the sources are untouched.
+    # Files are copies (or reflinks) of the sources: same bytes, never the same inode; sources untouched.
     src_by_sha = {r.sha256: d.root / r.path for r in kept.values()}
     for m in manifest["images"]:
-        assert os.stat(out / m["file"]).st_ino == os.stat(src_by_sha[m["sha256"]]).st_ino
-    assert res.linked == 36 and res.copied == res.reencoded == 0
+        assert os.stat(out / m["file"]).st_ino != os.stat(src_by_sha[m["sha256"]]).st_ino
+        assert _sha(out / m["file"]) == m["sha256"]
+    assert res.copied + res.reflinked == 36 and res.linked == res.reencoded == 0
     assert {p: _sha(p) for p in sources} == sources
 
     # The TOML parses (tomllib and the `toml` package sd-scripts uses) and fits sd-scripts' schema.

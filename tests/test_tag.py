@@ -221,7 +221,7 @@ def test_missing_model_message(ds_path, monkeypatch):
     with Dataset.open(ds_path) as ds, pytest.raises(CurateError) as e:
         ds.tag(model="SmilingWolf/wd-swinv2-tagger-v3")
     msg = e.value.message
-    assert "huggingface-cli download SmilingWolf/wd-swinv2-tagger-v3 model.onnx selected_tags.csv" in msg
+    assert "hf download SmilingWolf/wd-swinv2-tagger-v3 model.onnx selected_tags.csv --local-dir wd-" in msg
     assert "\n" not in msg
 
 

@@ -76,3 +76,58 @@ def test_tagger_auto_device_matches_reference(ds_path, tmp_path):
             ref = tiny_wd14.reference_probs(x)[0]
             for n, p in stored[rec.sha256].items():
                 assert abs(p - ref[names.index(n)]) < 1e-3
+
+
+def test_torch_backend_on_cuda_matches_cpu_onnx(ds_path, tmp_path):
+    """auto picks torch on a GPU for a timm folder; bf16 autocast scores stay close to the fp32 ONNX ones."""
+    from curate import Dataset
+    from curate.models import wd14
+    from curate.models.wd_torch import TorchTagger
+    from curate.stages.tag import load_scores, model_key
+
+    model = tiny_wd14.build_timm(tmp_path / "v3")
+    wd14._CACHE.clear()
+    with Dataset.open(ds_path) as ds:
+        run = ds.tag(model=str(model)).run
+        assert run.backend == "torch" and run.device.startswith("cuda") and run.inferred == 6, run
+        assert "autocast" in run.runtime and run.batch_size >= 8
+        on_gpu = load_scores(ds.manifest, model_key(str(model)))
+        ds.tag(model=str(model), backend="onnx", device="cpu", force=True)
+        on_cpu = load_scores(ds.manifest, model_key(str(model)))
+    worst = max(abs(p - on_cpu[sha].get(n, 0.0)) for sha, sc in on_gpu.items() for n, p in sc.items())
+    print("bf16 vs fp32 onnx, worst score difference:", worst)
+    assert worst < 0.03
+    files = wd14.locate(str(model))
+    fp32 = TorchTagger(files, device="cuda", dtype="fp32")
+    onnx_t = wd14.load_tagger(str(model), "cpu", "onnx")
+    imgs = [Image.open(p) for p in sorted(ds_path.glob("*.png"))]
+    x = np.stack([fp32.preprocess_image(im) for im in imgs])
+    diff = np.abs(fp32.predict(x) - onnx_t.predict(x[..., ::-1].astype(np.float32))).max()
+    print("fp32 cuda vs onnx cpu:", diff)
+    assert diff < 2e-3  # cuDNN may run the patch conv in TF32
+    bf16 = TorchTagger(files, device="cuda", dtype="bf16")
+    assert bf16.dtype == "bf16 weights" and next(bf16.net.parameters()).dtype == torch.bfloat16
+    diff = np.abs(bf16.predict(x) - onnx_t.predict(x[..., ::-1].astype(np.float32))).max()
+    print("bf16 weights vs onnx cpu:", diff)
+    assert diff < 0.05
+
+
+def test_cli_explain_device_names_cuda(ds_path, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+    from curate.models import wd14
+
+    model = tiny_wd14.build_timm(tmp_path / "v3")
+    wd14._CACHE.clear()
+    res = CliRunner().invoke(app, ["tag", str(ds_path), "--model", str(model), "--explain-device", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    print(d)
+    assert (
+        d["backend"] == "torch"
+        and d["device"].startswith("cuda")
+        and torch.cuda.get_device_name(0) in d["runtime"]
+    )

@@ -65,3 +65,82 @@ def build(folder: Path, *, batch: int | None = None, seed: int = 0) -> Path:
         for i, (name, cat) in enumerate(TAGS):
             wr.writerow([1000 + i, name, cat, 500 - i])
     return folder
+
+
+# A tiny timm ViT laid out like the SmilingWolf v3 repos: model.safetensors + config.json (timm hub form) +
+# selected_tags.csv, and optionally model.onnx exported from the same weights with the v3 ONNX layout
+# (NHWC float32 0-255 BGR in, normalisation and sigmoid inside the graph).
+TIMM_SIZE = 32
+TIMM_CONFIG = {
+    "architecture": "vit_base_patch16_224",
+    "num_classes": len(TAGS),
+    "num_features": 32,
+    "global_pool": "avg",
+    "model_args": {"img_size": TIMM_SIZE, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                   "class_token": False, "global_pool": "avg", "fc_norm": False, "act_layer": "gelu_tanh"},
+    "pretrained_cfg": {"custom_load": False, "input_size": [3, TIMM_SIZE, TIMM_SIZE], "fixed_input_size": False,
+                       "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                       "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "num_classes": len(TAGS)},
+}  # fmt: skip
+
+
+def build_timm(folder: Path, *, onnx: bool = True, seed: int = 0, config: dict | None = None) -> Path:
+    """Write model.safetensors + config.json + selected_tags.csv (+ model.onnx) of one random tiny timm model."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = config or TIMM_CONFIG
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"],
+                            **cfg["model_args"]).eval()  # fmt: skip
+    with torch.no_grad():  # spread the scores over (0, 1) so thresholds pick different tags per image
+        head = net.get_classifier()
+        head.weight.mul_(60.0)
+        head.bias.copy_(torch.linspace(-2.0, 2.0, head.bias.numel()))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    with open(folder / "selected_tags.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, cat) in enumerate(TAGS[: cfg["num_classes"]]):
+            wr.writerow([1000 + i, name, cat, 500 - i])
+    if onnx:
+        export_v3_onnx(net, cfg, folder / "model.onnx")
+    return folder
+
+
+def export_v3_onnx(net, cfg: dict, path: Path, opset: int = 17) -> Path:
+    """Export ``net`` as the v3 ONNX taggers are laid out: NHWC BGR 0-255 in, sigmoid scores out."""
+    import torch
+
+    pre = cfg["pretrained_cfg"]
+    size = pre["input_size"][-1]
+
+    class V3Layout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(pre["mean"][::-1]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(pre["std"][::-1]).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            x = x.permute(0, 3, 1, 2) / 255.0
+            return torch.sigmoid(self.net((x - self.mean) / self.std))
+
+    tmp = path.with_suffix(".tmp")
+    torch.onnx.export(
+        V3Layout().eval(),
+        (torch.zeros(1, size, size, 3),),
+        str(tmp),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    tmp.replace(path)
+    return path

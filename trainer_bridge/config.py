@@ -92,6 +92,9 @@ class TrainConfig:
     log_dir: str = ""  # default: <output_dir>/logs
     log_every_n_steps: int = 10
     training_comment: str = ""
+    # training-step speed (trainer_bridge/fast_step.py): auto = CUDA graphs where they work, else the plain step;
+    # graph = the same, warning when it cannot; eager = the fast step's code without graphs; off = the plain step
+    fast: str = "auto"
 
     def __post_init__(self) -> None:
         self._checked()  # also for TrainConfig(...) built in code: ints become floats where floats are expected

@@ -56,28 +56,116 @@ def load_lora(path: str | Path) -> tuple[dict, dict[str, str]]:
         raise TrainError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def lora_info(path: str | Path) -> dict[str, Any]:
-    """Summary of a LoRA file for `curate lora-info`: rank, alpha, base model, lrs, modules, tag frequency."""
-    tensors, meta = load_lora(path)
-    ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")}
-    alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
-    modules = {k.split(".")[0] for k in tensors}
+def _read_lora_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, float], dict[str, str]]:
+    """(tensor shapes, alpha values, metadata) without loading the weights; TrainError if unreadable."""
+    from safetensors import safe_open
 
-    def js(key: str) -> Any:
-        try:
-            return json.loads(meta[key])
-        except (KeyError, ValueError):
-            return None
+    if path.is_dir():
+        raise TrainError(f"{path} is a folder; pass the LoRA .safetensors file inside it")
+    if not path.is_file():
+        raise TrainError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            alphas = {}
+            for k in shapes:
+                if k.endswith(".alpha"):
+                    try:
+                        alphas[k] = float(f.get_tensor(k).float().flatten()[0])
+                    except Exception:  # an empty or odd alpha tensor: reported as missing, not a crash
+                        continue
+    except OSError as e:
+        raise TrainError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise TrainError(f"{path} is not a readable safetensors file ({first})") from None
+    return shapes, alphas, meta
 
-    tags = js("ss_tag_frequency") or {}
+
+def _number(meta: dict[str, str], key: str, kind: type, problems: list[str]) -> float | int | None:
+    raw = meta.get(key)
+    if raw in (None, ""):
+        return None
+    try:
+        v = kind(float(raw)) if kind is int else kind(raw)
+    except (TypeError, ValueError, OverflowError):
+        problems.append(f"{key} {str(raw)[:30]!r} is not a number")
+        return None
+    if v != v or v in (float("inf"), float("-inf")):  # NaN / inf
+        problems.append(f"{key} {str(raw)[:30]!r} is not a finite number")
+        return None
+    return v
+
+
+def _tag_counts(meta: dict[str, str], problems: list[str]) -> dict[str, int]:
+    """Summed tag counts of ss_tag_frequency ({folder: {tag: count}}); odd parts are skipped and reported."""
+    raw = meta.get("ss_tag_frequency")
+    if raw in (None, ""):
+        return {}
+    try:
+        freq = json.loads(raw)
+    except ValueError:
+        problems.append("ss_tag_frequency is not JSON")
+        return {}
+    if not isinstance(freq, dict):
+        problems.append(f"ss_tag_frequency is a JSON {type(freq).__name__}, not {{folder: {{tag: count}}}}")
+        return {}
     top: dict[str, int] = {}
-    for freq in tags.values():
-        for t, n in freq.items():
-            top[t] = top.get(t, 0) + int(n)
+    odd = 0
+    for tags in freq.values():
+        if not isinstance(tags, dict):
+            odd += 1
+            continue
+        for t, n in tags.items():
+            try:
+                top[str(t)] = top.get(str(t), 0) + int(n)
+            except (TypeError, ValueError, OverflowError):
+                odd += 1
+    if odd:
+        problems.append(
+            f"ss_tag_frequency has {odd} entr{'y' if odd == 1 else 'ies'} that are not tag counts"
+        )
+    return top
+
+
+def lora_info(path: str | Path) -> dict[str, Any]:
+    """Summary of a LoRA file for `curate lora-info`: rank, alpha, base model, lrs, modules, tag frequency.
+
+    Odd metadata never stops it: what can be read is shown, and ``problems`` says what could not.
+    """
+    path = Path(path)
+    shapes, alpha_values, meta = _read_lora_header(path)
+    problems: list[str] = []
+    ranks = {int(s[0]) for k, s in shapes.items() if k.endswith("lora_down.weight") and s}
+    alphas = set(alpha_values.values())
+    modules = {k.split(".")[0] for k in shapes}
+    if not shapes:
+        problems.append("the file holds no tensors")
+    elif not any(m.startswith(("lora_unet_", "lora_te")) for m in modules):
+        problems.append("no lora_unet_* / lora_te* tensors: this does not look like a kohya LoRA")
+
+    def js(key: str, kind: type) -> Any:
+        raw = meta.get(key)
+        if raw in (None, ""):
+            return None
+        try:
+            v = json.loads(raw)
+        except ValueError:
+            problems.append(f"{key} is not JSON")
+            return None
+        if not isinstance(v, kind):
+            problems.append(f"{key} is a JSON {type(v).__name__}, not a {kind.__name__}")
+            return None
+        return v
+
+    dim = _number(meta, "ss_network_dim", int, problems)
+    alpha = _number(meta, "ss_network_alpha", float, problems)
+    top = _tag_counts(meta, problems)
     return {
         "file": str(path),
-        "rank": int(meta.get("ss_network_dim", 0)) or (max(ranks) if ranks else 0),
-        "alpha": float(meta.get("ss_network_alpha", 0)) or (max(alphas) if alphas else 0.0),
+        "rank": dim or (max(ranks) if ranks else 0),
+        "alpha": alpha or (max(alphas) if alphas else 0.0),
         "ranks": sorted(ranks),
         "modules": len(modules),
         "unet_modules": sum(m.startswith("lora_unet_") for m in modules),
@@ -87,7 +175,7 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "base_model_hash": meta.get("ss_sd_model_hash", ""),
         "v_prediction": meta.get("ss_v_parameterization", "False") == "True",
         "network_module": meta.get("ss_network_module", ""),
-        "network_args": js("ss_network_args") or {},
+        "network_args": js("ss_network_args", dict) or {},
         "learning_rate": meta.get("ss_learning_rate", ""),
         "unet_lr": meta.get("ss_unet_lr", ""),
         "text_encoder_lr": meta.get("ss_text_encoder_lr", ""),
@@ -98,5 +186,6 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "num_train_images": meta.get("ss_num_train_images", ""),
         "top_tags": sorted(top.items(), key=lambda kv: -kv[1])[:20],
         "model_hash": meta.get("sshs_model_hash", ""),
+        "problems": problems,
         "metadata": meta,
     }

@@ -318,6 +318,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     loss_kw = dict(v_prediction=v_pred, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
                    multires_iterations=cfg.multires_noise_iterations, multires_discount=cfg.multires_noise_discount,
                    min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep, autocast_dtype=amp)  # fmt: skip
+    # speed: the step as CUDA graph replays where that works (trainer_bridge/fast_step.py); None = the plain step
+    from trainer_bridge.fast_step import make_fast_step
+
+    fast = make_fast_step(cfg, unet_fwd=unet_fwd, params=params, optimizer=optimizer, alphas_cumprod=alphas_cumprod,
+                          loss_kw=loss_kw, device=dev, world=world, train_te=train_te, scaler=scaler)  # fmt: skip
 
     @torch.no_grad()
     def validation_loss() -> float:
@@ -504,26 +509,32 @@ def _train(cfg: TrainConfig) -> TrainResult:
                             no_sync.enter_context(m.no_sync())
                         emb, added = conditioning(idx, batch, train_mode=True)
                         x = latents_for(idx, bucket, train_mode=True)
-                        loss = diffusion_loss(
-                            unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw
-                        )
-                        scaled = loss / cfg.grad_accum if real else loss * 0.0
-                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        if fast is not None:  # speed: forward + backward = one graph replay per bucket shape
+                            loss = fast.micro_step(x, emb, added, gen, host_rng)
+                        else:
+                            loss = diffusion_loss(
+                                unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw
+                            )
+                            scaled = loss / cfg.grad_accum if real else loss * 0.0
+                            (scaler.scale(scaled) if scaler else scaled).backward()
                     if real:
                         loss_sum += loss.detach()
                         loss_n += 1
                 # optimizer step
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
+                if fast is not None:  # speed: clip + AdamW + zero grads = one graph replay
+                    fast.optimizer_step()
                 else:
-                    optimizer.step()
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 if cfg.scale_weight_norms:
                     L.scale_weight_norms(all_mods, cfg.scale_weight_norms)
                 global_step += 1
@@ -572,7 +583,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
                     if main:
                         progress.console.print(
-                            f"stopped at step {global_step}; resume with resume={result.state_path}"
+                            f"stopped at step {global_step}; resume with resume={result.state_path}",
+                            markup=False,
                         )
                     return result
                 if done:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..dataset import Dataset
 from ..errors import CurateError
+from ..stages.bucket import DEFAULT_FAMILY
 from ..ui import ConfigOpt, DatasetArg, JsonOpt, ManifestOpt, console, handle_errors, print_json, table
 
 
@@ -17,7 +19,7 @@ def _open(path: str, manifest: str | None, config: str | None) -> Dataset:
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(w))}", highlight=False)
 
 
 def split(
@@ -51,9 +53,19 @@ def split(
 
 def bucket(
     path: DatasetArg,
-    resolution: Annotated[int, typer.Option(help="Base resolution (side of the square bucket area).")] = 1024,
-    min_size: Annotated[int, typer.Option("--min", help="Smallest bucket side.")] = 256,
-    max_size: Annotated[int, typer.Option("--max", help="Largest bucket side.")] = 2048,
+    model: Annotated[
+        str, typer.Option(help="Model family: sd15 (512 px) or sdxl (1024 px); sets the defaults below.")
+    ] = DEFAULT_FAMILY,
+    resolution: Annotated[
+        int | None,
+        typer.Option(help="Base resolution (side of the square bucket area); default: the family's."),
+    ] = None,
+    min_size: Annotated[
+        int | None, typer.Option("--min", help="Smallest bucket side (default 256, at most the resolution).")
+    ] = None,
+    max_size: Annotated[
+        int | None, typer.Option("--max", help="Largest bucket side (default twice the resolution).")
+    ] = None,
     step: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
     no_upscale: Annotated[
         bool, typer.Option("--no-upscale", help="Never enlarge images; buckets follow image sizes.")
@@ -64,7 +76,7 @@ def bucket(
 ):
     """Preflight: the trainer's aspect buckets for every kept image, crop loss, upscales, warnings."""
     with _open(path, manifest, config) as ds:
-        rep = ds.bucket(resolution=resolution, min_size=min_size, max_size=max_size, step=step,
+        rep = ds.bucket(model, resolution=resolution, min_size=min_size, max_size=max_size, step=step,
                         no_upscale=no_upscale)  # fmt: skip
     if as_json:
         print_json(rep.as_dict())
@@ -91,13 +103,36 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="kohya (folders + dataset TOML) or diffusers.")
     ] = "kohya",
-    repeats: Annotated[int, typer.Option(help="kohya: repeats per epoch (folder prefix).")] = 10,
+    repeats: Annotated[
+        int, typer.Option(help="kohya: repeats per epoch of images outside <N>_<class> concept folders.")
+    ] = 10,
     trigger: Annotated[str | None, typer.Option(help="Trigger word, put first in every caption.")] = None,
-    class_word: Annotated[str | None, typer.Option("--class", help="Class word (kohya folder name).")] = None,
+    class_word: Annotated[
+        str | None,
+        typer.Option(
+            "--class", help="Class word of images outside concept folders (and of loose --reg images)."
+        ),
+    ] = None,
     resize: Annotated[
         bool, typer.Option("--resize", help="Write each image scaled and cropped to its bucket.")
     ] = False,
-    copy: Annotated[bool, typer.Option("--copy", help="Copy files instead of hard-linking them.")] = False,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            "--link",
+            help="hard or sym: link files to the originals instead of copying them (edits to the export "
+            "then change your originals). Default: copy, as a reflink where the file system can.",
+        ),
+    ] = None,
+    copy: Annotated[bool, typer.Option("--copy", hidden=True, help="Copy files (the default now).")] = False,
+    reg: Annotated[
+        str | None,
+        typer.Option(
+            "--reg",
+            help="kohya: folder of regularization images (<N>_<class>/ folders, or --class with repeats 1), "
+            "exported into reg/ as is_reg subsets.",
+        ),
+    ] = None,
     flip_aug: Annotated[bool, typer.Option("--flip-aug", help="kohya: enable horizontal flips.")] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
@@ -106,25 +141,32 @@ def export(
     """Write the kept images with captions in a trainer's layout, atomically, never touching the sources."""
     if format not in ("kohya", "diffusers"):
         raise CurateError(f"unknown --format {format!r}; choose kohya or diffusers")
-    opts: dict = {"trigger": trigger, "class_word": class_word, "resize": resize, "link": not copy}
+    if copy and link:
+        raise CurateError("--copy and --link contradict each other; copying is the default, drop --copy")
+    if reg and format != "kohya":
+        raise CurateError(
+            "--reg works with --format kohya (sd-scripts' is_reg subsets); drop it or use kohya"
+        )
+    opts: dict = {"trigger": trigger, "class_word": class_word, "resize": resize, "link": link}
     if format == "kohya":
-        opts.update(repeats=repeats, flip_aug=flip_aug)
+        opts.update(repeats=repeats, flip_aug=flip_aug, reg=reg)
     with _open(path, manifest, config) as ds:
         res = ds.export(out, format, **opts)
     if as_json:
         print_json(res.as_dict())
         return
-    rows = [("train", res.train), ("val", res.val), ("hard-linked", res.linked), ("copied", res.copied),
+    rows = [("train", res.train), ("val", res.val), ("regularization", res.reg), ("copied", res.copied),
+            ("reflinked (copy-on-write)", res.reflinked), ("linked to the originals", res.linked),
             ("re-encoded", res.reencoded), ("resized to bucket", res.resized)]  # fmt: skip
     console.print(table(f"export ({res.format}) -> {res.out}", ["", "images"], rows))
     for f in res.files:
-        console.print(f"wrote {res.out / f}")
+        console.print(f"wrote {escape(str(res.out / f))}")
     _warn(res.warnings)
 
 
 def plan(
     path: DatasetArg,
-    model: Annotated[str, typer.Option(help="Model family: sd15 or sdxl.")] = "sdxl",
+    model: Annotated[str, typer.Option(help="Model family: sd15 or sdxl.")] = DEFAULT_FAMILY,
     vram: Annotated[float, typer.Option(help="GPU memory in GiB.")] = 24.0,
     style: Annotated[str | None, typer.Option(help="anime or realistic (default: from tags).")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (keep_tokens, sample prompt).")] = None,
@@ -159,7 +201,9 @@ def plan(
     rows.append(("total steps", p.total_steps, p.reasons["total_steps"]))
     console.print(table(f"plan: {model}, {vram:g} GiB, {p.images} training images ({p.style})",
                         ["option", "value", "why"], rows))  # fmt: skip
-    console.print(f"wrote {target} (its \\[train] table is the trainer's config)", highlight=False)
+    console.print(
+        f"wrote {escape(str(target))} (its \\[train] table is the trainer's config)", highlight=False
+    )
     _warn(p.warnings)
 
 

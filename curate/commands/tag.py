@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..dataset import Dataset
 from ..errors import CurateError
@@ -67,6 +68,7 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         ("unchanged", w["unchanged"]),
         ("kept: existing captions (not written by curate)", len(w["kept_user"])),
         ("kept: edited by hand", len(w["kept_edited"])),
+        ("kept: written by hand, this edit not applied", len(w.get("not_applied", []))),
         ("backed up before overwrite", len(w["backed_up"])),
         ("trigger / keep_tokens", f"{', '.join(cap['trigger']) or '-'} / {cap['keep_tokens']}"),
         ("dropped as common", ", ".join(cap["dropped_common"]) or "-"),
@@ -77,8 +79,49 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         err_console.print(
             "[yellow]existing or hand-edited captions were kept; --overwrite replaces them (with a backup)[/]"
         )
+    if w.get("not_applied"):
+        err_console.print(
+            f"[yellow]kept {len(w['not_applied'])} caption(s) written by hand as they are[/]; rerun the same "
+            "command with --overwrite to apply this edit to them (each is backed up first)",
+            highlight=False,
+        )
     for p, n in cap["over_limit"][:10]:
-        err_console.print(f"[yellow]warning[/]: {p} has {n} CLIP tokens (> 75); use --max-tags or edit it")
+        err_console.print(
+            f"[yellow]warning[/]: {escape(p)} has {n} CLIP tokens (> 75); use --max-tags or edit it"
+        )
+
+
+def _explain_device(ds: Dataset, model, device, backend, dtype, batch_size, as_json: bool) -> None:
+    """`curate tag --explain-device`: which backend, device and provider the tagger gets here, and why."""
+    import importlib.util
+
+    from ..models.wd14 import load_tagger
+    from ..stages.tag import tag_config
+
+    cfg = tag_config(ds, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size)
+    tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
+    env: dict[str, Any] = {}
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime as ort
+
+        env["onnxruntime"] = f"{ort.__version__} ({', '.join(ort.get_available_providers())})"
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["torch"] = f"{torch.__version__}, CUDA: {', '.join(gpus) if gpus else 'none'}"
+    d = {"model": cfg.model, "backend": tagger.backend, "why": tagger.why, "device": tagger.device,
+         "runtime": tagger.describe(), "batch_size": cfg.batch_size or tagger.default_batch,
+         "notices": tagger.notices, **env}  # fmt: skip
+    if as_json:
+        print_json(d)
+        return
+    rows = [
+        (k, escape(", ".join(v) if isinstance(v, list) else str(v)))
+        for k, v in d.items()
+        if v not in ([], "")
+    ]
+    console.print(table("tagger device", ["", ""], rows))
 
 
 def register(app: typer.Typer) -> None:
@@ -110,9 +153,27 @@ def register(app: typer.Typer) -> None:
         max_tags: MaxTags = None,
         fmt: Format = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Images per model call.")] = None,
+        backend: Annotated[
+            str | None,
+            typer.Option(help="auto (torch when timm weights + CUDA, else onnx), torch or onnx."),
+        ] = None,
+        batch_size: Annotated[
+            int | None, typer.Option(help="Images per model call (default: 32, or sized to GPU memory).")
+        ] = None,
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                help="torch backend: auto (bf16/fp16 autocast on GPU), bf16 or fp16 (weights), fp32."
+            ),
+        ] = None,
         force: Annotated[
             bool, typer.Option("--force", help="Re-run the model on images already scored.")
+        ] = False,
+        explain_device: Annotated[
+            bool,
+            typer.Option(
+                "--explain-device", help="Load the tagger, say which backend/device/provider runs, exit."
+            ),
         ] = False,
         overwrite: Overwrite = False,
         manifest: ManifestOpt = None,
@@ -123,15 +184,32 @@ def register(app: typer.Typer) -> None:
         general = general if general is not None else threshold
         for n, v in (("--general", general), ("--character", character), ("--drop-common", drop_common)):
             _unit(n, v)
+        if backend is not None and backend not in ("auto", "torch", "onnx"):
+            raise CurateError(f"--backend {backend!r}: use auto, torch or onnx")
         with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
+            if explain_device:
+                _explain_device(ds, model, device, backend, dtype, batch_size, as_json)
+                return
             with progress_bar("tag", enabled=not as_json) as bar:
                 res = ds.tag(
-                    model=model, device=device, batch_size=batch_size, force=force or None, overwrite=overwrite,
-                    progress=bar, general=general, character=character, mcut=mcut, rating=rating,
-                    trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags, format=fmt,
+                    model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force or None,
+                    overwrite=overwrite, progress=bar, general=general, character=character, mcut=mcut,
+                    rating=rating, trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags,
+                    format=fmt,
                 )  # fmt: skip
         d = res.as_dict()
-        print_json(d) if as_json else _print_outcome("tag", d)
+        if as_json:
+            print_json(d)
+            return
+        _print_outcome("tag", d)
+        run = d["run"]
+        for n in run.get("notices", []):
+            err_console.print(f"[yellow]notice[/]: {escape(n)}")
+        if run.get("backend"):
+            err_console.print(
+                f"tagger ran on {escape(run['runtime'])}: {run['images_per_second']:.1f} img/s, "
+                f"batch {run['batch_size']}, decoding on {run['decode']} ({escape(run['why'])})"
+            )
 
     @app.command()
     @handle_errors
@@ -227,11 +305,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(st.as_dict())
             return
+        users = f" ({st.user_captions} from captions written by hand)" if st.user_captions else ""
         console.print(
-            table(f"tags: {st.tagged} of {st.images} images tagged", ["tag", "images", "share"],
+            table(f"tags: {st.tagged} of {st.images} images tagged{users}", ["tag", "images", "share"],
                   [(t, n, f"{f:.0%}") for t, n, f in st.frequency[:top]])
         )  # fmt: skip
-        console.print(f"in every image: {', '.join(st.always) or '-'}")
+        console.print(f"in every image: {escape(', '.join(st.always)) or '-'}")
         counted = [c for _, c in st.tokens if c is not None]
         if counted:
             console.print(

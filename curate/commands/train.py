@@ -7,34 +7,85 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import CurateError
-from ..ui import JsonOpt, console, handle_errors, print_json, table
+from ..ui import JsonOpt, console, handle_errors, print_json, table, warn
 
 
 def _training_data(
-    source: Path, output_dir: Path, repeats: int, trigger: str | None, class_word: str | None
+    source: Path,
+    output_dir: Path,
+    repeats: int,
+    trigger: str | None,
+    class_word: str | None,
+    reg: Path | None = None,
 ) -> str:
-    """A kohya folder / dataset TOML as is; a curate dataset exported (once) into ``output_dir/data``."""
-    if (source / ".curate" / "manifest.db").exists():
-        target = output_dir / "data"
-        if (target / "dataset.toml").exists():
-            console.print(f"using the earlier export in {target}")
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank would export at once
+    """A kohya folder / dataset TOML as is; a curate dataset exported into ``output_dir/data``.
+
+    The export is reused only while its fingerprint (kept images and their bytes, captions, splits,
+    concepts, reg images, options, format version) matches what an export would write now; otherwise
+    it is re-exported into a sibling folder and swapped in atomically. A quick scan first picks up
+    files and caption files changed since the last scan, so the export is never stale.
+    """
+    if not (source / ".curate" / "manifest.db").exists():
+        if reg is not None:
+            raise CurateError(
+                f"--reg applies to a curated dataset; {source} is a kohya folder or dataset TOML: "
+                "add an is_reg = true subset to its dataset TOML instead"
+            )
+        return str(source)
+    from ..dataset import Dataset
+    from ..export.fingerprint import changed_images, read_export_record
+    from ..export.kohya import export_kohya, kohya_layout
+
+    target = output_dir / "data"
+    opts = {"repeats": repeats, "trigger": trigger, "class_word": class_word, "reg": reg}
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    with Dataset.open(source, create=False) as ds:
+        if ranks == 1:  # under torchrun every rank would scan at once; the launcher's export decides
+            scan = ds.scan()
+            if scan.decoded or scan.missing:
+                console.print(
+                    f"scan: {scan.decoded} new and {scan.missing} missing image(s) since the last scan "
+                    "(new images are not filtered or deduplicated: run `curate run` to curate them)",
+                    highlight=False,
+                )
+        old = read_export_record(target)
+        if ranks > 1 and old is None:
             raise CurateError(
                 f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
                 "(or use curate train --gpus N, which exports first)"
             )
-        else:
-            from ..dataset import Dataset
-
-            with Dataset.open(source, create=False) as ds:
-                res = ds.export(
-                    target, format="kohya", repeats=repeats, trigger=trigger, class_word=class_word
-                )
-            console.print(f"exported {res.train} training and {res.val} validation images to {target}")
-        return str(target / "dataset.toml")
-    return str(source)
+        layout = kohya_layout(ds.manifest, **opts)
+        if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
+            console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
+            return str(target / "dataset.toml")
+        if ranks > 1:
+            raise CurateError(
+                f"the export in {target} is out of date (the dataset or the export options changed); "
+                "refresh it before torchrun: use curate train --gpus N, which re-exports first"
+            )
+        res = export_kohya(ds.manifest, target, replace=True, **opts)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    counts = f"{res.train} training, {res.val} validation" + (
+        f", {res.reg} regularization" if res.reg else ""
+    )
+    if old is None:
+        console.print(f"exported {counts} images to {escape(str(target))}", highlight=False)
+    else:
+        new = read_export_record(target) or {}
+        n = changed_images(old, new)
+        was, now = old.get("options") or {}, new.get("options") or {}
+        opts_changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+        why = f"{n} image(s) changed" + (
+            f", options changed: {', '.join(opts_changed)}" if opts_changed else ""
+        )
+        if not n and not opts_changed:
+            why = "0 changed (the export format changed)"
+        console.print(f"re-exported: {why}; {counts} images in {escape(str(target))}", highlight=False)
+    return str(target / "dataset.toml")
 
 
 def register(app: typer.Typer) -> None:
@@ -50,7 +101,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         config: Annotated[
-            Path | None, typer.Option(help="Training TOML with a [train] table (from `curate plan`).")
+            Path | None, typer.Option(help="Training TOML with a \\[train] table (from `curate plan`).")
         ] = None,
         base: Annotated[
             str | None, typer.Option(help="Base model: diffusers folder, .safetensors or hub id.")
@@ -67,6 +118,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         class_word: Annotated[
             str | None, typer.Option("--class", help="Class word for the kohya folder.")
+        ] = None,
+        reg: Annotated[
+            Path | None,
+            typer.Option("--reg", help="Folder of regularization images, exported with a curated dataset."),
         ] = None,
         gpus: Annotated[
             int | None,
@@ -106,7 +161,7 @@ def register(app: typer.Typer) -> None:
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         if source is not None:
             data = _training_data(
-                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word
+                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
             )
             cfg = cfg.override({"data": data})
         if not cfg.data:
@@ -118,10 +173,10 @@ def register(app: typer.Typer) -> None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
             console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {result.state_path}"
+                f"stopped at step {result.steps}; resume with: curate train --resume {escape(str(result.state_path))}"
             )
         else:
-            console.print(f"saved {result.lora_path} ({result.steps} steps)")
+            console.print(f"saved {escape(str(result.lora_path))} ({result.steps} steps)")
 
     @app.command("lora-info")
     @handle_errors
@@ -143,3 +198,5 @@ def register(app: typer.Typer) -> None:
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]
         console.print(table(str(file), ["", "value"], rows))
+        if info.get("problems"):
+            warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")

@@ -1,8 +1,9 @@
 """What every exporter shares: the staging folder (atomic, never overwriting), captions, image files.
 
 An export is built in a hidden sibling folder and renamed onto the target in one step, so the target
-either does not exist or is complete. Source images are never modified: files are hard-linked when
-the trainer can read them as they are, and re-encoded (never in place) when it cannot.
+either does not exist or is complete. Source images are never modified and never share an inode with
+the export: files the trainer can read as they are are copied (reflinked where the file system can),
+hard- or symlinked only on request; the rest are re-encoded (never in place).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PASSTHROUGH = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Flags meaning the bytes on disk are not what the trainer should see (sd-scripts ignores EXIF rotation).
 REENCODE_FLAGS = {"exif-rotated", "cmyk", "16bit", "alpha", "animated"}
 PNG_LEVEL = 1  # zlib level for written PNGs: level 6 is ~5x slower for a few % smaller files
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): clone a file's blocks copy-on-write (btrfs, XFS, ...)
 
 
 @dataclass
@@ -48,10 +50,12 @@ class ExportResult:
     format: str
     train: int = 0
     val: int = 0
-    linked: int = 0
+    linked: int = 0  # hard or symbolic links (only with --link)
+    reflinked: int = 0  # copy-on-write clones: independent files sharing blocks until written
     copied: int = 0
     reencoded: int = 0
     resized: int = 0
+    reg: int = 0  # regularization images (kohya --reg)
     files: list[str] = field(default_factory=list)  # config files written (relative to out)
     warnings: list[str] = field(default_factory=list)
 
@@ -65,8 +69,9 @@ def tag_caption(tags: list[str]) -> str:
 
 
 def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
-    """Caption text for one image: its caption, else its tags; the trigger word first when given."""
-    text = (rec.caption or "").strip() or tag_caption(rec.tags or [])
+    """Caption text for one image: the caption a person wrote (or edited), else curate's, else its tags;
+    the trigger word is put first when given (prepended when missing, never substituted)."""
+    text = (rec.user_caption or "").strip() or (rec.caption or "").strip() or tag_caption(rec.tags or [])
     text = " ".join(text.split())  # trainers read the first line only
     if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
         return " ".join(w for w in (trigger, class_word) if w)
@@ -79,8 +84,14 @@ def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str |
     return text
 
 
-def check_target(out: Path, dataset_root: Path) -> None:
-    """Refuse targets that would overwrite anything or land inside the dataset."""
+EXPORT_RECORD = "curate_export.json"  # written by every kohya export; marks a folder as curate's output
+
+
+def check_target(out: Path, dataset_root: Path, *, replace: bool = False) -> None:
+    """Refuse targets that would overwrite anything or land inside the dataset.
+
+    ``replace``: an earlier curate export (it holds curate_export.json) may be replaced as a whole.
+    """
     out = out.resolve()
     root = dataset_root.resolve()
     if out == root or root in out.parents:
@@ -88,20 +99,37 @@ def check_target(out: Path, dataset_root: Path) -> None:
             f"export target {out} is inside the dataset folder (the next scan would read it); "
             "choose a folder outside it"
         )
+    if replace and out.is_dir() and (out / EXPORT_RECORD).is_file():
+        return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CurateError(
             f"{out} already exists and is not empty; export never overwrites: choose a new folder"
+            + (" (it is not a curate export, so curate will not replace it)" if replace else "")
         )
 
 
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` on success and disappears on failure."""
+def staging(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` on success and disappears on failure.
+
+    ``replace``: an existing ``out`` (an earlier export, see check_target) is renamed aside, the new
+    folder renamed in, then the old one removed, so ``out`` is always one complete export.
+    """
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
+        if replace and out.exists() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            return
         if out.exists():
             out.rmdir()  # empty (checked before); fails loudly if someone filled it meanwhile
         os.replace(tmp, out)
@@ -114,7 +142,10 @@ def collect(
     manifest: Manifest, trigger: str | None, class_word: str | None
 ) -> tuple[list[ExportItem], list[str]]:
     """Kept images with their captions and splits; warnings for what the user should know."""
+    from ..stages.user_captions import refresh
+
     warnings = []
+    refresh(manifest)  # a caption edited by hand since the last scan is exported as it is now
     index = manifest.file_index()
     items = []
     records = manifest.kept_images()
@@ -157,8 +188,73 @@ def resolve_settings(
     return found or BucketSettings()
 
 
+LINK_MODES = ("copy", "hard", "sym")
+
+
+def link_mode(link: str | bool | None) -> str:
+    """``copy`` (the default: reflink where the file system can, else a copy), ``hard`` or ``sym``."""
+    if link is None or link is False:
+        return "copy"
+    if link is True:  # the old boolean API meant hard links
+        return "hard"
+    if link not in LINK_MODES:
+        raise CurateError(f"unknown --link {link!r}; choose hard or sym (the default copies)")
+    return link
+
+
+def link_warning(mode: str, root: Path) -> str | None:
+    """What a user must know about a linked export, or None for copies."""
+    if mode == "copy":
+        return None
+    kind = "hard-linked" if mode == "hard" else "symlinked"
+    return (
+        f"files are {kind} to the originals in {root}: editing an exported image in place (a batch resize, "
+        "say) changes the original; export without --link to get independent copies"
+    )
+
+
+def clone_file(src: Path, dest: Path) -> str:
+    """Copy ``src``'s bytes (a symlink's target, never the link) to ``dest``: 'reflinked' or 'copied'.
+
+    A reflink (FICLONE) shares blocks copy-on-write, so it costs no space and a later write to either
+    file leaves the other unchanged; file systems without it get a plain copy.
+    """
+    real = Path(os.path.realpath(src))
+    try:
+        import fcntl
+
+        with open(real, "rb") as fsrc, open(dest, "wb") as fdst:
+            fcntl.ioctl(fdst.fileno(), FICLONE, fsrc.fileno())
+        how = "reflinked"
+    except (ImportError, OSError):
+        shutil.copyfile(real, dest)  # replaces the empty file; sendfile where the OS has it
+        how = "copied"
+    shutil.copystat(real, dest)
+    return how
+
+
+def place_file(src: Path, dest: Path, mode: str) -> str:
+    """Put ``src``'s bytes at ``dest`` as ``mode`` asks; how it was done (linked, reflinked, copied)."""
+    real = Path(os.path.realpath(src))  # a symlinked source: link or copy what it points to
+    if mode == "hard":
+        try:
+            os.link(real, dest)
+            return "linked"
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    elif mode == "sym":
+        dest.symlink_to(real)
+        return "linked"
+    return clone_file(real, dest)
+
+
 def write_images(
-    items: list[ExportItem], dest_dir: Path, res: ExportResult, *, resize: BucketSettings | None, link: bool
+    items: list[ExportItem],
+    dest_dir: Path,
+    res: ExportResult,
+    *,
+    resize: BucketSettings | None,
+    link: str = "copy",
 ) -> list[str]:
     """Write ``items`` into ``dest_dir`` on a few threads (PIL and zlib release the GIL); file names in order."""
     workers = min(8, os.cpu_count() or 1, max(1, len(items)))
@@ -170,9 +266,9 @@ def write_images(
 
 
 def write_image(
-    item: ExportItem, dest_dir: Path, *, resize: BucketSettings | None, link: bool
+    item: ExportItem, dest_dir: Path, *, resize: BucketSettings | None, link: str = "copy"
 ) -> tuple[str, str]:
-    """Put one image into ``dest_dir``: (file name, how). Hard link > copy > re-encode > resize."""
+    """Put one image into ``dest_dir``: (file name, how). Copy / reflink (or a link on request) > re-encode > resize."""
     rec = item.rec
     ext = item.source.suffix.lower()
     if resize is not None and rec.width and rec.height:
@@ -191,12 +287,4 @@ def write_image(
         open_rgb(item.source).save(dest_dir / name, "PNG", compress_level=PNG_LEVEL)
         return name, "reencoded"
     name = f"{item.name}{'.jpg' if ext == '.jpeg' else ext}"
-    dest = dest_dir / name
-    if link:
-        try:
-            os.link(item.source, dest)
-            return name, "linked"
-        except OSError:
-            pass  # another file system, or links not allowed: copy instead
-    shutil.copy2(item.source, dest)
-    return name, "copied"
+    return name, place_file(item.source, dest_dir / name, link_mode(link))

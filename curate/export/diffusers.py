@@ -12,7 +12,16 @@ from pathlib import Path
 
 from ..manifest import Manifest
 from ..stages.bucket import BucketSettings
-from .common import ExportResult, check_target, collect, resolve_settings, staging, write_images
+from .common import (
+    ExportResult,
+    check_target,
+    collect,
+    link_mode,
+    link_warning,
+    resolve_settings,
+    staging,
+    write_images,
+)
 
 SPLIT_DIRS = {"train": "train", "val": "validation"}
 
@@ -25,7 +34,7 @@ def export_diffusers(
     class_word: str | None = None,
     settings: BucketSettings | None = None,
     resize: bool = False,
-    link: bool = True,
+    link: str | bool | None = None,
 ) -> ExportResult:
     """Write the imagefolder layout to ``out`` (which must not exist or be empty)."""
     out = Path(out)
@@ -33,6 +42,10 @@ def export_diffusers(
     items, warnings = collect(manifest, trigger, class_word)
     settings = resolve_settings(manifest, settings, warnings)
     res = ExportResult(out.resolve(), "diffusers", warnings=warnings)
+    link = link_mode(link)
+    warn = link_warning(link, manifest.root)
+    if warn:
+        res.warnings.append(warn)
     with staging(out) as tmp:
         for split, folder in SPLIT_DIRS.items():
             chosen = [it for it in items if it.split == split]

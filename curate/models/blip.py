@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CurateError, require
+from . import hf_download, is_hub_id, local_dir_for
 
 _CACHE: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
@@ -44,8 +45,13 @@ def load_blip(model: str, device: str = "auto", dtype: str = "auto"):
     torch_dtype = pick_dtype(device, dtype)
     src = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
     local = Path(src).is_dir()
-    if not local and (model.count("/") != 1 or Path(model).exists()):
-        raise CurateError(f"captioner {model!r} is neither a model folder nor a Hugging Face repo id")
+    if not local and Path(model).expanduser().exists():
+        raise CurateError(f"captioner {model} is a file; pass the folder saved with save_pretrained")
+    if not local and not is_hub_id(model):
+        raise CurateError(
+            f"no such folder {model}; --model takes a folder saved with save_pretrained "
+            "or a Hugging Face repo id (owner/name)"
+        )
     try:  # local files only: a missing model is one clear message, not minutes of retries offline
         processor = transformers.BlipProcessor.from_pretrained(src, local_files_only=True)
         net = transformers.BlipForConditionalGeneration.from_pretrained(
@@ -57,9 +63,10 @@ def load_blip(model: str, device: str = "auto", dtype: str = "auto"):
                 f"cannot load BLIP from {src}: {str(exc).splitlines()[0][:160]}; it needs config.json, "
                 "model.safetensors and the processor files (save_pretrained output)"
             ) from None
+        local_dir = local_dir_for(model)
         raise CurateError(
-            f"captioner {model} is not downloaded (safetensors weights needed); run `huggingface-cli download "
-            f"{model}` (Hugging Face cache) or pass --model <folder saved with save_pretrained>"
+            f"captioner {model} is not downloaded (safetensors weights needed); on a connected machine run "
+            f"`{hf_download(model, local_dir=local_dir)}` and pass --model ./{local_dir}"
         ) from None
     net = net.to(device).eval()
     _CACHE[key] = (processor, net, torch_dtype)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CurateError, require
+from . import hf_download, local_dir_for, looks_like_path
 
 SAFE_WEIGHT_NAMES = (
     "open_clip_model.safetensors",
@@ -157,10 +158,11 @@ def _resolve(model: str, pretrained: str | None) -> dict[str, Any]:
                 weights = Path(p)
                 break
         if not isinstance(cfg_path, str) or weights is None:
+            local = local_dir_for(repo)
+            cmd = hf_download(repo, ("open_clip_config.json", "open_clip_model.safetensors"), local)
             raise CurateError(
                 f"CLIP model {model} is not in the local Hugging Face cache; on a connected machine run "
-                f"`huggingface-cli download {repo} open_clip_config.json open_clip_model.safetensors "
-                f"--local-dir clip-model` and pass --model ./clip-model (or copy ~/.cache/huggingface here)"
+                f"`{cmd}` and pass --model ./{local}"
             )
         folder = Path(cfg_path).parent
         cfg = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
@@ -173,6 +175,12 @@ def _resolve(model: str, pretrained: str | None) -> dict[str, Any]:
             "model_id": model,
             "pretrained": weights_digest(weights),
         }
+    if looks_like_path(model) or path.exists():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise CurateError(
+            f"no such folder {model}: it {what}; --model takes a folder with open_clip_config.json + "
+            "open_clip_model.safetensors, an open_clip name (ViT-B-32) or hf-hub:owner/name"
+        )
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
         raise CurateError(
@@ -205,15 +213,15 @@ def _resolve(model: str, pretrained: str | None) -> dict[str, Any]:
                 weights = Path(p)
                 break
     if weights is None:
-        where = (
-            f"`huggingface-cli download {repo} open_clip_model.safetensors` on a connected machine and copy "
-            "~/.cache/huggingface here"
-            if repo
-            else "the weights converted to .safetensors"
-        )
+        missing = f"CLIP weights {name}/{pretrained} are not on this machine (offline)"
+        if not repo:
+            raise CurateError(
+                f"{missing}; convert them to .safetensors and pass --pretrained /path/to/open_clip_model.safetensors"
+            )
+        local = local_dir_for(repo)
         raise CurateError(
-            f"CLIP weights {name}/{pretrained} are not on this machine (offline); get {where}, or pass "
-            f"--pretrained /path/to/open_clip_model.safetensors"
+            f"{missing}; on a connected machine run `{hf_download(repo, ('open_clip_model.safetensors',), local)}` "
+            f"and pass --pretrained ./{local}/open_clip_model.safetensors"
         )
     return {"kind": "name", "name": name, "weights": weights, "tag_cfg": tag_cfg, "model_id": name,
             "pretrained": pretrained}  # fmt: skip

@@ -1,4 +1,5 @@
-"""WD14 (SmilingWolf) taggers through onnxruntime: ``model.onnx`` + ``selected_tags.csv``.
+"""WD14 (SmilingWolf) taggers: ``selected_tags.csv`` plus ``model.onnx`` (onnxruntime, this module) and/or
+timm ``model.safetensors`` + ``config.json`` (torch, ``wd_torch.py``); ``load_tagger`` picks the backend.
 
 Preprocessing follows the reference tagger (SmilingWolf's wd-tagger app): composite transparency on white,
 pad to a square on white with the image centred (left/top offset ``(side - w) // 2``), resize to the
@@ -12,17 +13,22 @@ import csv
 import hashlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import CurateError, require
+from . import hf_download, is_hub_id, local_dir_for
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+BACKENDS = ("auto", "torch", "onnx")
 CATEGORY_NAMES = {0: "general", 1: "artist", 3: "copyright", 4: "character", 5: "meta", 9: "rating"}
 
 # Number of ``session.run`` calls made by every tagger in this process (tests count them).
@@ -30,8 +36,10 @@ RUNS = 0
 _RUNS_LOCK = threading.Lock()
 
 
-def preprocess(img: Image.Image, size: int) -> np.ndarray:
-    """One RGB image -> float32 [size, size, 3] BGR array, 0-255, exactly as the reference tagger."""
+def preprocess_u8(
+    img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
+    """One image -> uint8 [size, size, 3] RGB: alpha on white, centred white pad, bicubic resize (reference)."""
     if img.mode != "RGB":
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -39,11 +47,19 @@ def preprocess(img: Image.Image, size: int) -> np.ndarray:
         img = canvas.convert("RGB")
     w, h = img.size
     side = max(w, h)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    if w != h:
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+    else:
+        square = img
     if side != size:
-        square = square.resize((size, size), Image.Resampling.BICUBIC)
-    return np.ascontiguousarray(np.asarray(square, dtype=np.float32)[:, :, ::-1])
+        square = square.resize((size, size), resample)
+    return np.asarray(square, dtype=np.uint8)
+
+
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """One RGB image -> float32 [size, size, 3] BGR array, 0-255, exactly as the reference tagger."""
+    return np.ascontiguousarray(preprocess_u8(img, size)[:, :, ::-1], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -69,39 +85,81 @@ def read_labels(path: Path) -> Labels:
     return Labels(names, cats)
 
 
-def resolve_model(model: str) -> tuple[Path, Path]:
-    """A local folder or a Hugging Face repo id -> (model.onnx, selected_tags.csv), offline first."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a tagger folder, file or Hugging Face repo holds locally (None: absent)."""
+
+    name: str
+    tags: Path | None
+    onnx: Path | None
+    weights: Path | None  # timm model.safetensors
+    config: Path | None  # timm config.json
+    repo: bool  # a Hugging Face repo id (files from the local cache)
+
+    @property
+    def has_torch(self) -> bool:
+        return self.weights is not None and self.config is not None
+
+
+def locate(model: str) -> ModelFiles:
+    """A local folder, a ``.onnx`` file or a Hugging Face repo id -> the tagger files present, offline only."""
     p = Path(model).expanduser()
+
+    def present(folder: Path, name: str) -> Path | None:
+        return folder / name if (folder / name).is_file() else None
+
     if p.is_dir():
-        onnx_path, csv_path = p / MODEL_FILE, p / TAGS_FILE
-        missing = [f.name for f in (onnx_path, csv_path) if not f.exists()]
-        if missing:
-            raise CurateError(
-                f"tagger folder {p} lacks {' and '.join(missing)}; put {MODEL_FILE} and {TAGS_FILE} there"
-            )
-        return onnx_path, csv_path
+        return ModelFiles(
+            model, present(p, TAGS_FILE), present(p, MODEL_FILE), present(p, WEIGHTS_FILE), present(p, CONFIG_FILE),
+            False,
+        )  # fmt: skip
     if p.suffix == ".onnx" and p.exists():
-        csv_path = p.with_name(TAGS_FILE)
-        if not csv_path.exists():
-            raise CurateError(f"no {TAGS_FILE} next to {p}; put the model's tag list there")
-        return p, csv_path
-    if model.count("/") != 1 or p.exists():
+        return ModelFiles(model, present(p.parent, TAGS_FILE), p, None, None, False)
+    if p.exists():
         raise CurateError(
-            f"tagger {model!r} is neither a folder with {MODEL_FILE} + {TAGS_FILE} nor a Hugging Face repo id"
+            f"tagger {model} is a file; pass the folder that holds {MODEL_FILE} (or timm {WEIGHTS_FILE} + "
+            f"{CONFIG_FILE}) and {TAGS_FILE}"
+        )
+    if not is_hub_id(model):
+        kind = "file" if p.suffix == ".onnx" else "folder"
+        raise CurateError(
+            f"no such {kind} {model}; --model takes a folder with {MODEL_FILE} (or timm {WEIGHTS_FILE} + "
+            f"{CONFIG_FILE}) + {TAGS_FILE}, or a Hugging Face repo id (owner/name)"
         )
     hub = require("huggingface_hub", "tag")
-    files = []
-    for name in (MODEL_FILE, TAGS_FILE):
+    found: dict[str, Path | None] = {}
+    for name in (TAGS_FILE, MODEL_FILE, WEIGHTS_FILE, CONFIG_FILE):
         try:  # never downloads: a missing model is one clear message, not minutes of retries offline
-            files.append(Path(hub.hf_hub_download(model, name, local_files_only=True)))
+            found[name] = Path(hub.hf_hub_download(model, name, local_files_only=True))
         except Exception:
-            break
-    if len(files) != 2:
-        raise CurateError(
-            f"tagger {model} is not downloaded; run `huggingface-cli download {model} {MODEL_FILE} {TAGS_FILE}` "
-            f"(stored in the Hugging Face cache, {_hf_cache()}) or pass --model <folder with {MODEL_FILE} and {TAGS_FILE}>"
+            found[name] = None
+    return ModelFiles(
+        model, found[TAGS_FILE], found[MODEL_FILE], found[WEIGHTS_FILE], found[CONFIG_FILE], True
+    )
+
+
+def missing_message(files: ModelFiles, backend: str) -> str:
+    """One line: which files the chosen backend needs and how to get them."""
+    need = [*((WEIGHTS_FILE, CONFIG_FILE) if backend == "torch" else (MODEL_FILE,)), TAGS_FILE]
+    if files.repo:
+        local = local_dir_for(files.name)
+        return (
+            f"tagger {files.name} is not downloaded for the {backend} backend (not in the Hugging Face cache "
+            f"{_hf_cache()}); on a connected machine run `{hf_download(files.name, tuple(need), local)}` "
+            f"and pass --model ./{local}"
         )
-    return files[0], files[1]
+    where = Path(files.name).expanduser()
+    folder = where.parent if where.suffix == ".onnx" else where
+    lacking = [n for n in need if not (folder / n).is_file()]
+    return f"tagger folder {folder} lacks {' and '.join(lacking)}; put {' + '.join(need)} there"
+
+
+def resolve_model(model: str) -> tuple[Path, Path]:
+    """(model.onnx, selected_tags.csv) of a folder, file or cached repo; CurateError naming the fix if absent."""
+    files = locate(model)
+    if files.onnx is None or files.tags is None:
+        raise CurateError(missing_message(files, "onnx"))
+    return files.onnx, files.tags
 
 
 def _hf_cache() -> str:
@@ -110,18 +168,27 @@ def _hf_cache() -> str:
     )
 
 
-def _providers(device: str) -> list:
+NO_CUDA_EP = "onnxruntime has no CUDA provider: pip install 'curate[tag-gpu]'"
+
+
+def _providers(device: str) -> tuple[list, str | None]:
+    """Providers to try for ``device``, and a notice when CUDA was wanted (or possible) but is not there."""
     ort = require("onnxruntime", "tag")
     available = ort.get_available_providers()
-    if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-        raise CurateError(
-            "onnxruntime has no CUDA provider here; pip install onnxruntime-gpu, or pass --device cpu"
-        )
-    if device in ("auto",) or device.startswith("cuda"):
-        if "CUDAExecutionProvider" in available:
-            idx = int(device.split(":")[1]) if ":" in device else 0
-            return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device == "cpu":
+        return ["CPUExecutionProvider"], None
+    if "CUDAExecutionProvider" in available:
+        idx = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"], None
+    notice = None
+    if device.startswith("cuda") or _cuda_visible():
+        notice = f"{NO_CUDA_EP} (uninstall onnxruntime first); running on the CPU"
+    return ["CPUExecutionProvider"], notice
+
+
+def _cuda_visible() -> bool:
+    """Whether an NVIDIA GPU looks present, without importing torch."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
 def _dynamic_copy(onnx_path: Path) -> Path | None:
@@ -154,13 +221,23 @@ def _dynamic_copy(onnx_path: Path) -> Path | None:
 class WD14Tagger:
     """An ONNX WD14 tagger. ``predict`` takes preprocessed NHWC batches of any length."""
 
+    backend = "onnx"
+
     def __init__(self, model: str, *, device: str = "auto", threads: int = 0) -> None:
         self.model = model
         onnx_path, csv_path = resolve_model(model)
         self.labels = read_labels(csv_path)
-        self.providers = _providers(device)
+        self.providers, notice = _providers(device)
+        self.notices: list[str] = [notice] if notice else []
         self._threads = threads
         self.session = self._session(onnx_path)
+        tried_cuda = isinstance(self.providers[0], tuple)
+        if tried_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime-gpu is installed but its CUDA/cuDNN libraries did not load: it fell back quietly.
+            self.notices.append(
+                "onnxruntime's CUDA provider did not start (CUDA/cuDNN libraries missing or mismatched); "
+                "running on the CPU"
+            )
         inp = self.session.get_inputs()[0]
         shape = inp.shape
         if len(shape) != 4 or shape[3] != 3:
@@ -188,6 +265,18 @@ class WD14Tagger:
                 f"{onnx_path} outputs {n_out} scores but {csv_path} lists {len(self.labels)} tags"
             )
         self._pool = None if self.dynamic else ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+        self._runner = ThreadPoolExecutor(1)  # one run in flight beside the caller (see ``submit``)
+        provider = self.session.get_providers()[0]
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        self.default_batch = 32
+
+    def describe(self) -> str:
+        """One line for the summary: backend, device, provider."""
+        return f"onnx ({self.session.get_providers()[0]}), {'dynamic batch' if self.dynamic else 'batch 1 x threads'}"
+
+    def preprocess_image(self, img: Image.Image) -> np.ndarray:
+        """What ``predict`` takes for one image (float32 BGR 0-255 HWC); runs in decode threads."""
+        return preprocess(img, self.size)
 
     def _session(self, path: Path):
         ort = require("onnxruntime", "tag")
@@ -217,15 +306,66 @@ class WD14Tagger:
         parts = list(self._pool.map(lambda x: self._run(x[None]), list(batch)))
         return np.concatenate(parts).astype(np.float32)
 
+    def collate(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays)
 
-_CACHE: dict[tuple[str, str], WD14Tagger] = {}
+    def submit(self, batch: np.ndarray) -> Future:
+        """Start ``predict`` on a worker thread (onnxruntime releases the GIL); ``.result()`` gives the scores."""
+        return self._runner.submit(self.predict, batch)
 
 
-def load_tagger(model: str, device: str = "auto") -> WD14Tagger:
-    """Cached loader: the same (model, device) gives the same session."""
-    key = (model, device)
+def choose_backend(files: ModelFiles, device: str, backend: str = "auto") -> tuple[str, str]:
+    """(backend, why): ``auto`` takes torch when timm weights are there and CUDA is usable, else onnx."""
+    if backend not in BACKENDS:
+        raise CurateError(f"unknown tagger backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, f"--backend {backend}"
+    if files.has_torch and device != "cpu" and _torch_cuda():
+        return "torch", "timm weights present and torch sees CUDA"
+    if files.onnx is not None:
+        if files.has_torch:
+            why = "--device cpu" if device == "cpu" else "torch has no CUDA here"
+            return "onnx", f"{why}; the ONNX model is at least as fast on the CPU"
+        return "onnx", "only model.onnx is present"
+    if files.has_torch:
+        return "torch", "only timm weights are present"
+    return ("torch" if device != "cpu" and _cuda_visible() else "onnx"), "no model files found"
+
+
+def _torch_cuda() -> bool:
+    """torch importable with a usable CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+_CACHE: dict[tuple[str, str, str, str], Any] = {}
+
+
+def load_tagger(model: str, device: str = "auto", backend: str = "auto", dtype: str = "auto") -> Any:
+    """Cached loader: the same (model, device, backend, dtype) gives the same tagger (ONNX or torch).
+
+    The tagger carries ``backend``, ``device``, ``notices`` (one-line warnings, e.g. CPU fallback) and
+    ``why`` (how the backend was picked).
+    """
+    key = (model, device, backend, dtype)
     if key not in _CACHE:
-        _CACHE[key] = WD14Tagger(model, device=device)
+        files = locate(model)
+        chosen, why = choose_backend(files, device, backend)
+        if chosen == "torch":
+            if not files.has_torch or files.tags is None:
+                raise CurateError(missing_message(files, "torch"))
+            from .wd_torch import TorchTagger
+
+            tagger: Any = TorchTagger(files, device=device, dtype=dtype)
+        else:
+            if files.onnx is None or files.tags is None:
+                raise CurateError(missing_message(files, "onnx"))
+            tagger = WD14Tagger(model, device=device)
+        tagger.why = why
+        _CACHE[key] = tagger
     return _CACHE[key]
 
 

@@ -32,6 +32,15 @@ from ..manifest import Manifest
 
 META_KEY = "bucket_settings"
 
+# The one default model family of `run`, `plan`, `bucket` and the trainer, and each family's bucket defaults.
+# step_multiple: sd-scripts' train_network.py checks bucket_reso_steps % 64, sdxl_train_network.py % 32.
+DEFAULT_FAMILY = "sd15"
+FAMILIES: dict[str, dict[str, int]] = {
+    "sd15": {"resolution": 512, "step_multiple": 64},
+    "sdxl": {"resolution": 1024, "step_multiple": 32},
+}
+RESOLUTION: dict[str, int] = {k: v["resolution"] for k, v in FAMILIES.items()}
+
 # Preflight thresholds (fractions); a crop above CROP_WARN or an upscale above UPSCALE_WARN is listed.
 CROP_WARN = 0.10
 UPSCALE_WARN = 1.0
@@ -48,7 +57,7 @@ def make_buckets(
 ) -> list[tuple[int, int]]:
     """Every bucket (width, height) the trainer predefines for a base resolution, sorted."""
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
-    _check_settings(max(width, height), min_size, max_size, step)
+    _check_settings((width, height), min_size, max_size, step)
     area = width * height
     resos = {(int(math.sqrt(area) // step) * step,) * 2}
     w = min_size
@@ -102,16 +111,55 @@ def bucket_no_upscale(
 
 @dataclass(frozen=True)
 class BucketSettings:
-    """The trainer's bucket options; exported into the dataset TOML so both sides agree."""
+    """The trainer's bucket options; exported into the dataset TOML so both sides agree.
 
-    resolution: int = 1024
+    Checked on creation with sd-scripts' rules, so an export never writes a TOML it would reject.
+    The defaults are those of :data:`DEFAULT_FAMILY`; :func:`family_settings` derives them per family.
+    """
+
+    resolution: int = 512
     min_size: int = 256
-    max_size: int = 2048
+    max_size: int = 1024
     step: int = 64
     no_upscale: bool = False
+    family: str | None = None  # sd15 | sdxl: adds that trainer's step rule; None: the family-free rules
+
+    def __post_init__(self) -> None:
+        _check_settings(self.resolution, self.min_size, self.max_size, self.step, self.family)
 
     def buckets(self) -> list[tuple[int, int]]:
         return make_buckets(self.resolution, self.min_size, self.max_size, self.step)
+
+
+def family_settings(
+    family: str | None = None,
+    *,
+    resolution: int | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    step: int | None = None,
+    no_upscale: bool = False,
+) -> BucketSettings:
+    """Bucket settings for a model family, any given value winning over the family's defaults.
+
+    Unset sides follow the resolution: --min 256 (never above the resolution), --max twice the resolution.
+    """
+    fam = FAMILIES[check_family(family)]
+    res = int(resolution) if resolution is not None else int(fam["resolution"])
+    step = int(step) if step is not None else 64
+    if min_size is None:
+        min_size = max(step, min(256, res - res % step))
+    if max_size is None:
+        max_size = 2 * res + (-2 * res) % step
+    return BucketSettings(res, int(min_size), int(max_size), step, no_upscale, check_family(family))
+
+
+def check_family(family: str | None) -> str:
+    """The family name, :data:`DEFAULT_FAMILY` for None; a one-line error for anything else."""
+    family = family or DEFAULT_FAMILY
+    if family not in FAMILIES:
+        raise CurateError(f"unknown --model {family!r}; choose {' or '.join(FAMILIES)}")
+    return family
 
 
 @dataclass
@@ -144,17 +192,39 @@ def place(
     return Placement(bucket, size, size[0] / width, max(0.0, crop), ar_error)
 
 
-def _check_settings(resolution: int, min_size: int, max_size: int, step: int) -> None:
-    if step <= 0 or resolution <= 0 or min_size <= 0:
+def _check_settings(
+    resolution: int | tuple[int, int], min_size: int, max_size: int, step: int, family: str | None = None
+) -> None:
+    """Reject what sd-scripts would reject or silently change (its BucketManager and dataset checks)."""
+    lo, hi = (resolution, resolution) if isinstance(resolution, int) else (min(resolution), max(resolution))
+    if step <= 0 or lo <= 0 or min_size <= 0:
         raise CurateError("resolution, --min, --max and --step must be positive")
-    if max_size < min_size:
-        raise CurateError(f"--max ({max_size}) must be at least --min ({min_size})")
-    if max_size < resolution:
-        raise CurateError(
-            f"--max ({max_size}) must be at least the resolution ({resolution}); sd-scripts refuses this too"
-        )
+    if family is not None and family not in FAMILIES:
+        raise CurateError(f"unknown model family {family!r}; choose {' or '.join(FAMILIES)}")
     if step % 8:
         raise CurateError(f"--step {step} must be a multiple of 8 (the VAE downscale); use 64")
+    need = FAMILIES[family]["step_multiple"] if family else 0
+    if need and step % need:
+        raise CurateError(
+            f"--step {step}: sd-scripts' {family} trainer needs bucket_reso_steps divisible by {need}; use 64"
+        )
+    for name, v in (("--min", min_size), ("--max", max_size)):
+        if v % step:
+            raise CurateError(
+                f"{name} {v} is not a multiple of --step {step} (sd-scripts would round it); "
+                f"use {v - v % step or step} or {v + step - v % step}"
+            )
+    if max_size < min_size:
+        raise CurateError(f"--max ({max_size}) must be at least --min ({min_size})")
+    if min_size > lo:
+        raise CurateError(
+            f"--min ({min_size}) must be at most the resolution ({lo}); sd-scripts refuses this too: "
+            f"lower --min or raise --resolution"
+        )
+    if max_size < hi:
+        raise CurateError(
+            f"--max ({max_size}) must be at least the resolution ({hi}); sd-scripts refuses this too"
+        )
 
 
 # -- the preflight report ----------------------------------------------------------------------------
@@ -231,9 +301,10 @@ def _warnings(rep: BucketReport) -> list[str]:
 
 
 def bucket_images(
-    manifest: Manifest, settings: BucketSettings = BucketSettings(), *, store: bool = True
+    manifest: Manifest, settings: BucketSettings | None = None, *, store: bool = True
 ) -> BucketReport:
     """Assign every kept image to its trainer bucket; store bucket_w/bucket_h and the settings."""
+    settings = settings or BucketSettings()
     images = manifest.kept_images()
     buckets = None if settings.no_upscale else settings.buckets()
     rep = BucketReport(settings)
@@ -257,7 +328,14 @@ def bucket_images(
 def stored_settings(manifest: Manifest) -> BucketSettings | None:
     """The settings of the last stored `curate bucket` run, if any."""
     raw = manifest.get_meta(META_KEY)
-    return BucketSettings(**json.loads(raw)) if raw else None
+    if not raw:
+        return None
+    try:
+        return BucketSettings(**json.loads(raw))
+    except CurateError as exc:
+        raise CurateError(
+            f"the stored `curate bucket` settings are invalid ({exc}); run `curate bucket` again"
+        ) from None
 
 
 def report_section(manifest: Manifest) -> str:

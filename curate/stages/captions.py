@@ -6,7 +6,8 @@ what every image shows); blacklist and replace maps apply to the readable form (
 
 Caption files are never silently lost: a file curate did not write, or one whose content changed since
 curate wrote it (hash stored in ``caption_files``), is kept unless ``overwrite``; an overwritten file is
-first copied to ``.curate/caption_backups/<time>/``.
+first copied to ``.curate/caption_backups/<time>/``. Each write is journaled (``caption_pending`` before,
+``caption_files`` right after), so a killed run still knows every file it wrote as curate's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -29,6 +31,12 @@ CREATE TABLE IF NOT EXISTS caption_files (
     target  TEXT PRIMARY KEY,       -- caption file path, or metadata.jsonl::<image path>
     sha256  TEXT,
     digest  TEXT NOT NULL,          -- hash of the text curate wrote there
+    at      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS caption_pending (
+    target  TEXT PRIMARY KEY,       -- a caption file curate is about to write (committed before the write)
+    sha256  TEXT,
+    digest  TEXT NOT NULL,
     at      REAL NOT NULL
 );
 """
@@ -269,20 +277,66 @@ class WriteResult:
     backed_up: list[str] = field(default_factory=list)
     backup_dir: str | None = None
     collisions: list[str] = field(default_factory=list)  # images sharing a caption file name (a.png, a.jpg)
+    # a person's captions that an edit would change, left as they are (applied with --overwrite)
+    not_applied: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+def _current_text(manifest: Manifest, target: str) -> str | None:
+    """What is at a caption target now: a file's text, or a metadata.jsonl entry's text."""
+    root = manifest.root
+    if "::" in target:
+        meta_rel, image = target.split("::", 1)
+        meta = root / meta_rel
+        if not meta.exists():
+            return None
+        prefix = str(PurePosixPath(meta_rel).parent)
+        name = image if prefix == "." else image[len(prefix) + 1 :]
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and str(obj.get("file_name")) == name:
+                return obj.get("text")
+        return None
+    f = root / target
+    try:
+        data = f.read_bytes()
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def reconcile_pending(manifest: Manifest) -> int:
+    """Settle writes a killed run journaled: written ones become curate's, the others are forgotten."""
+    manifest.ensure_table(TABLES)
+    pending = manifest.conn.execute("SELECT target, sha256, digest, at FROM caption_pending").fetchall()
+    if not pending:
+        return 0
+    with manifest.transaction():
+        for target, sha, dig, at in pending:
+            cur = _current_text(manifest, target)
+            if cur is not None and digest(cur) == dig:
+                manifest.conn.execute(
+                    "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
+                    (target, sha, dig, at),
+                )
+            manifest.conn.execute("DELETE FROM caption_pending WHERE target=?", (target,))
+    return len(pending)
+
+
 class _Writer:
     def __init__(self, manifest: Manifest, overwrite: bool) -> None:
         manifest.ensure_table(TABLES)
+        reconcile_pending(manifest)
         self.m = manifest
         self.overwrite = overwrite
         self.res = WriteResult()
         self.ours = dict(manifest.conn.execute("SELECT target, digest FROM caption_files").fetchall())
-        self.records: list[tuple[str, str, str, float]] = []
-        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.stamp = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]  # unique per run
 
     def backup(self, rel: str, text: str) -> None:
         bdir = self.m.root / STATE_DIR / "caption_backups" / self.stamp
@@ -305,15 +359,22 @@ class _Writer:
             return False, current
         return True, text
 
-    def record(self, target: str, sha: str, text: str) -> None:
-        self.records.append((target, sha, digest(text), time.time()))
-
-    def commit(self) -> None:
+    def begin(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, str, str, float]]:
+        """Journal (target, sha, text) writes about to happen; committed before the files change."""
+        rows = [(t, sha, digest(text), time.time()) for t, sha, text in entries]
         with self.m.transaction():
             self.m.conn.executemany(
-                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
-                self.records,
+                "INSERT OR REPLACE INTO caption_pending(target, sha256, digest, at) VALUES (?,?,?,?)", rows
             )
+        return rows
+
+    def done(self, rows: list[tuple[str, str, str, float]]) -> None:
+        """The journaled writes happened: record them as curate's (right after the write)."""
+        with self.m.transaction():
+            self.m.conn.executemany(
+                "INSERT OR REPLACE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)", rows
+            )
+            self.m.conn.executemany("DELETE FROM caption_pending WHERE target=?", [(r[0],) for r in rows])
 
 
 def write_captions(
@@ -337,6 +398,7 @@ def write_captions(
                     raise CurateError(f"{meta} has a line that is not JSON; fix or move it away") from None
                 entries[str(obj.get("file_name"))] = obj
         changed, overwrote_user = False, False
+        todo: list[tuple[str, str, str]] = []
         for b in built:
             for p in b.paths:
                 target = f"metadata.jsonl::{p}"
@@ -346,14 +408,16 @@ def write_captions(
                 if do:
                     overwrote_user |= cur is not None and w.ours.get(target) != digest(cur)
                     entries[p] = {**entries.get(p, {}), "file_name": p, "text": b.text}
-                    w.record(target, b.sha256, b.text)
+                    todo.append((target, b.sha256, b.text))
                     w.res.written.append(target)
                     changed = True
         if changed:
             if overwrote_user and original:
                 w.backup("metadata.jsonl", original)
             body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries.values())
+            rows = w.begin(todo)
             atomic_write_text(meta, body)
+            w.done(rows)
     else:
         owner: dict[str, str] = {}
         for b in built:
@@ -372,10 +436,10 @@ def write_captions(
                 if do:
                     if cur is not None and w.ours.get(rel) != digest(cur):
                         w.backup(rel, cur)
+                    rows = w.begin([(rel, b.sha256, b.text)])
                     atomic_write_text(f, b.text)
-                    w.record(rel, b.sha256, b.text)
+                    w.done(rows)
                     w.res.written.append(rel)
-    w.commit()
     manifest.update_images(
         (b.sha256, {"tags": b.tags, "caption": effective.get(b.sha256, b.text)}) for b in built
     )
@@ -414,21 +478,101 @@ def resolve_tagger(manifest: Manifest, cfg: CaptionConfig) -> str | None:
     return last if last in models else (models[-1] if models else None)
 
 
-def rebuild(manifest: Manifest, cfg: CaptionConfig, *, overwrite: bool = False) -> CaptionResult:
-    """Rebuild and write every kept image's caption from stored scores and BLIP captions (seconds)."""
+def edit_text(text: str, cfg: CaptionConfig) -> str:
+    """A person's caption with an edit applied: blacklist / replace on its comma-separated parts, the
+    trigger words first. Returns ``text`` itself when nothing changes."""
+    replace = {}
+    for pair in cfg.replace:
+        old, new = pair.split("=", 1)
+        replace[_key(old)] = new.strip()
+    black = {_key(t) for t in cfg.blacklist}
+    triggers = [t.strip() for t in cfg.trigger if t.strip()]
+    trig_keys = {_key(t) for t in triggers}
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    out: list[str] = []
+    for part in parts:
+        k = _key(part)
+        if k in black or k in trig_keys:
+            continue
+        new = replace.get(k, part)
+        if new:
+            out.append(new)
+    out = list(dict.fromkeys(out))
+    words = {w for p in out for w in p.split()}
+    had = {_key(p) for p in parts}
+    # A trigger tag moves first; a sentence that already names the trigger keeps it where it is.
+    head = [t for t in triggers if _key(t) in had or t not in words]
+    result = [*head, *out]
+    return text if result == parts else cfg.separator.join(result)
+
+
+def _edit_user_captions(
+    manifest: Manifest, records: list[ImageRecord], cfg: CaptionConfig, res: WriteResult, overwrite: bool
+) -> dict[str, str]:
+    """Apply an edit to the captions people wrote; rewritten (backup first) only with ``overwrite``."""
+    from .user_captions import new_stamp, sources, write_user_text
+
+    src = sources(manifest)
+    effective: dict[str, str] = {}
+    stamp = PurePosixPath(res.backup_dir).name if res.backup_dir else new_stamp()
+    for rec in records:
+        hit = next((src[p] for p in rec.paths if p in src), None)
+        if hit is None:
+            continue
+        target, text, _origin = hit
+        new = edit_text(text, cfg)
+        if new == text:
+            res.unchanged += 1
+            effective[rec.sha256] = text
+            continue
+        if not overwrite:
+            res.not_applied.append(target)
+            effective[rec.sha256] = text
+            continue
+        bdir = write_user_text(manifest, target, new, stamp=stamp, update=False)
+        if bdir:
+            res.backup_dir = bdir
+            name = target.split("::", 1)[0]
+            if name not in res.backed_up:
+                res.backed_up.append(name)
+        res.written.append(target)
+        effective[rec.sha256] = new
+    return effective
+
+
+def rebuild(
+    manifest: Manifest, cfg: CaptionConfig, *, overwrite: bool = False, edit_user: bool = False
+) -> CaptionResult:
+    """Rebuild and write every kept image's caption from stored scores and BLIP captions (seconds).
+
+    With ``edit_user`` (``curate edit``) the captions people wrote are edited as text instead (blacklist,
+    replace, trigger), and only rewritten with ``overwrite``; otherwise they are kept unless ``overwrite``.
+    """
     from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
     from .caption import load_nl_captions
     from .tag import load_categories, load_scores
+    from .user_captions import refresh
 
+    refresh(manifest)
     records = manifest.kept_images()
     model = resolve_tagger(manifest, cfg) if cfg.source != "caption" or cfg.tagger else None
     scores = load_scores(manifest, model) if model else {}
     categories = load_categories(manifest, model) if model else {}
     nl = load_nl_captions(manifest)
-    if not scores and not nl:
-        raise CurateError("no tags or captions stored yet; run `curate tag` or `curate caption` first")
-    built = build_captions(records, scores, categories, cfg, nl)
+    users = [r for r in records if r.user_caption is not None] if edit_user else []
+    if not scores and not nl and not users:
+        raise CurateError(
+            "no tags or captions stored yet; run `curate tag` or `curate caption` first "
+            "(or put .txt captions beside the images and run `curate scan`)"
+        )
+    user_shas = {r.sha256 for r in users}
+    built = build_captions([r for r in records if r.sha256 not in user_shas], scores, categories, cfg, nl)
     res, effective = write_captions(manifest, built, cfg.format, overwrite=overwrite)
+    if users:
+        edited = _edit_user_captions(manifest, users, cfg, res, overwrite)
+        built += [Built(r.sha256, r.paths, [], edited[r.sha256]) for r in users if r.sha256 in edited]
+        effective.update(edited)
+    refresh(manifest)  # what curate just wrote is known as curate's, so a later edit shows as a change
     manifest.set_meta("caption.keep_tokens", str(cfg.keep_tokens))
     manifest.set_meta("caption.format", cfg.format)
     manifest.set_meta("caption.trigger", json.dumps(list(cfg.trigger)))
@@ -452,6 +596,7 @@ class TagStats:
     always: list[str]  # tags in every captioned image
     tokens: list[tuple[str, int | None]]  # (path, CLIP tokens of its caption)
     over_limit: int
+    user_captions: int = 0  # images whose caption a person wrote (their comma-separated parts count as tags)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -460,26 +605,39 @@ class TagStats:
 def tag_stats(manifest: Manifest) -> TagStats:
     """Tag frequencies, always-present tags and per-image CLIP token counts, from the manifest."""
     from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
+    from .user_captions import refresh
 
+    refresh(manifest)
     recs = manifest.kept_images()
-    tagged = [r for r in recs if r.tags]
-    freq = Counter(t for r in tagged for t in set(r.tags or []))
+    tag_lists = {r.sha256: tags_of(r) for r in recs}
+    tagged = [r for r in recs if tag_lists[r.sha256]]
+    freq = Counter(t for r in tagged for t in set(tag_lists[r.sha256]))
     n = len(tagged)
     frequency = [(t, c, round(c / n, 4)) for t, c in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
     always = [t for t, c, _ in frequency if c == n] if n else []
-    captioned = [r for r in recs if r.caption]
-    counts = count_tokens([r.caption or "" for r in captioned])
+    captioned = [r for r in recs if r.user_caption or r.caption]
+    counts = count_tokens([r.user_caption or r.caption or "" for r in captioned])
     tokens = [(r.path, c) for r, c in zip(captioned, counts, strict=True)]
     over = sum(1 for _, c in tokens if c is not None and c > MAX_TOKENS)
-    return TagStats(len(recs), n, frequency, always, tokens, over)
+    users = sum(1 for r in recs if r.user_caption)
+    return TagStats(len(recs), n, frequency, always, tokens, over, users)
+
+
+def tags_of(rec: ImageRecord) -> list[str]:
+    """The tags an image's caption carries: a person's caption split on commas, else curate's tags."""
+    if rec.user_caption:
+        return list(dict.fromkeys(p.strip() for p in rec.user_caption.split(",") if p.strip()))
+    return list(rec.tags or [])
 
 
 def check_captions(manifest: Manifest, config: Any) -> list:
     """Rule "captions": only active once captions exist or a trigger is configured."""
     from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
     from .check import Violation
+    from .user_captions import refresh
 
     manifest.ensure_table(TABLES)
+    refresh(manifest)
     wrote = manifest.conn.execute("SELECT count(*) FROM caption_files").fetchone()[0]
     section = {**config.section("tag"), **config.section("caption")} if config is not None else {}
     trig = _as_tuple(section.get("trigger")) or tuple(
@@ -506,14 +664,17 @@ def check_captions(manifest: Manifest, config: Any) -> list:
         for r in recs:
             f = manifest.root / sidecar(r.path, fmt)
             texts[r.path] = f.read_text(encoding="utf-8", errors="replace").strip() if f.exists() else None
+    for r in recs:  # a caption a person wrote counts wherever it is (.txt, .caption, metadata.jsonl)
+        if r.user_caption:
+            texts[r.path] = r.user_caption
     if not wrote and not trig and not any(t is not None for t in texts.values()):
         return []  # a fresh dataset: no caption rules yet
     out = []
-    present = [(p, t) for p, t in texts.items() if t is not None]
+    present = [(p, t) for p, t in texts.items() if t]
     counts = count_tokens([t for _, t in present]) if present else []
     where = "metadata.jsonl" if fmt == "jsonl" else f"a {FORMATS[fmt]} file"
     for p, t in texts.items():
-        if t is None:
+        if not t:  # missing or empty (kohya refuses an empty caption file)
             out.append(
                 Violation(p, "no-caption", f"no caption in {where}; run `curate tag` or `curate caption`")
             )
@@ -561,9 +722,9 @@ def current_config(manifest: Manifest, config: Any, changes: dict[str, Any] | No
 
 
 def apply_changes(
-    manifest: Manifest, config: Any, changes: dict[str, Any], *, overwrite: bool
+    manifest: Manifest, config: Any, changes: dict[str, Any], *, overwrite: bool, edit_user: bool = False
 ) -> CaptionResult:
     """Validate, remember and apply caption option changes, then rewrite every caption."""
     cfg = current_config(manifest, config, changes)
     remember(manifest, changes)
-    return rebuild(manifest, cfg, overwrite=overwrite)
+    return rebuild(manifest, cfg, overwrite=overwrite, edit_user=edit_user)

@@ -31,6 +31,7 @@ import tomli_w
 from ..errors import CurateError
 from ..io import atomic_write_text
 from ..manifest import Manifest
+from .bucket import DEFAULT_FAMILY, RESOLUTION
 
 # Dataset-size strategy: the tier whose min_images is the largest not above the image count.
 SIZE_TIERS: list[dict[str, Any]] = [
@@ -47,9 +48,13 @@ SIZE_TIERS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 MODEL_FAMILIES: dict[str, dict[str, Any]] = {
-    "sd15": {"resolution": 512, "base": "runwayml/stable-diffusion-v1-5", "mixed_precision": "bf16"},
+    "sd15": {
+        "resolution": RESOLUTION["sd15"],
+        "base": "runwayml/stable-diffusion-v1-5",
+        "mixed_precision": "bf16",
+    },
     "sdxl": {
-        "resolution": 1024,
+        "resolution": RESOLUTION["sdxl"],
         "base": "stabilityai/stable-diffusion-xl-base-1.0",
         "mixed_precision": "bf16",
     },
@@ -206,7 +211,7 @@ class Plan:
 def plan_training(
     n_images: int,
     *,
-    model: str = "sdxl",
+    model: str = DEFAULT_FAMILY,
     vram: float = 24.0,
     style: str | None = None,
     tag_lists: list[list[str]] | None = None,
@@ -355,7 +360,7 @@ def plan_training(
 def plan(
     manifest: Manifest,
     *,
-    model: str = "sdxl",
+    model: str = DEFAULT_FAMILY,
     vram: float = 24.0,
     style: str | None = None,
     trigger: str | None = None,
@@ -366,7 +371,9 @@ def plan(
     images = [r for r in manifest.kept_images() if r.split != "val"]
     buckets = [r.bucket for r in images]
     counts = list(Counter(buckets).values()) if all(buckets) and images else None
-    tag_lists = [r.tags for r in images if r.tags]
+    from .captions import tags_of  # a caption a person wrote counts with its comma-separated parts
+
+    tag_lists = [t for t in map(tags_of, images) if t]
     tag_captions = sum(1 for r in images if not (r.caption or "").strip()) > len(images) / 2
     name = trigger or manifest.root.name
     p = plan_training(
@@ -386,7 +393,10 @@ def plan(
     from .bucket import stored_settings
 
     bs = stored_settings(manifest)
-    if bs is not None and bs.resolution != p.train["resolution"]:
+    if bs is not None and bs.family == model and bs.resolution != p.train["resolution"]:
+        p.train["resolution"] = bs.resolution  # the user chose it with `curate bucket --resolution`
+        p.reasons["resolution"] = f"the resolution of the last `curate bucket --model {model}`"
+    elif bs is not None and bs.resolution != p.train["resolution"]:
         p.warnings.append(
             f"buckets are stored for resolution {bs.resolution} but {model} trains at {p.train['resolution']}; "
             f"rerun `curate bucket --resolution {p.train['resolution']}` for exact steps and buckets"

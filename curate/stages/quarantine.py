@@ -2,10 +2,26 @@
 
 Each move is journaled before it happens (state 'pending') and marked 'done' after the atomic rename,
 so an interrupted apply can always be reconciled. Nothing is ever deleted or overwritten.
+
+Safety rules, checked for every file before it is touched:
+
+- its manifest path must stay inside the dataset (``curate.io.inside``); a row such as ``../x.jpg``
+  or one under a symlinked folder that leads out is skipped with the reason;
+- it must still be the file the last scan saw (size and mtime, else its SHA-256); a file replaced
+  since is skipped ("rescan and decide again");
+- a symlink and the dataset file it points to move together or not at all: when some of them are
+  kept and others rejected, none moves (a kept link never dangles). A symlink to a file outside the
+  dataset moves as the link itself; the outside file is never touched.
+
+The quarantine keeps its own index, ``.curate/quarantine/index.json`` (written atomically before the
+moves of a batch and after them), listing what it holds, so ``restore`` works without the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -14,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CurateError
-from ..io import STATE_DIR
+from ..io import IMAGE_EXTENSIONS, STATE_DIR, PathOutside, atomic_write_text, inside
 from ..manifest import Manifest
 
 QUARANTINE = "quarantine"
+INDEX_NAME = "index.json"
 
 
 @dataclass
@@ -34,11 +51,50 @@ def quarantine_dir(manifest: Manifest) -> Path:
     return manifest.root / STATE_DIR / QUARANTINE
 
 
+# -- the quarantine's own index --------------------------------------------------------------------
+def read_index(qdir: Path) -> list[dict[str, Any]]:
+    """Entries ({batch, src, dst, sha256, state, at}) of files believed to be in the quarantine."""
+    path = qdir / INDEX_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise CurateError(
+            f"quarantine index {path} is unreadable ({exc}); the quarantined files are untouched: "
+            f"fix or remove the index and move files back from {qdir} by hand"
+        ) from None
+    moves = data.get("moves") if isinstance(data, dict) else None
+    if not isinstance(moves, list):
+        raise CurateError(f"quarantine index {path} has no 'moves' list; fix or remove it")
+    return [
+        m
+        for m in moves
+        if isinstance(m, dict) and isinstance(m.get("src"), str) and isinstance(m.get("dst"), str)
+    ]
+
+
+def write_index(qdir: Path, moves: list[dict[str, Any]]) -> None:
+    qdir.mkdir(parents=True, exist_ok=True)
+    body = {
+        "version": 1,
+        "about": "files curate moved here; `curate restore` moves them back",
+        "moves": moves,
+    }
+    atomic_write_text(qdir / INDEX_NAME, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+
+
+def _lexists(p: Path) -> bool:
+    return os.path.lexists(p)
+
+
 def _move(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
+    if _lexists(dst):
         raise FileExistsError(dst)
-    os.rename(src, dst)  # atomic on one filesystem; never copies-then-deletes user data
+    os.rename(
+        src, dst
+    )  # atomic on one filesystem; never copies-then-deletes user data; a link moves as a link
 
 
 def reconcile(manifest: Manifest) -> int:
@@ -46,8 +102,11 @@ def reconcile(manifest: Manifest) -> int:
     root, qdir = manifest.root, quarantine_dir(manifest)
     fixed = 0
     for row in list(manifest.conn.execute("SELECT id, src, dst FROM moves WHERE state='pending'")):
-        in_q = (qdir / row["dst"]).exists() or (qdir / row["dst"]).is_symlink()
-        in_root = (root / row["src"]).exists() or (root / row["src"]).is_symlink()
+        try:
+            in_q = _lexists(inside(qdir, row["dst"]))
+            in_root = _lexists(inside(root, row["src"]))
+        except PathOutside:
+            in_q, in_root = False, True
         state = "done" if in_q and not in_root else "restored"
         with manifest.transaction():
             manifest.conn.execute("UPDATE moves SET state=? WHERE id=?", (state, row["id"]))
@@ -56,81 +115,239 @@ def reconcile(manifest: Manifest) -> int:
     return fixed
 
 
+# -- checks before a move ----------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _changed_since_scan(src: Path, row: Any) -> str | None:
+    """Why ``src`` is no longer the file the last scan recorded, or None when it still is."""
+    if not _lexists(src):
+        return "gone since the last scan; run `curate scan`"
+    if row["sha256"] is None:  # unreadable or a broken link at scan time: nothing to compare, moved as is
+        return None
+    try:
+        st = os.stat(src)
+    except OSError as exc:
+        return f"cannot be read now ({exc.strerror}); run `curate scan`"
+    if st.st_size == row["size"] and st.st_mtime_ns == row["mtime_ns"]:
+        return None
+    try:
+        same = _sha256(src) == row["sha256"]
+    except OSError as exc:
+        return f"cannot be read now ({exc.strerror}); run `curate scan`"
+    if not same:
+        return "replaced since the last scan (its bytes changed); run `curate scan` and decide again"
+    return None
+
+
+def _link_families(root: Path, present: set[str]) -> dict[str, frozenset[str]]:
+    """path -> every dataset path that is the same file through symlinks (the target and its links)."""
+    root_real = Path(os.path.realpath(root))
+    groups: dict[str, set[str]] = {}
+    for rel in present:
+        try:
+            p = inside(root, rel)
+        except PathOutside:
+            continue
+        if not os.path.islink(p):
+            continue
+        try:
+            target = Path(os.path.realpath(p)).relative_to(root_real).as_posix()
+        except ValueError:
+            continue  # points outside the dataset: the link is the dataset's file, moved on its own
+        if target in present and target != rel:
+            groups.setdefault(target, {target}).add(rel)
+    return {m: frozenset(g) for g in groups.values() for m in g}
+
+
 def apply_rejects(manifest: Manifest, *, dry_run: bool = False) -> MoveResult:
     """Move every rejected file that is still in the dataset into the quarantine folder."""
     reconcile(manifest)
+    root, qdir = manifest.root, quarantine_dir(manifest)
     rejected = manifest.rejected_paths()
-    present = {r["path"] for r in manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
+    rows = {
+        r["path"]: r
+        for r in manifest.conn.execute("SELECT path, sha256, size, mtime_ns FROM files WHERE status='ok'")
+    }
     batch = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     res = MoveResult(batch)
-    qdir = quarantine_dir(manifest)
-    for rel in sorted(p for p in rejected if p in present):
-        src, dst = manifest.root / rel, qdir / rel
-        if dry_run:
-            res.moved.append(rel)
+    families = _link_families(root, set(rows))
+    plan: list[tuple[str, Path, Path]] = []
+    for rel in sorted(p for p in rejected if p in rows):
+        try:
+            src, dst = inside(root, rel), inside(qdir, rel)
+        except PathOutside as exc:
+            res.skipped.append((rel, f"not touched: this manifest path is {exc}, outside {root}"))
             continue
-        if dst.exists() or dst.is_symlink():
+        family = families.get(rel)
+        if family:
+            kept = sorted(m for m in family if m not in rejected)
+            if kept:
+                res.skipped.append(
+                    (
+                        rel,
+                        f"not moved: it is the same file as kept {kept[0]} through a symlink, and a link "
+                        "and its target move together (reject both, or keep both)",
+                    )  # fmt: skip
+                )
+                continue
+        why = _changed_since_scan(src, rows[rel])
+        if why:
+            res.skipped.append((rel, why))
+            continue
+        if _lexists(dst):
             res.skipped.append((rel, f"{dst} already exists"))
             continue
-        with manifest.transaction():
-            cur = manifest.conn.execute(
-                "INSERT INTO moves(batch, src, dst, state, at) VALUES (?,?,?,?,?)",
-                (batch, rel, rel, "pending", time.time()),
-            )
-        move_id = cur.lastrowid
+        plan.append((rel, src, dst))
+    if dry_run:
+        res.moved = [rel for rel, _, _ in plan]
+        return res
+    if plan:
+        index = read_index(qdir)
+        entries = [
+            {"batch": batch, "src": rel, "dst": rel, "sha256": rows[rel]["sha256"], "state": "pending",
+             "at": time.time()}
+            for rel, _, _ in plan
+        ]  # fmt: skip
+        write_index(qdir, index + entries)  # before any move: the index never misses a quarantined file
+        attempted = 0
         try:
-            _move(src, dst)
-        except OSError as exc:
-            with manifest.transaction():
-                manifest.conn.execute("DELETE FROM moves WHERE id=?", (move_id,))
-            res.skipped.append((rel, str(exc)))
-            continue
-        with manifest.transaction():
-            manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
-            manifest.set_file_status(rel, "quarantined")
-        res.moved.append(rel)
+            for (rel, src, dst), entry in zip(plan, entries, strict=True):
+                attempted += 1
+                if _move_one(manifest, batch, rel, src, dst, res):
+                    entry["state"] = "done"
+                else:
+                    entry["state"] = "failed"
+        finally:
+            # The entry of a move cut short stays 'pending'; restore settles it by looking at the disk.
+            keep = [e for e in entries[:attempted] if e["state"] != "failed"]
+            with contextlib.suppress(OSError):
+                write_index(qdir, index + keep)
     if not res.moved:
         res.batch = None
     return res
 
 
+def _move_one(manifest: Manifest, batch: str, rel: str, src: Path, dst: Path, res: MoveResult) -> bool:
+    with manifest.transaction():
+        cur = manifest.conn.execute(
+            "INSERT INTO moves(batch, src, dst, state, at) VALUES (?,?,?,?,?)",
+            (batch, rel, rel, "pending", time.time()),
+        )
+    move_id = cur.lastrowid
+    try:
+        _move(src, dst)
+    except OSError as exc:
+        with manifest.transaction():
+            manifest.conn.execute("DELETE FROM moves WHERE id=?", (move_id,))
+        res.skipped.append((rel, str(exc)))
+        return False
+    with manifest.transaction():
+        manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
+        manifest.set_file_status(rel, "quarantined")
+    res.moved.append(rel)
+    return True
+
+
+# -- restore ------------------------------------------------------------------------------------------
 def restore(manifest: Manifest, *, batch: str | None = None, all_batches: bool = True) -> MoveResult:
-    """Move quarantined files back to where they were. Never overwrites a file that took their place."""
+    """Move quarantined files back to where they were. Never overwrites a file that took their place.
+
+    The manifest's journal and the quarantine's own index are both read, so a lost or rebuilt manifest
+    still restores everything the index lists.
+    """
     reconcile(manifest)
-    q = "SELECT id, batch, src, dst FROM moves WHERE state='done'"
-    args: tuple = ()
+    root, qdir = manifest.root, quarantine_dir(manifest)
+    index = read_index(qdir)
+    journal = list(manifest.conn.execute("SELECT id, batch, src, dst, state FROM moves ORDER BY id"))
+    known = {(str(r["batch"]), r["src"]) for r in journal}
+    # (manifest row id or None, batch, src, dst), newest first
+    todo: list[tuple[int | None, str, str, str]] = [
+        (r["id"], r["batch"], r["src"], r["dst"]) for r in journal if r["state"] == "done"
+    ]
+    todo += [
+        (None, str(e.get("batch", "")), e["src"], e["dst"])
+        for e in index
+        if (str(e.get("batch", "")), e["src"]) not in known and e.get("state") in ("done", "pending")
+    ]
+    if not all_batches and batch is None and todo:
+        batch = max(todo, key=lambda t: t[1])[1]
     if batch:
-        q += " AND batch=?"
-        args = (batch,)
-    elif not all_batches:
-        last = manifest.conn.execute(
-            "SELECT batch FROM moves WHERE state='done' ORDER BY id DESC LIMIT 1"
-        ).fetchone()
-        if last is None:
-            return MoveResult(None)
-        q += " AND batch=?"
-        args = (last[0],)
-    rows = list(manifest.conn.execute(q + " ORDER BY id DESC", args))
-    if batch and not rows:
-        raise CurateError(f"no quarantine batch {batch!r}; `curate restore --list` shows batches")
+        todo = [t for t in todo if t[1] == batch]
+        if not todo:
+            raise CurateError(f"no quarantine batch {batch!r} (see {qdir / INDEX_NAME})")
+    todo.sort(key=lambda t: (t[1], t[0] or 0), reverse=True)
     res = MoveResult(batch)
-    qdir = quarantine_dir(manifest)
-    for row in rows:
-        src, dst = qdir / row["dst"], manifest.root / row["src"]
-        if not (src.exists() or src.is_symlink()):
-            res.skipped.append((row["src"], f"{src} is gone from the quarantine"))
-            continue
-        with manifest.transaction():
-            manifest.conn.execute("UPDATE moves SET state='pending' WHERE id=?", (row["id"],))
-        try:
-            _move(src, dst)
-        except OSError as exc:
-            with manifest.transaction():
-                manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (row["id"],))
-            res.skipped.append((row["src"], f"not restored: {exc}"))
-            continue
-        with manifest.transaction():
-            manifest.conn.execute("UPDATE moves SET state='restored' WHERE id=?", (row["id"],))
-            manifest.set_file_status(row["src"], "ok")
-        res.moved.append(row["src"])
+    restored: set[tuple[str, str]] = set()
+    listed = {t[3] for t in todo}
+    try:
+        for move_id, b, rel, qrel in todo:
+            try:
+                src, dst = inside(qdir, qrel), inside(root, rel)
+            except PathOutside as exc:
+                res.skipped.append((rel, f"not touched: this path is {exc}"))
+                continue
+            if not _lexists(src):
+                if move_id is not None:
+                    res.skipped.append((rel, f"{src} is gone from the quarantine"))
+                elif _lexists(dst):
+                    restored.add((b, rel))  # an earlier restore got it back before the index was updated
+                else:
+                    res.skipped.append((rel, f"{src} is gone from the quarantine"))
+                continue
+            if _restore_one(manifest, move_id, src, dst, rel, res):
+                restored.add((b, rel))
+    finally:
+        if restored or index:
+            left = [e for e in index if (str(e.get("batch", "")), e["src"]) not in restored]
+            with contextlib.suppress(OSError):
+                if left != index:
+                    write_index(qdir, left)
+    if batch is None:
+        for stray in _unlisted(qdir, listed):
+            res.skipped.append(
+                (stray, "in the quarantine but in neither its index nor the manifest; move it back by hand")
+            )
     return res
+
+
+def _restore_one(
+    manifest: Manifest, move_id: int | None, src: Path, dst: Path, rel: str, res: MoveResult
+) -> bool:
+    if move_id is not None:
+        with manifest.transaction():
+            manifest.conn.execute("UPDATE moves SET state='pending' WHERE id=?", (move_id,))
+    try:
+        _move(src, dst)
+    except OSError as exc:
+        if move_id is not None:
+            with manifest.transaction():
+                manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
+        res.skipped.append((rel, f"not restored: {exc}"))
+        return False
+    with manifest.transaction():
+        if move_id is not None:
+            manifest.conn.execute("UPDATE moves SET state='restored' WHERE id=?", (move_id,))
+        manifest.set_file_status(rel, "ok")
+    res.moved.append(rel)
+    return True
+
+
+def _unlisted(qdir: Path, listed: set[str]) -> list[str]:
+    """Image files under the quarantine that nothing records (so restore cannot know where they belong)."""
+    if not qdir.is_dir():
+        return []
+    out = []
+    for dirpath, _dirs, files in os.walk(qdir):
+        for name in files:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = Path(dirpath, name).relative_to(qdir).as_posix()
+            if rel not in listed:
+                out.append(rel)
+    return sorted(out)

@@ -39,6 +39,8 @@ class ScanResult:
     missing: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
+    bad_names: list[str] = field(default_factory=list)  # not valid UTF-8 (shown escaped); left out
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,8 +115,12 @@ def scan(
     file_errors: list[tuple[str, str, str]] = []
     for p in iter_image_files(root):
         rel = p.relative_to(root).as_posix()
-        seen.add(rel)
         res.total_files += 1
+        if not _is_utf8(rel):  # the manifest stores paths as UTF-8 TEXT: such a name cannot be recorded
+            res.bad_names.append(os.fsencode(rel).decode("utf-8", "backslashreplace"))
+            res.errors["bad-filename"] = res.errors.get("bad-filename", 0) + 1
+            continue
+        seen.add(rel)
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -201,9 +207,25 @@ def scan(
                     raise
     except KeyboardInterrupt:
         res.interrupted = True
-    res.seconds = time.perf_counter() - t0
     _write_scan_rejects(manifest)
+    res.captions = _refresh_captions(manifest).as_dict()
+    res.seconds = time.perf_counter() - t0
     return res
+
+
+def _refresh_captions(manifest: Manifest):
+    from .user_captions import refresh
+
+    return refresh(manifest)
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name os.walk decoded with surrogate escapes (its bytes are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_scan_rejects(manifest: Manifest) -> None:

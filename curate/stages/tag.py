@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ from ..io import DecodeError, open_rgb
 from ..manifest import ImageRecord, Manifest
 
 DEFAULT_TAGGER = "SmilingWolf/wd-swinv2-tagger-v3"
+PROCESS_DECODE_MIN = (
+    512  # images before ``decode = "auto"`` starts worker processes (they take ~1 s to start)
+)
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS tag_scores (
@@ -48,9 +51,12 @@ class TagConfig:
 
     model: str = DEFAULT_TAGGER
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 32
+    backend: str = "auto"  # auto (torch when timm weights + CUDA, else onnx) | torch | onnx
+    batch_size: int = 0  # 0: 32, or sized to free GPU memory on the torch backend
     floor: float = 0.05  # scores below this are not stored
-    workers: int = 0  # decode threads (0: cores, at most 8)
+    workers: int = 0  # decode threads or processes (0: cores, at most 16)
+    decode: str = "auto"  # auto (processes for big GPU jobs, else threads) | threads | processes
+    dtype: str = "auto"  # torch backend: auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     force: bool = False  # re-run images that already have scores for this model
 
 
@@ -61,9 +67,23 @@ class TagRun:
     cached: int
     failed: list[tuple[str, str]]
     seconds: float
+    backend: str = ""  # "" when every image came from the score cache
+    device: str = ""
+    runtime: str = ""  # one line: backend, device, provider / precision
+    why: str = ""  # how the backend was chosen
+    batch_size: int = 0
+    decode: str = ""  # "threads x 16" / "processes x 16"
+    load_seconds: float = 0.0  # loading the model (part of ``seconds``)
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Tagging speed, model loading left out."""
+        busy = self.seconds - self.load_seconds
+        return self.inferred / busy if busy > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "images_per_second": round(self.images_per_second, 2)}
 
 
 def model_key(model: str) -> str:
@@ -89,15 +109,128 @@ def load_categories(manifest: Manifest, model: str) -> dict[str, int]:
     return dict(rows.fetchall())
 
 
-def _read(root: Path, rec: ImageRecord, size: int):
-    from ..models.wd14 import preprocess
-
+def _read(path: Path, prepare: Callable[[Any], np.ndarray]):
     try:
-        return preprocess(open_rgb(root / rec.path), size), None
+        return prepare(open_rgb(path)), None
     except DecodeError as exc:
         return None, f"{exc.reason}: {exc.detail}"
     except OSError as exc:
         return None, str(exc)
+
+
+class _ThreadDecoder:
+    """Decode + preprocess on threads of this process (PIL releases the GIL for much, not all, of it)."""
+
+    kind = "threads"
+
+    def __init__(self, prepare: Callable[[Any], np.ndarray], workers: int) -> None:
+        self.prepare = prepare
+        self.pool = ThreadPoolExecutor(workers)
+
+    def submit(self, path: Path) -> tuple[Any, Any]:
+        return self.pool.submit(_read, path, self.prepare), None
+
+    def array(self, value: Any, slot: Any) -> np.ndarray:
+        return value
+
+    def release(self, slots: list[Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _attach(name: str, shape: tuple[int, ...]) -> None:
+    """Worker initializer: map the shared slot array (the parent owns and unlinks it)."""
+    from multiprocessing import shared_memory
+
+    try:
+        shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python >= 3.13
+    except TypeError:  # spawned workers share the parent's resource tracker: registering again is a no-op
+        shm = shared_memory.SharedMemory(name=name)
+    _WORKER["shm"] = shm
+    _WORKER["slots"] = np.ndarray(shape, np.uint8, buffer=shm.buf)
+
+
+def _read_into(path: str, slot: int, spec: tuple) -> tuple[bool | None, str | None]:
+    from ..models.wd_torch import prepare_u8
+
+    arr, err = _read(Path(path), lambda img: prepare_u8(img, *spec))
+    if arr is None:
+        return None, err
+    _WORKER["slots"][slot] = arr
+    return True, None
+
+
+class _ProcessDecoder:
+    """Decode + preprocess in worker processes (no GIL) into slots of one shared uint8 array."""
+
+    kind = "processes"
+
+    def __init__(self, spec: tuple[int, int, int], workers: int, n_slots: int) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import shared_memory
+
+        size = spec[0]
+        shape = (n_slots, size, size, 3)
+        self.spec = spec
+        self.shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+        self.slots = np.ndarray(shape, np.uint8, buffer=self.shm.buf)
+        self.free = list(range(n_slots))
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_attach, initargs=(self.shm.name, shape)
+        )
+
+    def submit(self, path: Path) -> tuple[Any, Any]:
+        slot = self.free.pop()
+        return self.pool.submit(_read_into, str(path), slot, self.spec), slot
+
+    def array(self, value: Any, slot: Any) -> np.ndarray:
+        return self.slots[slot]
+
+    def release(self, slots: list[Any]) -> None:
+        self.free.extend(slots)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        del self.slots
+        self.shm.close()
+        self.shm.unlink()
+
+
+def _decoder(cfg: TagConfig, tagger: Any, n_images: int, workers: int, n_slots: int):
+    """Processes for big GPU jobs (threads cannot decode fast enough to feed a GPU), else threads."""
+    mode = cfg.decode
+    if mode not in ("auto", "threads", "processes"):
+        raise CurateError(f"[tag] decode must be auto, threads or processes, got {mode!r}")
+    spec = getattr(tagger, "decode_spec", None)
+    if mode == "auto":
+        gpu = getattr(tagger, "cuda", False)
+        mode = "processes" if gpu and spec and n_images >= PROCESS_DECODE_MIN and workers >= 4 else "threads"
+    if mode == "processes" and spec is not None:
+        return _ProcessDecoder(spec, workers, n_slots)
+    return _ThreadDecoder(tagger.preprocess_image, workers)
+
+
+def tag_config(ds: Any, **flags: Any) -> TagConfig:
+    """``[tag]`` of the dataset's curate.toml with ``flags`` over it; the model defaults to the last one used."""
+    from ..config import _coerce, override
+    from .captions import CAPTION_KEYS
+
+    # [tag] may also hold caption options (general, character, trigger, ...); [caption] wins over them.
+    section = {k: v for k, v in ds.config.section("tag").items() if k not in CAPTION_KEYS}
+    cfg = _coerce(TagConfig, section, "tag")
+    model = (
+        flags.pop("model", None)
+        or section.get("model")
+        or ds.manifest.get_meta("tag.model")
+        or DEFAULT_TAGGER
+    )
+    return override(cfg, model=model, **flags)
 
 
 def tag_images(
@@ -110,8 +243,8 @@ def tag_images(
     """Score every kept image that has no scores for ``cfg.model`` yet (all of them with ``force``)."""
     if not 0.0 <= cfg.floor < 1.0:
         raise CurateError(f"tag floor must be in [0, 1), got {cfg.floor}")
-    if cfg.batch_size < 1:
-        raise CurateError(f"batch size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_size < 0:
+        raise CurateError(f"batch size must be at least 1 (0: automatic), got {cfg.batch_size}")
     manifest.ensure_table(TABLES)
     key = model_key(cfg.model)
     records = manifest.kept_images() if records is None else records
@@ -119,10 +252,15 @@ def tag_images(
     todo = [r for r in records if r.sha256 not in done]
     t0 = time.perf_counter()
     failed: list[tuple[str, str]] = []
+    info: dict[str, Any] = {}
     if todo:
         from ..models.wd14 import load_tagger
 
-        tagger = load_tagger(cfg.model, cfg.device)
+        tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
+        info["load_seconds"] = time.perf_counter() - t0
+        batch_size = cfg.batch_size or tagger.default_batch
+        info |= {"backend": tagger.backend, "device": tagger.device, "runtime": tagger.describe(),
+                "why": getattr(tagger, "why", ""), "batch_size": batch_size}  # fmt: skip
         labels = tagger.labels
         with manifest.transaction():
             manifest.conn.execute("DELETE FROM tag_labels WHERE model=?", (key,))
@@ -132,47 +270,71 @@ def tag_images(
             )
         rating = labels.categories == 9
         names = np.array(labels.names, dtype=object)
-        workers = cfg.workers or min(8, os.cpu_count() or 1)
+        workers = cfg.workers or min(16, os.cpu_count() or 1)
         n_done = 0
-        # Decoding + preprocessing runs ahead in threads (PIL releases the GIL) while the model runs.
-        with ThreadPoolExecutor(workers) as pool:
+
+        def store(batch: list[ImageRecord], probs: np.ndarray) -> None:
+            nonlocal n_done
+            rows = []
+            for rec, p in zip(batch, probs, strict=True):
+                keep = np.flatnonzero((p >= cfg.floor) | rating)
+                scores = dict(
+                    zip(names[keep].tolist(), np.round(p[keep].astype(np.float64), 4).tolist(), strict=True)
+                )
+                rows.append((rec.sha256, key, json.dumps(scores), time.time()))
+            with manifest.transaction():
+                manifest.conn.executemany(
+                    "INSERT OR REPLACE INTO tag_scores(sha256, model, scores, at) VALUES (?,?,?,?)", rows
+                )
+            n_done += len(batch)
+            if progress:
+                progress(n_done + len(failed), len(todo))
+
+        # Decoding + preprocessing runs ahead (threads, or processes for big GPU jobs) while the model runs; one
+        # batch is on the model while the previous one's scores are written, so neither side waits for the other.
+        ahead = batch_size * 2 + workers
+        dec = _decoder(cfg, tagger, len(todo), workers, ahead + batch_size)
+        info["decode"] = f"{dec.kind} x {workers}"
+        try:
             pending: deque = deque()
+            running: deque = deque()
             it = iter(todo)
-            ahead = cfg.batch_size * 2
 
             def fill() -> None:
                 while len(pending) < ahead:
                     rec = next(it, None)
                     if rec is None:
                         return
-                    pending.append((rec, pool.submit(_read, manifest.root, rec, tagger.size)))
+                    pending.append((rec, *dec.submit(manifest.root / rec.path)))
 
             fill()
-            while pending:
-                batch, arrays = [], []
-                while pending and len(batch) < cfg.batch_size:
-                    rec, fut = pending.popleft()
-                    arr, err = fut.result()
-                    if arr is None:
+            while pending or running:
+                batch, arrays, slots = [], [], []
+                while pending and len(batch) < batch_size:
+                    rec, fut, slot = pending.popleft()
+                    value, err = fut.result()
+                    if value is None:
                         failed.append((rec.path, err or "unreadable"))
+                        dec.release([slot])
+                        fill()
                         continue
                     batch.append(rec)
-                    arrays.append(arr)
-                fill()
-                if not batch:
-                    continue
-                probs = tagger.predict(np.stack(arrays))
-                rows = []
-                for rec, p in zip(batch, probs, strict=True):
-                    keep = (p >= cfg.floor) | rating
-                    scores = {str(n): round(float(s), 4) for n, s in zip(names[keep], p[keep], strict=True)}
-                    rows.append((rec.sha256, key, json.dumps(scores), time.time()))
-                with manifest.transaction():
-                    manifest.conn.executemany(
-                        "INSERT OR REPLACE INTO tag_scores(sha256, model, scores, at) VALUES (?,?,?,?)", rows
-                    )
-                n_done += len(batch)
-                if progress:
-                    progress(n_done + len(failed), len(todo))
+                    arrays.append(dec.array(value, slot))
+                    slots.append(slot)
+                    fill()
+                if batch:
+                    x = tagger.collate(arrays)  # copies out of the slots, which are free again after this
+                    dec.release(slots)
+                    fill()
+                    running.append((batch, tagger.submit(x)))
+                while running and (len(running) > 1 or not pending):
+                    done_batch, handle = running.popleft()
+                    store(done_batch, handle.result())
+        finally:
+            dec.close()
+        info["notices"] = list(tagger.notices)
     manifest.set_meta("tag.model", key)
-    return TagRun(key, len(todo) - len(failed), len(records) - len(todo), failed, time.perf_counter() - t0)
+    run = TagRun(
+        key, len(todo) - len(failed), len(records) - len(todo), failed, time.perf_counter() - t0, **info
+    )
+    return run

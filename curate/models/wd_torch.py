@@ -1,0 +1,293 @@
+"""WD taggers (SmilingWolf v3) through torch + timm: ``model.safetensors`` + ``config.json`` + ``selected_tags.csv``.
+
+Preprocessing is the v3 reference's (SmilingWolf's wdv3-timm script): alpha on white, centred white pad to a
+square, then timm's eval transform built from the config's ``pretrained_cfg`` (resize to the input size with
+its interpolation, centre crop at ``crop_pct``, ToTensor /255, Normalize(mean, std)), RGB -> BGR, NCHW; the
+logits go through a sigmoid. Decoding, padding and resizing run on CPU threads (uint8, the exact pixels the
+ONNX path sees); the scale, the normalisation and the channel swap run on the device in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import CurateError, require
+from .wd14 import ModelFiles, preprocess_u8, read_labels
+
+MAX_AUTO_BATCH = 128
+
+
+@dataclass(frozen=True)
+class TimmConfig:
+    """The parts of a timm hub ``config.json`` that build the model and its input transform."""
+
+    arch: str
+    num_classes: int
+    model_args: dict[str, Any] = field(default_factory=dict)
+    size: int = 448
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+
+
+def read_timm_config(path: Path) -> TimmConfig:
+    """Parse a timm ``config.json`` (the current form with ``pretrained_cfg`` or the older flat one)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        pre = raw.get("pretrained_cfg", raw)
+        arch = raw["architecture"]
+        num_classes = int(raw.get("num_classes", pre.get("num_classes")))
+        input_size = pre.get("input_size", [3, 448, 448])
+        h, w = int(input_size[-2]), int(input_size[-1])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CurateError(
+            f"cannot read timm config {path}: {exc}; it needs architecture, num_classes and pretrained_cfg"
+        ) from None
+    if h != w:
+        raise CurateError(f"{path}: input size {w}x{h} is not square; WD taggers take square inputs")
+    cfg = TimmConfig(
+        arch=arch,
+        num_classes=num_classes,
+        model_args=dict(raw.get("model_args") or {}),
+        size=h,
+        mean=tuple(float(v) for v in pre.get("mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in pre.get("std", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+        interpolation=str(pre.get("interpolation") or "bicubic"),
+        crop_pct=float(pre.get("crop_pct") or 0.875),  # timm's default when unset
+        crop_mode=str(pre.get("crop_mode") or "center"),
+    )
+    if cfg.crop_pct > 1.0 or cfg.crop_mode not in ("center", "squash", "border"):
+        raise CurateError(f"{path}: crop_pct {cfg.crop_pct} / crop_mode {cfg.crop_mode!r} is not supported")
+    return cfg
+
+
+def prepare_u8(img: Image.Image, size: int, scale: int, resample: int) -> np.ndarray:
+    """Pad to a white square, resize to ``scale`` and centre-crop ``size`` (timm eval transform), uint8 RGB."""
+    if scale == size:
+        return preprocess_u8(img, size, Image.Resampling(resample))
+    sq = preprocess_u8(img, scale, Image.Resampling(resample))
+    top = int(round((scale - size) / 2.0))  # torchvision CenterCrop
+    return np.ascontiguousarray(sq[top : top + size, top : top + size])
+
+
+def torch_device(device: str):
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch.device, or a one-line error when CUDA is absent."""
+    torch = require("torch", "tag")
+    if device == "auto":
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CurateError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA GPU; install a CUDA build of torch "
+                "or pass --device cpu"
+            )
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise CurateError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", idx)
+    raise CurateError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+class _Ready:
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+
+    def result(self) -> np.ndarray:
+        return self.value
+
+
+class _Pending:
+    """Scores being copied back from the GPU into pinned memory; ``result`` waits for the copy only."""
+
+    def __init__(self, event, out) -> None:
+        self.event, self.out = event, out
+
+    def result(self) -> np.ndarray:
+        self.event.synchronize()
+        return self.out.numpy()
+
+
+class TorchTagger:
+    """A timm WD tagger on torch. ``submit`` queues a uint8 RGB NHWC batch on the device and returns at once."""
+
+    backend = "torch"
+
+    def __init__(self, files: ModelFiles, *, device: str = "auto", dtype: str = "auto") -> None:
+        torch = require("torch", "tag")
+        timm = require("timm", "tag")
+        from safetensors.torch import load_file
+
+        assert files.config is not None and files.weights is not None and files.tags is not None
+        self.model = files.name
+        self.cfg = read_timm_config(files.config)
+        self.labels = read_labels(files.tags)
+        if self.cfg.num_classes != len(self.labels):
+            raise CurateError(
+                f"{files.config} has {self.cfg.num_classes} classes but {files.tags} lists {len(self.labels)} tags"
+            )
+        self.torch_device = torch_device(device)
+        self.device = str(self.torch_device)
+        self.cuda = self.torch_device.type == "cuda"
+        self.notices: list[str] = []
+        try:
+            net = timm.create_model(
+                self.cfg.arch, pretrained=False, num_classes=self.cfg.num_classes, **self.cfg.model_args
+            )
+        except RuntimeError as exc:  # unknown architecture
+            raise CurateError(
+                f"timm {timm.__version__} cannot build {self.cfg.arch!r} ({str(exc).splitlines()[0][:120]}); "
+                "pip install -U timm"
+            ) from None
+        try:
+            net.load_state_dict(load_file(str(files.weights)), strict=True)
+        except (RuntimeError, OSError) as exc:
+            raise CurateError(
+                f"{files.weights} does not fit {self.cfg.arch} from {files.config}: {str(exc).splitlines()[0][:200]}"
+            ) from None
+        self.conv = not any(k in self.cfg.arch for k in ("vit", "swin", "eva", "deit", "beit"))
+        self._mf = torch.channels_last if self.conv else torch.contiguous_format
+        self.net = net.eval().to(self.torch_device, memory_format=self._mf)
+        # auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU; bf16 / fp16: weights and activations in that
+        # type (faster, a little further from the fp32 reference); fp32: no reduced precision.
+        if dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise CurateError(f"unknown dtype {dtype!r} for the torch tagger; use auto, fp32, bf16 or fp16")
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.amp = self.cast = None
+        if dtype == "auto" and self.cuda:
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.dtype = f"{'bf16' if self.amp == torch.bfloat16 else 'fp16'} autocast"
+        elif dtype in half:
+            self.cast = half[dtype]
+            self.net = self.net.to(self.cast)
+            self.dtype = f"{dtype} weights"
+        else:
+            self.dtype = "fp32"
+        self.size = self.cfg.size
+        # The reference normalises RGB and then swaps to BGR; the swap happens first here, so mean/std flip too.
+        self._mean = torch.tensor(self.cfg.mean[::-1], device=self.torch_device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.cfg.std[::-1], device=self.torch_device).view(1, 3, 1, 1)
+        self._scale = math.floor(self.size / self.cfg.crop_pct)
+        self._resample = Image.Resampling[self.cfg.interpolation.upper()]
+        self._runner = ThreadPoolExecutor(1)
+        self.default_batch = self._auto_batch() if self.cuda else 32
+
+    def describe(self) -> str:
+        """One line for the summary: backend, device, precision."""
+        where = self.device
+        if self.cuda:
+            where += f" ({self._torch.cuda.get_device_name(self.torch_device)})"
+        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}"
+
+    @property
+    def _torch(self):
+        import torch
+
+        return torch
+
+    @property
+    def decode_spec(self) -> tuple[int, int, int]:
+        """Arguments of ``prepare_u8`` after the image: picklable, for decoding in other processes."""
+        return (self.size, self._scale, int(self._resample))
+
+    def preprocess_image(self, img: Image.Image) -> np.ndarray:
+        """uint8 [size, size, 3] RGB: the padded square resized as timm's eval transform does; decode threads."""
+        return prepare_u8(img, *self.decode_spec)
+
+    def _forward(self, x):
+        """uint8 NHWC RGB on the device -> float32 probabilities."""
+        torch = self._torch
+        x = x.flip(-1).permute(0, 3, 1, 2).float().div_(255.0)  # BGR, NCHW view, as ToTensor
+        x = x.sub_(self._mean).div_(self._std).contiguous(memory_format=self._mf)
+        if self.cast is not None:
+            x = x.to(self.cast)
+        if self.amp is not None:
+            with torch.autocast(self.torch_device.type, dtype=self.amp):
+                logits = self.net(x)
+        else:
+            logits = self.net(x)
+        return logits.float().sigmoid_()
+
+    def collate(self, arrays: list[np.ndarray]):
+        """Stack preprocessed images straight into pinned host memory (one copy less per batch on CUDA)."""
+        if not self.cuda:
+            return np.stack(arrays)
+        buf = self._torch.empty((len(arrays), *arrays[0].shape), dtype=self._torch.uint8, pin_memory=True)
+        np.stack(arrays, out=buf.numpy())
+        return buf
+
+    def _launch(self, batch):
+        torch = self._torch
+        with torch.inference_mode():
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+            if not self.cuda:
+                return _Ready(self._forward(x).numpy())
+            if not x.is_pinned():
+                x = x.pin_memory()
+            x = x.to(self.torch_device, non_blocking=True)
+            probs = self._forward(x)
+            out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
+            out.copy_(probs, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return _Pending(event, out)
+
+    def submit(self, batch):
+        """Queue a batch; ``.result()`` gives [N, n_tags] scores. On CUDA only the launch happens here."""
+        if len(batch) == 0:
+            return _Ready(np.zeros((0, len(self.labels)), np.float32))
+        if not self.cuda:
+            fut: Future = self._runner.submit(lambda: self._launch(batch).result())
+            return fut
+        try:
+            return self._launch(batch)
+        except self._torch.cuda.OutOfMemoryError:
+            return _Ready(self._split(batch))
+
+    def _split(self, batch) -> np.ndarray:
+        """Out of GPU memory: run the batch in halves (and remember the smaller size)."""
+        self._torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise CurateError("out of GPU memory at batch 1; pass --device cpu or free the GPU")
+        half = len(batch) // 2
+        self.default_batch = max(1, half)
+        msg = f"out of GPU memory at batch {len(batch)}; continuing with batches of {half} (--batch-size)"
+        if msg not in self.notices:
+            self.notices.append(msg)
+        return np.concatenate([self.predict(batch[:half]), self.predict(batch[half:])])
+
+    def predict(self, batch) -> np.ndarray:
+        """[N, size, size, 3] uint8 RGB -> [N, n_tags] probabilities (blocking)."""
+        return np.asarray(self.submit(batch).result(), dtype=np.float32)
+
+    def _auto_batch(self) -> int:
+        """Batch sized to free GPU memory from a probe at batch 4 (also warms up the kernels)."""
+        torch = self._torch
+        probe = 4
+        x = np.zeros((probe, self.size, self.size, 3), np.uint8)
+        try:
+            torch.cuda.synchronize(self.torch_device)
+            base = torch.cuda.memory_allocated(self.torch_device)
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+            self._launch(x).result()
+            per_image = max(1, (torch.cuda.max_memory_allocated(self.torch_device) - base) / probe)
+            free, _ = torch.cuda.mem_get_info(self.torch_device)
+        except Exception:
+            return 16
+        fits = int(0.5 * free / per_image)
+        return max(1, min(MAX_AUTO_BATCH, fits // 8 * 8 if fits >= 8 else fits))

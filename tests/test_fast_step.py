@@ -1,0 +1,65 @@
+"""The fast training step (trainer_bridge/fast_step.py) computes what the plain step computes.
+
+On a CPU the graphs cannot be captured, so `fast = "eager"` runs the fast step's own code (noise drawn outside,
+fixed input buffers, gradients accumulated in place, clip + AdamW + zero in place) and must give the plain step's
+losses and LoRA weights. The graphed step itself is checked on a GPU in tests/test_fast_step_gpu.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tests.test_trainer_train import tiny_config
+from tests.trainer_fixtures import dataset, sd15_dir, sdxl_dir  # noqa: F401  (pytest fixtures)
+from trainer_bridge import TrainError, train
+from trainer_bridge.export import load_lora
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_fast_step_matches_plain_step(family, sd15_dir, sdxl_dir, dataset, tmp_path):  # noqa: F811
+    """Same seed, 8 optimizer steps over 3 bucket shapes, with grad accumulation, clipping, noise offset,
+    min-SNR and a warm-up schedule: the two paths give the same loss curve and the same LoRA file."""
+    base = sdxl_dir if family == "sdxl" else sd15_dir
+    kw = dict(model_family=family, max_steps=8, grad_accum=2, max_grad_norm=0.05, noise_offset=0.05, min_snr_gamma=5.0, flip_aug=True,
+              lr_scheduler="constant_with_warmup", lr_warmup_steps=3, log_every_n_steps=1, save_state=False)  # fmt: skip
+    plain = train(tiny_config(base, dataset, tmp_path / "plain", fast="off", **kw))
+    fast = train(tiny_config(base, dataset, tmp_path / "fast", fast="eager", **kw))
+    assert plain.steps == fast.steps == 8
+    assert len(plain.losses) == 8 and plain.losses[0] != plain.losses[1]  # real, varying numbers
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    a, _ = load_lora(plain.lora_path)
+    b, _ = load_lora(fast.lora_path)
+    assert a.keys() == b.keys()
+    moved = [k for k in a if k.endswith("lora_up.weight") and a[k].abs().max() > 0]
+    assert moved  # lora_up left its zero init, so the comparison is not of two zero tensors
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_fast_option_on_cpu(sd15_dir, dataset, tmp_path):  # noqa: F811
+    """On a CPU, auto is the plain step (no warning), graph warns in one line, a bad value is a TrainError."""
+    from trainer_bridge.fast_step import make_fast_step
+
+    cfg = tiny_config(sd15_dir, dataset, tmp_path, fast="auto")
+    args = dict(unet_fwd=None, params=[torch.zeros(2, requires_grad=True)], optimizer=None,
+                alphas_cumprod=None, loss_kw={}, device=torch.device("cpu"))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_fast_step(cfg, **args) is None
+    with pytest.warns(UserWarning, match="fast step off: CUDA graphs need a CUDA GPU"):
+        assert make_fast_step(cfg.override({"fast": "graph"}), **args) is None
+    assert make_fast_step(cfg.override({"fast": "off"}), **args) is None
+    # on CUDA, settings the graphs cannot take fall back to the plain step with one warning line, no error
+    cuda = {**args, "device": torch.device("cuda")}
+    with pytest.warns(UserWarning, match="fast step off: data-parallel runs"):
+        assert make_fast_step(cfg, **cuda, world=2) is None
+    with pytest.warns(UserWarning, match="fast step off: compile = true runs without CUDA graphs"):
+        assert make_fast_step(cfg.override({"compile": True}), **cuda) is None
+    with pytest.warns(UserWarning, match="fast step off: a trained text encoder"):
+        assert make_fast_step(cfg.override({"fast": "eager"}), **args, train_te=True) is None
+    with pytest.raises(TrainError, match="fast must be one of auto, graph, eager, off"):
+        make_fast_step(cfg.override({"fast": "fastest"}), **args)

@@ -1,0 +1,79 @@
+"""GPU: the graphed training step (trainer_bridge/fast_step.py, the default on CUDA) computes what the plain
+step computes, on an SD1.5-size UNet and through `train()` end to end."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_graphed_step_matches_plain_step_sd15_size():
+    """Same init, same generator: 6 graphed steps give the plain steps' losses and LoRA weights (bf16 autocast),
+    then 100 more graphed steps stay finite and move lora_up off zero."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import train_step as B
+
+    torch.manual_seed(0)
+    unet, fwd, opt, params = B.build(B.SD15, 32, channels_last=False, compile_=False)
+    x, h, _ = B.batch(B.SD15, 2, channels_last=False, size=32)
+    init = [p.detach().clone() for p in params]
+    gen = torch.Generator("cuda").manual_seed(1)
+    plain = torch.stack([B.step(fwd, opt, params, x, h, None, gen).detach() for _ in range(6)])
+    want = [p.detach().clone() for p in params]
+
+    with torch.no_grad():  # back to the start: same weights, fresh optimizer, same noise stream
+        for p, p0 in zip(params, init, strict=True):
+            p.copy_(p0)
+    opt = B.build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 1e-4, 0.01, "cuda")
+    fs = B.fast(fwd, opt, params)
+    gen.manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = torch.stack([B.fast_step(fs, x, h, None, gen) for _ in range(6)])
+    assert not [w for w in caught if "fast step" in str(w.message)]  # no fallback to the eager step
+    assert fs.capture and fs.captures == 2  # one forward/backward graph + one optimizer graph
+    assert plain[0] != plain[1]
+    torch.testing.assert_close(graphed, plain, rtol=2e-3, atol=1e-5)
+    moved = sum((w - p0).float().norm() ** 2 for w, p0 in zip(want, init, strict=True)) ** 0.5
+    off = sum((p - w).float().norm() ** 2 for p, w in zip(params, want, strict=True)) ** 0.5
+    assert moved > 0 and off / moved < 0.05, (off, moved)  # the same update, to bf16 noise
+    losses = torch.stack([B.fast_step(fs, x, h, None, gen) for _ in range(100)])
+    assert torch.isfinite(losses).all() and all(torch.isfinite(p).all() for p in params)
+    assert max(p.abs().max().item() for p in params[1::2]) > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_train_default_fast_step_matches_plain(family, tmp_path, monkeypatch):
+    """`train()` on CUDA takes the graphed step by default (graphs are replayed, no fallback warning) and ends
+    with the plain step's losses and LoRA file, over 3 bucket shapes, grad accumulation and an lr warm-up."""
+    from tests.test_trainer_gpu import _tiny_setup
+    from trainer_bridge import TrainConfig, train
+    from trainer_bridge.export import load_lora
+
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real_replay(g))[1])
+    setup = {**_tiny_setup(family, tmp_path), "text_encoder_lr": 0.0, "log_every_n_steps": 1,
+             "max_steps": 8, "grad_accum": 2, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 3,
+             "save_state": False}  # fmt: skip
+    plain = train(TrainConfig(**setup, output_dir=str(tmp_path / "plain"), fast="off"))
+    assert not replays
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = train(TrainConfig(**setup, output_dir=str(tmp_path / "fast")))
+    assert not [w for w in caught if "fast step" in str(w.message)]
+    assert len(replays) == 8 * 2 + 8  # 2 micro-batches + 1 optimizer step per step
+    assert plain.losses[0] != plain.losses[1]
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-2, atol=1e-4)
+    a, _ = load_lora(plain.lora_path)
+    b, _ = load_lora(fast.lora_path)
+    ups = [k for k in a if k.endswith("lora_up.weight")]  # zero at the start: their values are the update
+    moved = sum(a[k].float().norm() ** 2 for k in ups) ** 0.5
+    off = sum((b[k].float() - a[k].float()).norm() ** 2 for k in ups) ** 0.5
+    assert moved > 0 and off / moved < 0.05, (off, moved)
