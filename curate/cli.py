@@ -42,8 +42,34 @@ PLUGINS: list[str] = [
 ]
 
 
-def _open(path: str, manifest: str | None, config: str | None, create: bool = True) -> Dataset:
-    return Dataset.open(path, manifest=manifest, config=config, create=create)
+def _open(
+    path: str,
+    manifest: str | None,
+    config: str | None,
+    create: bool = True,
+    *,
+    write: bool = True,
+    rebuild: bool = False,
+) -> Dataset:
+    return Dataset.open(path, manifest=manifest, config=config, create=create, write=write, rebuild=rebuild)
+
+
+@app.callback()
+def _global_options(
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            envvar="CURATE_WAIT",
+            help="When another curate is writing the same dataset, wait for it instead of stopping "
+            "(put it before the command: curate --wait scan DS; or set CURATE_WAIT=1).",
+        ),
+    ] = False,
+) -> None:
+    """Curate image datasets for LoRA training."""
+    from . import manifest as _manifest
+
+    _manifest.WAIT_FOR_WRITER = wait
 
 
 def _do_scan(ds: Dataset, as_json: bool) -> dict:
@@ -106,9 +132,22 @@ def _print_unusable(rows: list[list[str]], where: str, limit: int = 20) -> None:
 
 @app.command()
 @handle_errors
-def scan(path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
+def scan(
+    path: DatasetArg,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Set the current (or damaged) manifest aside as manifest.db.corrupt-<time> / "
+            ".before-rebuild-<time> and build a fresh one from the files.",
+        ),
+    ] = False,
+    manifest: ManifestOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+):
     """Read every new or changed image once: metadata, quality scores, perceptual hashes."""
-    with _open(path, manifest, config) as ds:
+    with _open(path, manifest, config, rebuild=rebuild) as ds:
         d = _do_scan(ds, as_json)
         d["summary"] = ds.summary()
         d["unusable"] = _unusable(ds, d)
@@ -334,7 +373,7 @@ def check(
             from .errors import CurateError
 
             raise CurateError(f"unknown rule(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
-    with _open(path, manifest, config) as ds:
+    with _open(path, manifest, config, create=not no_scan, write=not no_scan) as ds:
         if not no_scan:
             with progress_bar("scan", enabled=not as_json) as bar:
                 ds.scan(progress=bar)
@@ -366,7 +405,7 @@ def report(
     as_json: JsonOpt = False,
 ):
     """Write an HTML page: summary, duplicate groups as contact sheets, rejects with reasons."""
-    with _open(path, manifest, config, create=False) as ds:
+    with _open(path, manifest, config, create=False, write=False) as ds:
         p = ds.report(out)
     if as_json:
         print_json({"report": str(p)})
@@ -415,7 +454,7 @@ def status(
     path: DatasetArg, manifest: ManifestOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
 ):
     """Counts from the manifest: files, distinct images, rejects, quarantined."""
-    with _open(path, manifest, config, create=False) as ds:
+    with _open(path, manifest, config, create=False, write=False) as ds:
         counts = ds.summary()
         present = {r[0] for r in ds.manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
         rejects = {p: f for p, f in ds.manifest.rejected_paths().items() if p in present}
@@ -487,7 +526,14 @@ _load_plugins()
 
 
 def main() -> None:
-    app()
+    """Console entry point (``curate``); ``curate.__main__.main`` arms the signal handling first."""
+    from .faults import install_signal_handlers, quiet_interrupt
+
+    install_signal_handlers()
+    try:
+        app()
+    except KeyboardInterrupt as exc:  # outside any command (argument parsing)
+        quiet_interrupt(exc)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ class Dataset:
         manifest: str | Path | None = None,
         config: str | Path | None = None,
         create: bool = True,
+        write: bool = True,
+        rebuild: bool = False,
     ) -> Dataset:
+        """Open ``root``. ``write=False`` opens for reading only: it never waits for another curate's writer
+        lock. ``rebuild`` sets the current manifest aside and starts a fresh one (``curate scan --rebuild``)."""
         root = Path(root).expanduser()
         if not root.exists():
             raise CurateError(f"dataset folder {root} does not exist; check the path")
@@ -36,7 +40,8 @@ class Dataset:
         if config is not None and not Path(config).exists():
             raise CurateError(f"config file {config} does not exist")
         cfg = Config.load(config if config is not None else root / CONFIG_NAME)
-        return cls(root.resolve(), Manifest(root, manifest, create=create), cfg)
+        m = Manifest(root, manifest, create=create, write=write, rebuild=rebuild)
+        return cls(root.resolve(), m, cfg)
 
     def close(self) -> None:
         self.manifest.close()
@@ -46,6 +51,12 @@ class Dataset:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _require_writable_root(self, what: str) -> None:
+        import os
+
+        if not os.access(self.root, os.W_OK):
+            raise CurateError(f"dataset folder {self.root} is read-only; {what}", exit_code=1)
 
     # -- stages ------------------------------------------------------------------------------------
     def scan(self, *, progress=None, **options: Any):
@@ -100,11 +111,14 @@ class Dataset:
         """Move rejected files into ``.curate/quarantine`` (undo with :meth:`restore`)."""
         from .stages.quarantine import apply_rejects
 
+        if not dry_run:
+            self._require_writable_root("apply cannot move rejected files into .curate/quarantine")
         return apply_rejects(self.manifest, dry_run=dry_run)
 
     def restore(self, *, batch: str | None = None):
         from .stages.quarantine import restore
 
+        self._require_writable_root("restore cannot move files back")
         return restore(self.manifest, batch=batch)
 
     def report(self, out: str | Path | None = None) -> Path:

@@ -8,9 +8,11 @@ stage can be re-run with new thresholds by replacing only its own rows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -150,26 +152,352 @@ def default_manifest_path(root: Path) -> Path:
     return root / STATE_DIR / MANIFEST_NAME
 
 
+# -- opening safely: writer lock, damaged files, read-only folders -----------------------------------------
+SQLITE_HEADER = b"SQLite format 3\x00"
+QUICK_CHECK_MAX_BYTES = 64 << 20  # PRAGMA quick_check on open below this (~120k images, ~0.1 s)
+BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
+WAIT_FOR_WRITER = False  # set by `curate --wait`; CURATE_WAIT=1 does the same
+_OPENED: list[Path] = []  # manifests this process opened, for error messages
+_LOCKS: dict[str, list[int]] = {}  # lock path -> [fd, users]; re-entrant within one process
+
+
+def last_opened() -> Path | None:
+    """The manifest this process opened last (for one-line error messages)."""
+    return _OPENED[-1] if _OPENED else None
+
+
+def _close_locks_in_child() -> None:
+    # A forked child (scan worker) must not keep the parent's writer lock alive.
+    for fd, _users in _LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def lock_path(path: Path) -> Path:
+    """The writer lock beside the manifest: ``manifest.db.lock``, holding the writer's pid."""
+    return path.with_name(path.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(lock.read_text().split()[0]))
+    return "?"
+
+
+def _wait_default() -> bool:
+    return WAIT_FOR_WRITER or os.environ.get("CURATE_WAIT", "").lower() in ("1", "true", "yes", "on")
+
+
+def acquire_writer_lock(path: Path, *, wait: bool | None = None, on_wait=None) -> str:
+    """Take the per-manifest writer lock (flock on ``manifest.db.lock``); returns the key to release it.
+
+    Busy without ``wait``: CurateError naming the holder's pid. Re-entrant within one process.
+    """
+    key = str(lock_path(path))
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return key
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock, sqlite's busy timeout only
+        _LOCKS[key] = [-1, 1]
+        return key
+    fd = os.open(key, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(Path(key))
+            if not (_wait_default() if wait is None else wait):
+                raise CurateError(
+                    f"busy: another curate (pid {pid}) is writing this dataset; wait or pass --wait "
+                    "(curate --wait COMMAND ...)",
+                    exit_code=BUSY_EXIT,
+                ) from None
+            if on_wait is not None:
+                on_wait(pid)
+            else:
+                sys.stderr.write(f"waiting for curate (pid {pid}) to finish writing this dataset...\n")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    _LOCKS[key] = [fd, 1]
+    return key
+
+
+def release_writer_lock(key: str) -> None:
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _LOCKS[key]
+        if entry[0] >= 0:
+            with contextlib.suppress(OSError):
+                os.close(entry[0])  # closing the descriptor releases the flock
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """sqlite's words for a damaged file (not for busy, full or read-only)."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        "file is not a database" in text or "malformed" in text or "database corrupt" in text
+    )
+
+
+def _damage(path: Path) -> str | None:
+    """Cheap checks of the file itself: empty, foreign header, page size, truncation. None when it looks fine."""
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(SQLITE_HEADER):
+        return "it has no SQLite header"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or page & (page - 1):
+        return "its header is garbled"
+    if size % page:
+        return f"it is truncated ({size} bytes is not a whole number of {page}-byte pages)"
+    pages = int.from_bytes(head[28:32], "big")
+    valid = head[24:28] == head[92:96]  # the in-header page count is trustworthy
+    wal = path.with_name(path.name + "-wal")
+    # A checkpoint in progress (another curate writing) writes page 1 before it extends the file: only
+    # trust the count when no WAL is pending.
+    settled = not (wal.exists() and wal.stat().st_size > 0)
+    if valid and settled and pages and size < pages * page:
+        return f"it is truncated ({size // page} of {pages} pages)"
+    return None
+
+
+def is_damaged(path: Path) -> bool:
+    """Full check (quick_check), for when sqlite reported damage mid-command: is it really this file?"""
+    if not path.exists():
+        return False
+    if _damage(path):
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=5)) as c:
+            return c.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok"
+    except sqlite3.DatabaseError as exc:
+        return is_corruption(exc)
+
+
+def set_aside(path: Path, label: str = "corrupt") -> Path:
+    """Rename ``manifest.db`` (with its -wal/-shm) to ``manifest.db.<label>-<time>``; return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = path.with_name(f"{path.name}.{label}-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{label}-{stamp}-{n}")
+    os.replace(path, dest)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.replace(side, dest.with_name(dest.name + suffix))
+    return dest
+
+
+def set_aside_copies(path: Path) -> list[Path]:
+    """Damaged manifests set aside earlier (newest last)."""
+    return sorted(
+        p for p in path.parent.glob(path.name + ".corrupt-*") if not p.name.endswith(("-wal", "-shm"))
+    )
+
+
+def _root_hint(path: Path) -> str:
+    # <root>/.curate/manifest.db -> root; else the caller passed --manifest and knows their dataset
+    return str(path.parent.parent) if path.parent.name == STATE_DIR else "DATASET"
+
+
+def damaged_error(path: Path | None, why: str) -> CurateError:
+    """Set a damaged manifest aside (when no other curate writes it) and say so in one line."""
+    why = " ".join(why.split())[:160]  # sqlite's quick_check report spans lines
+    if path is None:
+        return CurateError(f"the manifest is damaged ({why}); run `curate scan DATASET --rebuild`")
+    where = ""
+    key = None
+    try:
+        key = acquire_writer_lock(path, wait=False)
+        if path.exists():
+            where = f"; moved it to {set_aside(path)}"
+    except (CurateError, OSError):
+        where = "; left it in place (another curate is using it or the folder is read-only)"
+    finally:
+        if key:
+            release_writer_lock(key)
+    return CurateError(
+        f"manifest {path} is damaged: {why}{where}; rebuild it from the images with "
+        f"`curate scan {_root_hint(path)} --rebuild`"
+    )
+
+
+def _writable_dir(d: Path) -> OSError | None:
+    """Create ``d`` if needed; the error when curate cannot write there."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc
+    if not os.access(d, os.W_OK | os.X_OK):
+        return OSError(errno.EROFS if _on_read_only_fs(d) else errno.EACCES, "not writable", str(d))
+    return None
+
+
+def _on_read_only_fs(d: Path) -> bool:
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 class Manifest:
-    """SQLite-backed dataset record. Cheap to open; safe to interrupt (every batch commits)."""
+    """SQLite-backed dataset record. Cheap to open; safe to interrupt (every batch commits).
+
+    ``write`` (default) takes the per-dataset writer lock for the life of the object, so two writers never
+    interleave; readers (``write=False``) never wait for it. ``rebuild`` sets the current file aside and
+    starts a fresh one. A damaged file is set aside with a one-line CurateError; never re-created silently.
+    """
 
     def __init__(
-        self, root: str | os.PathLike, path: str | os.PathLike | None = None, *, create: bool = True
+        self,
+        root: str | os.PathLike,
+        path: str | os.PathLike | None = None,
+        *,
+        create: bool = True,
+        write: bool = True,
+        rebuild: bool = False,
+        wait: bool | None = None,
     ):
         self.root = Path(root).resolve()
-        self.path = Path(path).resolve() if path else default_manifest_path(self.root)
-        if not self.path.exists() and not create:
+        self.default_location = path is None
+        self.path = Path(path).expanduser().resolve() if path else default_manifest_path(self.root)
+        self._lock: str | None = None
+        self.conn: sqlite3.Connection | None = None  # type: ignore[assignment]
+        existed = self.path.exists()
+        if self.path.is_dir():
+            raise CurateError(
+                f"--manifest {self.path} is a folder; pass a file path such as {self.path}/manifest.db"
+            )
+        if not existed and not create and not rebuild:
+            copies = set_aside_copies(self.path)
+            if copies:
+                raise CurateError(
+                    f"no manifest at {self.path}: the damaged one was set aside as {copies[-1].name}; "
+                    f"rebuild it with `curate scan {root} --rebuild`"
+                )
             raise CurateError(f"no manifest at {self.path}; run `curate scan {root}` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        problem = _writable_dir(self.path.parent)
+        if problem is None and existed and not os.access(self.path, os.W_OK):
+            problem = OSError(errno.EACCES, "not writable", str(self.path))
+        if problem is not None:
+            raise self._unwritable(problem)
+        _OPENED.append(self.path)
+        if write or rebuild:
+            self._lock = acquire_writer_lock(self.path, wait=wait)
+        try:
+            self._open(existed, create, rebuild)
+        except BaseException:
+            self.close()
+            if not existed:  # do not leave an empty file behind (it would read as a damaged manifest)
+                with contextlib.suppress(OSError):
+                    if self.path.stat().st_size == 0:
+                        for suffix in ("", "-wal", "-shm"):
+                            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            raise
+
+    def _unwritable(self, exc: OSError) -> CurateError:
+        why = "read-only" if exc.errno == errno.EROFS else "not writable"
+        if self.default_location:
+            return CurateError(
+                f"dataset folder {self.root} is {why}; pass --manifest PATH to keep the manifest elsewhere"
+            )
+        return CurateError(f"cannot write the manifest {self.path} ({why}); pass a writable --manifest PATH")
+
+    def _open(self, existed: bool, create: bool, rebuild: bool) -> None:
+        if existed and rebuild:
+            why = _damage(self.path)
+            set_aside(self.path, "corrupt" if why else "before-rebuild")
+            existed = False
+        elif existed:
+            why = _damage(self.path)
+            if why:
+                raise damaged_error(self.path, why)
+        elif not rebuild and set_aside_copies(self.path):
+            raise CurateError(
+                f"no manifest at {self.path}: the damaged one was set aside as "
+                f"{set_aside_copies(self.path)[-1].name}; rebuild it with `curate scan {self.root} --rebuild`"
+            )
         try:
             self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         except sqlite3.Error as exc:
             raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            if existed:
+                check = (
+                    "PRAGMA quick_check(1)"
+                    if st.st_size <= QUICK_CHECK_MAX_BYTES
+                    else "PRAGMA schema_version"
+                )
+                result = self.conn.execute(check).fetchone()
+                if check.startswith("PRAGMA quick") and result[0] != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed: {result[0]}")
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise
+            self.conn.close()
+            self.conn = None  # type: ignore[assignment]
+            raise damaged_error(self.path, str(exc)) from None
+
+    @property
+    def state_dir(self) -> Path:
+        """Where curate writes its own files (report, thumbnails): ``<root>/.curate`` or, on a read-only
+        dataset, the folder of the manifest."""
+        d = self.root / STATE_DIR
+        if _writable_dir(d) is None:
+            return d
+        return self.path.parent
+
+    def check_alive(self) -> None:
+        """Raise when the manifest file was deleted or replaced since it was opened (work would be lost)."""
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._ident
+        except OSError:
+            same = False
+        if not same:
+            raise CurateError(
+                f"the manifest {self.path} was deleted or replaced while curate was writing it; "
+                f"this run's results are lost; rerun `curate scan {self.root}`",
+                exit_code=1,
+            )
+
+    def commit(self) -> None:
+        """COMMIT the open transaction after checking the file is still the one we opened."""
+        if not self.conn.in_transaction:
+            return
+        try:
+            self.check_alive()
+        except CurateError:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     # -- schema ---------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -206,12 +534,18 @@ class Manifest:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # sqlite may have rolled back already (disk full)
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        self.commit()
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None  # type: ignore[assignment]
+        if self._lock is not None:
+            release_writer_lock(self._lock)
+            self._lock = None
 
     def __enter__(self) -> Manifest:
         return self

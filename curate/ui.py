@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import CurateError
+from .faults import call_translated, interrupt_exit_code
 
 console = Console()
 err_console = Console(stderr=True)
@@ -44,15 +45,15 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return call_translated(fn, *args, **kwargs)  # disk full, read-only, busy manifest: one line
         except CurateError as exc:
             err_console.print(
                 Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True
             )
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err_console.print("[yellow]interrupted[/]: work already committed is kept; rerun to continue")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupt_exit_code(exc)) from None  # 130 Ctrl-C, 143 SIGTERM
 
     return wrapper
 

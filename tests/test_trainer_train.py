@@ -143,7 +143,8 @@ def test_user_mistakes_are_one_line_errors(sd15_dir, dataset, tmp_path):  # noqa
     with pytest.raises(TrainError, match="unknown optimizer 'sgd'"):
         train(tiny_config(sd15_dir, dataset, tmp_path / "o", optimizer="sgd"))
     with pytest.raises(
-        TrainError, match="cannot load base model 'someone/not-downloaded' offline.*huggingface-cli download"
+        TrainError,
+        match="cannot load base model 'someone/not-downloaded' offline.*`hf download someone/not-downloaded",
     ):
         train(tiny_config("someone/not-downloaded", dataset, tmp_path / "o"))
     with pytest.raises(TrainError, match="not a diffusers model folder"):
@@ -151,7 +152,7 @@ def test_user_mistakes_are_one_line_errors(sd15_dir, dataset, tmp_path):  # noqa
     (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="cannot load base model .*model.safetensors"):
         train(tiny_config(tmp_path / "model.safetensors", dataset, tmp_path / "o"))
-    with pytest.raises(TrainError, match="base checkpoint not found"):
+    with pytest.raises(TrainError, match="base model not found: no such checkpoint file"):
         train(tiny_config(tmp_path / "missing.safetensors", dataset, tmp_path / "o"))
 
 

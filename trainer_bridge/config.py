@@ -16,20 +16,45 @@ class TrainError(CurateError):
     """A mistake the user can fix (bad path, missing weights, unknown optimizer); printed as one line."""
 
 
+FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def check_output_name(name: str) -> None:
+    """output_name is a file name inside output_dir: no separator, no `..`, not absolute, not empty."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or Path(name).is_absolute()
+        or "\0" in name
+    ):
+        raise TrainError(
+            f"output_name {name!r} must be a plain file name (no '/', '\\' or '..'); "
+            "the LoRA is written inside output_dir: set output_dir to choose the folder"
+        )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model_family: str = "sd15"  # "sd15" | "sdxl"
+    model_family: str = (
+        ""  # "sd15" | "sdxl"; "" = read from the base model (model_index.json / checkpoint keys)
+    )
     base: str = ""  # diffusers folder, single-file .safetensors, or hub id (offline-first)
     v_prediction: bool = False
     # data
     data: str = ""  # kohya-layout folder (<repeats>_<name>/) or kohya dataset-config TOML
-    val_data: str = ""  # optional; else a `val`/`validation` folder inside or beside `data`
-    resolution: int = 512
+    val_data: str = (
+        ""  # folder or dataset TOML; else dataset_val.toml beside a dataset TOML, or a val/ folder
+    )
+    # resolution: this value > the dataset TOML's > the family default (sd15 512, sdxl 1024); 0 = not given
+    resolution: int = 0
     enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    min_bucket_reso: int = 0  # 0: the dataset TOML's, else min(256, resolution)
+    max_bucket_reso: int = 0  # 0: the dataset TOML's, else 2 * resolution
+    bucket_reso_steps: int = 0  # 0: the dataset TOML's, else 64
+    prior_loss_weight: float = 1.0  # loss weight of regularization (is_reg) images, as sd-scripts
     num_repeats: int = 1  # for folders without a <repeats>_ prefix
     batch_size: int = 1
     keep_tokens: int = 0
@@ -150,7 +175,7 @@ class TrainConfig:
                 object.__setattr__(self, name, float(v))
             elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise TrainError(f"option {name} must be {want.__name__}, got {v!r}")
-        if self.model_family not in ("sd15", "sdxl"):
+        if self.model_family not in ("", "sd15", "sdxl"):
             raise TrainError(f"model_family must be 'sd15' or 'sdxl', got {self.model_family!r}")
         if self.mixed_precision not in ("bf16", "fp16", "no"):
             raise TrainError(f"mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
@@ -158,4 +183,23 @@ class TrainConfig:
             raise TrainError(f"gpus must be >= 1, got {self.gpus}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise TrainError("need 0 <= min_timestep < max_timestep <= 1000")
+        for name in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"{name} must be positive (or 0 for the default), got {getattr(self, name)}")
+        if self.prior_loss_weight < 0:
+            raise TrainError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        check_output_name(self.output_name)
         return self
+
+
+def write_error(path: Path, exc: OSError) -> TrainError:
+    """One line for a failed write (disk full, read-only, permissions); the caller has removed the partial file."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        why = "no space left on the disk"
+        fix = "free some space (or set output_dir on another disk) and rerun"
+    else:
+        why = exc.strerror or type(exc).__name__
+        fix = "check the folder is writable (or set output_dir elsewhere) and rerun"
+    return TrainError(f"cannot write {path}: {why}; nothing was left half-written there; {fix}")

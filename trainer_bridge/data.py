@@ -41,6 +41,10 @@ class Subset:
     keep_tokens: int = 0
     shuffle_caption: bool = False
     flip_aug: bool = False
+    is_reg: bool = (
+        False  # regularization images (prior preservation), balanced and weighted as sd-scripts does
+    )
+    class_tokens: str | None = None  # the caption of an image without a caption file
 
 
 @dataclass
@@ -62,73 +66,155 @@ class DatasetSpec:
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
+    notes: list[str] = field(default_factory=list)  # what was chosen and why, printed by the trainer
 
 
 def _folder_subsets(root: Path, cfg: TrainConfig) -> list[Subset]:
+    """<repeats>_<class tokens>/ folders (sd-scripts' folder layout), else the folder itself with num_repeats."""
     subs = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         m = re.fullmatch(r"(\d+)_(.+)", d.name)
         if m:
-            subs.append(Subset(d, int(m[1]), ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug))
+            subs.append(Subset(d, int(m[1]), ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug,
+                               class_tokens=m[2]))  # fmt: skip
     if not subs and any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir()):
         subs.append(Subset(root, cfg.num_repeats, ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug))
     return subs
 
 
-def read_dataset(cfg: TrainConfig) -> DatasetSpec:
-    """Read a kohya-layout folder or a kohya dataset-config TOML into a DatasetSpec."""
+def _read_toml(path: Path) -> dict:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path} is not valid TOML: {e}") from None
+    if not doc.get("datasets"):
+        raise TrainError(f"{path} has no [[datasets]] table")
+    return doc
+
+
+def _toml_subsets(path: Path, doc: dict, cfg: TrainConfig) -> list[tuple[Subset, bool]]:
+    """(subset, is_val) for every [[datasets.subsets]] of a kohya dataset-config TOML."""
+    general = doc.get("general", {})
+    out = []
+    for d in doc["datasets"]:
+        for s in d.get("subsets", []):
+            o = {**general, **{k: v for k, v in d.items() if k != "subsets"}, **s}
+            if "image_dir" not in o:
+                raise TrainError(f"{path}: a [[datasets.subsets]] entry has no image_dir")
+            img_dir = Path(o["image_dir"]).expanduser()
+            if not img_dir.is_absolute() and not img_dir.is_dir():
+                img_dir = path.parent / img_dir  # kohya resolves from the CWD; fall back to the TOML's folder
+            try:
+                sub = Subset(img_dir, int(o.get("num_repeats", 1)), str(o.get("caption_extension", ".txt")),
+                             int(o.get("keep_tokens", cfg.keep_tokens)),
+                             bool(o.get("shuffle_caption", cfg.shuffle_caption)), bool(o.get("flip_aug", cfg.flip_aug)),
+                             bool(o.get("is_reg", False)), o.get("class_tokens"))  # fmt: skip
+            except (TypeError, ValueError):
+                raise TrainError(f"{path}: a subset of {img_dir} has a value of the wrong type") from None
+            if sub.num_repeats < 1:
+                continue  # sd-scripts ignores such a subset too
+            out.append((sub, bool(o.get("is_val", False))))
+    return out
+
+
+def _val_subsets(path: Path, cfg: TrainConfig) -> list[Subset]:
+    """Validation subsets from a folder or a dataset TOML (one pass per image, no reg subsets)."""
+    if path.is_file():
+        subs = [s for s, _ in _toml_subsets(path, _read_toml(path), cfg) if not s.is_reg]
+    elif path.is_dir():
+        subs = _folder_subsets(path, cfg)
+    else:
+        raise TrainError(f"validation data not found: {path} (val_data is a folder or a dataset TOML)")
+    for s in subs:
+        s.num_repeats, s.flip_aug, s.shuffle_caption = 1, False, False
+    return subs
+
+
+def bucket_settings(cfg: TrainConfig, family: str, opt: dict, spec: DatasetSpec) -> None:
+    """Resolution and bucket options: TrainConfig (--set, training TOML) > the dataset TOML > the family default.
+
+    The dataset TOML's bucket sizes only count when its resolution is the one trained at; checked as sd-scripts does."""
+    from trainer_bridge.config import FAMILY_RESOLUTION
+
+    toml_res = opt.get("resolution")
+    if isinstance(toml_res, list):
+        toml_res = max(toml_res)
+    if cfg.resolution:
+        res, why = cfg.resolution, "set in the training config"
+    elif toml_res:
+        res, why = int(toml_res), "from the dataset TOML"
+    else:
+        res, why = FAMILY_RESOLUTION[family or "sd15"], f"the {family or 'sd15'} default"
+    same = toml_res is None or int(toml_res) == res
+    steps = cfg.bucket_reso_steps or int(opt.get("bucket_reso_steps", 64))
+    if steps % 8:
+        raise TrainError(f"bucket_reso_steps {steps} must be a multiple of 8 (the VAE downscale); use 64")
+    lo = cfg.min_bucket_reso or (int(opt["min_bucket_reso"]) if same and "min_bucket_reso" in opt else 0)
+    hi = cfg.max_bucket_reso or (int(opt["max_bucket_reso"]) if same and "max_bucket_reso" in opt else 0)
+    lo = lo or max(steps, min(256, res))
+    hi = hi or 2 * res
+    lo, hi = lo - lo % steps, hi + (-hi % steps)  # sd-scripts rounds them to the step the same way
+    spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps = res, lo, hi, steps
+    if spec.enable_bucket and lo > res:
+        raise TrainError(
+            f"min_bucket_reso {lo} is above the resolution {res} (sd-scripts refuses this too); "
+            f"set min_bucket_reso <= {res} or a larger resolution"
+        )
+    if spec.enable_bucket and hi < res:
+        raise TrainError(
+            f"max_bucket_reso {hi} is below the resolution {res} (sd-scripts refuses this too); "
+            f"set max_bucket_reso >= {res} or a smaller resolution"
+        )
+    note = f"resolution {res} ({why})"
+    if spec.enable_bucket:
+        note += f", buckets {lo}-{hi} step {steps}"
+    if not same:
+        note += f"; the dataset TOML's resolution {toml_res} and its bucket sizes are not used"
+    spec.notes.append(note)
+
+
+def read_dataset(cfg: TrainConfig, family: str = "") -> DatasetSpec:
+    """Read a kohya-layout folder or a kohya dataset-config TOML (+ its validation set) into a DatasetSpec."""
     if not cfg.data:
         raise TrainError("no training data given: set `data` to a kohya folder or a dataset TOML")
     data = Path(cfg.data).expanduser()
     if not data.exists():
         raise TrainError(f"training data not found: {data}")
-    spec = DatasetSpec([], [], cfg.resolution, cfg.batch_size, cfg.enable_bucket, cfg.min_bucket_reso,
-                       cfg.max_bucket_reso, cfg.bucket_reso_steps)  # fmt: skip
+    spec = DatasetSpec([], [], 0, cfg.batch_size, cfg.enable_bucket)
+    opt: dict = {}
     if data.is_file():
-        try:
-            doc = tomllib.loads(data.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise TrainError(f"{data} is not valid TOML: {e}") from None
-        general = doc.get("general", {})
-        datasets = doc.get("datasets", [])
-        if not datasets:
-            raise TrainError(f"{data} has no [[datasets]] table")
-        ds = datasets[0]  # bucket settings come from the first dataset; subsets from all
-        opt = {**general, **ds}
-        res = opt.get("resolution", cfg.resolution)
-        spec.resolution = int(res[0] if isinstance(res, list) else res)
-        for k in ("batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        doc = _read_toml(data)
+        opt = {**doc.get("general", {}), **doc["datasets"][0]}  # bucket settings come from the first dataset
+        for k in ("batch_size", "enable_bucket"):
             if k in opt:
                 setattr(spec, k, opt[k])
-        for d in datasets:
-            for s in d.get("subsets", []):
-                o = {**general, **{k: v for k, v in d.items() if k != "subsets"}, **s}
-                if "image_dir" not in o:
-                    raise TrainError(f"{data}: a [[datasets.subsets]] entry has no image_dir")
-                img_dir = Path(o["image_dir"]).expanduser()
-                if not img_dir.is_absolute() and not img_dir.is_dir():
-                    img_dir = (
-                        data.parent / img_dir
-                    )  # kohya resolves from the CWD; fall back to the TOML's folder
-                sub = Subset(img_dir, int(o.get("num_repeats", 1)), o.get("caption_extension", ".txt"),
-                             int(o.get("keep_tokens", cfg.keep_tokens)), bool(o.get("shuffle_caption", cfg.shuffle_caption)),
-                             bool(o.get("flip_aug", cfg.flip_aug)))  # fmt: skip
-                (spec.val_subsets if o.get("is_val", False) else spec.subsets).append(sub)
+        for sub, is_val in _toml_subsets(data, doc, cfg):
+            (spec.val_subsets if is_val else spec.subsets).append(sub)
     else:
         spec.subsets = _folder_subsets(data, cfg)
+    bucket_settings(cfg, family or cfg.model_family, opt, spec)
     if not spec.subsets:
         raise TrainError(
             f"no images found in {data} (expected <repeats>_<name>/ folders with images + .txt captions)"
         )
+    if not any(not s.is_reg for s in spec.subsets):
+        raise TrainError(f"{data} has only regularization (is_reg) subsets; add a training subset")
     if cfg.val_data:
-        val = Path(cfg.val_data).expanduser()
-        if not val.is_dir():
-            raise TrainError(f"validation folder not found: {val}")
-        spec.val_subsets = _folder_subsets(val, cfg)
+        spec.val_subsets = _val_subsets(Path(cfg.val_data).expanduser(), cfg)
+        if not spec.val_subsets:
+            raise TrainError(f"no images found in the validation data {cfg.val_data}")
+        spec.notes.append(f"validation set: {cfg.val_data}")
+    elif data.is_file() and not spec.val_subsets and not data.stem.endswith("_val"):
+        sibling = data.with_name(
+            f"{data.stem}_val{data.suffix}"
+        )  # dataset.toml -> dataset_val.toml (curate export)
+        if sibling.is_file():
+            spec.val_subsets = _val_subsets(sibling, cfg)
+            spec.notes.append(f"validation set: {sibling}")
     elif data.is_dir() and not spec.val_subsets:
         for cand in (data / "val", data / "validation", data.parent / "val", data.parent / "validation"):
             if cand.is_dir() and cand != data:
-                spec.val_subsets = _folder_subsets(cand, cfg)
+                spec.val_subsets = _val_subsets(cand, cfg)
                 break
     for s in spec.subsets + spec.val_subsets:
         if not s.image_dir.is_dir():
@@ -136,8 +222,22 @@ def read_dataset(cfg: TrainConfig) -> DatasetSpec:
     return spec
 
 
+def read_caption(path: Path, ext: str) -> str | None:
+    """The caption file's first line, stripped (as sd-scripts reads it); None when there is no caption file."""
+    cap = path.with_suffix(ext)
+    if not cap.is_file():
+        return None
+    try:
+        lines = cap.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TrainError(f"caption file {cap} is not UTF-8 text; re-save it as UTF-8") from None
+    return lines[0].strip() if lines else ""
+
+
 def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
-    """All images of the subsets with their captions, original sizes and buckets."""
+    """All images of the subsets with their captions, original sizes and buckets.
+
+    An image without a caption file gets its subset's class_tokens (sd-scripts' DreamBooth rule), else ""."""
     from PIL import Image
 
     make_buckets, assign_bucket = bucket_fns()
@@ -152,8 +252,9 @@ def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
         for p in sorted(s.image_dir.iterdir()):
             if p.suffix.lower() not in IMAGE_EXTS:
                 continue
-            cap = p.with_suffix(s.caption_extension)
-            caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else ""
+            caption = read_caption(p, s.caption_extension)
+            if caption is None:
+                caption = s.class_tokens or ""
             try:
                 with Image.open(p) as im:
                     w, h = im.size
@@ -163,6 +264,46 @@ def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
                 raise TrainError(f"cannot read image {p}") from None
             items.append(Item(p, caption, s, (w, h), assign_bucket(w, h, buckets)))
     return items
+
+
+def epoch_repeats(items: list[Item]) -> list[int]:
+    """How often each item is seen per epoch: a training image its subset's num_repeats; regularization images
+    as sd-scripts' DreamBoothDataset balances them: in order, each reg image with its repeats until they reach the
+    training images x repeats, then one more repeat each, round-robin (reg images past that point are not used)."""
+    reps = [0 if it.subset.is_reg else it.subset.num_repeats for it in items]
+    n_train = sum(reps)
+    reg = [i for i, it in enumerate(items) if it.subset.is_reg]
+    n, first = 0, True
+    while reg and n < n_train:
+        for i in reg:
+            if first:
+                reps[i] = items[i].subset.num_repeats
+                n += reps[i]
+            else:
+                reps[i] += 1
+                n += 1
+            if n >= n_train:
+                break
+        first = False
+    return reps
+
+
+def dataset_dirs(items: list[Item], reg: bool) -> dict[str, dict[str, int]]:
+    """{subset folder name: {n_repeats, img_count}} as sd-scripts' ss_dataset_dirs / ss_reg_dataset_dirs."""
+    out: dict[str, dict[str, int]] = {}
+    seen: dict[int, str] = {}
+    for it in items:
+        if it.subset.is_reg != reg:
+            continue
+        key = seen.get(id(it.subset))
+        if key is None:
+            key, i = it.subset.image_dir.name, 2
+            while key in out:  # the same folder name twice: "name (2)", as sd-scripts
+                key, i = f"{it.subset.image_dir.name} ({i})", i + 1
+            seen[id(it.subset)] = key
+            out[key] = {"n_repeats": it.subset.num_repeats, "img_count": 0}
+        out[key]["img_count"] += 1
+    return out
 
 
 # ---------------------------------------------------------------- captions
@@ -181,11 +322,11 @@ def process_caption(caption: str, keep_tokens: int, shuffle: bool, dropout: floa
 
 
 def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
-    """{subset folder name: {tag: count}}, as kohya's ss_tag_frequency."""
+    """{subset folder name: {tag: count}} over train and reg subsets, lower-cased, as sd-scripts' ss_tag_frequency."""
     out: dict[str, dict[str, int]] = {}
     for it in items:
         freq = out.setdefault(it.subset.image_dir.name, {})
-        for tag in (t.strip() for t in it.caption.split(",")):
+        for tag in (t.strip().lower() for t in it.caption.split(",")):
             if tag:
                 freq[tag] = freq.get(tag, 0) + 1
     return out

@@ -8,7 +8,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from trainer_bridge.config import TrainError
+from trainer_bridge.config import TrainError, write_error
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
@@ -27,18 +27,33 @@ def model_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
 
 def save_lora(path: str | Path, tensors: dict, metadata: dict[str, Any]) -> Path:
     """Write tensors + metadata (values stringified as kohya does), adding sshs_* hashes; atomic."""
-    from safetensors.torch import save_file
-
     meta = {
         k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict | list) else str(v)
         for k, v in metadata.items()
     }
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_safetensors(Path(path), tensors, meta)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Atomic safetensors write: a temporary name, flushed and fsynced, then renamed; on failure (disk full) the
+    temporary file is removed and the error is one line. (safetensors' own save_file ignores a failed flush.)"""
+    import os
+
+    from safetensors.torch import save
+
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = save(tensors, metadata)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
     return path
 
 

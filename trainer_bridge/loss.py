@@ -52,8 +52,11 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One denoising loss on a batch of latents; stays on the device (no .item(), no host sync)."""
+    """One denoising loss on a batch of latents; stays on the device (no .item(), no host sync).
+
+    weights: per-sample loss weights (prior_loss_weight for regularization images), applied before the batch mean."""
     b = latents.shape[0]
     dev = latents.device
     if noise is None:
@@ -73,4 +76,6 @@ def diffusion_loss(
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         loss = loss * min_snr_weight(snr(alphas_cumprod, timesteps), min_snr_gamma, v_prediction)
+    if weights is not None:
+        loss = loss * weights
     return loss.mean()

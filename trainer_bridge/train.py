@@ -104,6 +104,31 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
             dist.cleanup()
 
 
+def _printer(main: bool):
+    """say(msg): print on rank 0, markup-escaped (messages carry paths); say.console also draws the progress bar."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False, soft_wrap=True)
+
+    def say(msg: str) -> None:
+        if main:
+            console.print(escape(msg))
+
+    say.console = console  # type: ignore[attr-defined]
+    return say
+
+
+def _recorded(cfg: TrainConfig) -> dict[str, Any]:
+    """The config a state records, with absolute paths so the printed resume command works from anywhere."""
+    d = dict(cfg.__dict__)
+    for k in ("data", "val_data", "output_dir", "cache_dir", "log_dir", "base"):
+        p = Path(d[k]).expanduser() if d[k] else None
+        if p is not None and (k != "base" or p.exists()):
+            d[k] = str(p.resolve())
+    return d
+
+
 def _train(cfg: TrainConfig) -> TrainResult:
     import torch
 
@@ -112,12 +137,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from trainer_bridge import lora as L
     from trainer_bridge.export import BASE_MODEL_VERSION, save_lora
     from trainer_bridge.loss import diffusion_loss
-    from trainer_bridge.models import load_base
-    from trainer_bridge.state import load_state, restore_rng, save_state
+    from trainer_bridge.models import check_family, load_base
+    from trainer_bridge.state import check_resume, load_state, restore_rng, save_state
 
-    sdxl = cfg.model_family == "sdxl"
     rank, world = dist.rank(), dist.world()  # DDP: (0, 1) on one device
     main = rank == 0  # only rank 0 logs, samples and saves
+    say = _printer(main)
     dev = dist.device()
     on_gpu = dev.type == "cuda"
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if on_gpu else None
@@ -131,12 +156,25 @@ def _train(cfg: TrainConfig) -> TrainResult:
     started = time.time()
 
     # ---------------------------------------------------------------- data + model
-    spec = D.read_dataset(cfg)
+    # everything a user can get wrong is checked before the model loads: family, data, buckets, the resume state
+    family, why = check_family(
+        cfg.base, cfg.model_family
+    )  # model_index.json / checkpoint keys, nothing loaded
+    spec = D.read_dataset(cfg, family)
+    cfg = cfg.override({"model_family": family, "resolution": spec.resolution})  # what the state records
+    sdxl = family == "sdxl"
+    resumed = load_state(cfg.resume) if cfg.resume else None  # a bad state fails here, in one line
+    if resumed:
+        check_resume(cfg, resumed[3])
+    for note in ([why] if why else []) + spec.notes:
+        say(note)
     items = D.list_items(spec.subsets, spec)
+    repeats = D.epoch_repeats(items)  # reg images balanced against the training images, as sd-scripts
+    items, repeats = [it for it, r in zip(items, repeats, strict=True) if r], [r for r in repeats if r]
     val_items = D.list_items(spec.val_subsets, spec) if spec.val_subsets else []
-    if not items:
+    if not any(not it.subset.is_reg for it in items):
         raise TrainError(f"no images found under {cfg.data}")
-    base = load_base(cfg.base, cfg.model_family, cfg.v_prediction)
+    base = load_base(cfg.base, family, cfg.v_prediction)
     unet, vae, tes, toks = base.unet, base.vae, base.text_encoders, base.tokenizers
     v_pred = base.scheduler.config.prediction_type == "v_prediction"
     alphas_cumprod = base.scheduler.alphas_cumprod.to(dev, torch.float32)
@@ -174,6 +212,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
         rows_in_bucket[bi] = row_of[-1] + 1
     row_of_t = torch.tensor(row_of, device=dev)
     can_flip = torch.tensor(flips, device=dev)
+    # per-item loss weight: prior_loss_weight for regularization images, 1 for the rest (sd-scripts' loss_weights)
+    loss_w = torch.tensor(
+        [cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it in all_items], device=dev
+    )
     time_ids = torch.tensor([[it.size[1], it.size[0], *encoded[i][2], it.bucket[1], it.bucket[0]]
                              for i, it in enumerate(all_items)], device=dev, dtype=weight_dtype)  # fmt: skip
 
@@ -249,8 +291,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler(dev.type) if amp is torch.float16 else None
 
     n_train = len(items)
-    sampler = D.BucketBatchSampler([it.bucket for it in items], [it.subset.num_repeats for it in items],
-                                   spec.batch_size, cfg.seed)  # fmt: skip
+    sampler = D.BucketBatchSampler([it.bucket for it in items], repeats, spec.batch_size, cfg.seed)
     batches_per_epoch = len(sampler)
     per_step = cfg.grad_accum * world  # DDP: per-device batches one optimizer step consumes, over all ranks
     steps_per_epoch = math.ceil(batches_per_epoch / per_step)
@@ -263,11 +304,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
     gen = torch.Generator(dev).manual_seed(cfg.seed)
     host_rng = random.Random(cfg.seed)
     global_step, start_epoch, start_batch = 0, 0, 0
-    if cfg.resume:
-        lora_sd, opt_sd, sched_sd, info, rng = load_state(cfg.resume)
-        L.load_lora_state_dict(all_mods, lora_sd)
-        optimizer.load_state_dict(opt_sd)
-        scheduler.load_state_dict(sched_sd)
+    if resumed:
+        lora_sd, opt_sd, sched_sd, info, rng = resumed
+        try:
+            L.load_lora_state_dict(all_mods, lora_sd)
+            optimizer.load_state_dict(opt_sd)
+            scheduler.load_state_dict(sched_sd)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TrainError(f"the state {cfg.resume} does not fit this network or optimizer ({e})") from None
         restore_rng(rng, {"noise": gen})
         hs = info["host_rng"]
         host_rng.setstate((hs[0], tuple(hs[1]), hs[2]))
@@ -323,6 +367,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     fast = make_fast_step(cfg, unet_fwd=unet_fwd, params=params, optimizer=optimizer, alphas_cumprod=alphas_cumprod,
                           loss_kw=loss_kw, device=dev, world=world, train_te=train_te, scaler=scaler)  # fmt: skip
+    if fast is not None and any(it.subset.is_reg for it in items):
+        fast = None  # the graph step has no per-sample loss weights: with reg images (prior_loss_weight) step plainly
 
     @torch.no_grad()
     def validation_loss() -> float:
@@ -357,23 +403,23 @@ def _train(cfg: TrainConfig) -> TrainResult:
     save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.save_precision, torch.float16
     )
-    dataset_dirs = {}
-    for it in items:
-        d = dataset_dirs.setdefault(
-            it.subset.image_dir.name, {"n_repeats": it.subset.num_repeats, "img_count": 0}
-        )
-        d["img_count"] += 1
+    all_listed = D.list_items(
+        spec.subsets, spec
+    )  # with the reg images past the balance (sd-scripts counts them)
+    num_train = sum(it.subset.num_repeats for it in all_listed if not it.subset.is_reg)
+    num_reg = sum(it.subset.num_repeats for it in all_listed if it.subset.is_reg)
     bucket_counts: dict[tuple[int, int], int] = {}
-    for it in items:
-        bucket_counts[it.bucket] = bucket_counts.get(it.bucket, 0) + it.subset.num_repeats
+    for it, r in zip(items, repeats, strict=True):
+        bucket_counts[it.bucket] = bucket_counts.get(it.bucket, 0) + r
 
     def metadata(epoch: int, step: int) -> dict[str, Any]:
         arch = "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora"
         return {
             "ss_session_id": session_id, "ss_training_started_at": started, "ss_training_finished_at": time.time(),
             "ss_output_name": cfg.output_name, "ss_learning_rate": cfg.unet_lr, "ss_unet_lr": cfg.unet_lr,
-            "ss_text_encoder_lr": cfg.text_encoder_lr, "ss_num_train_images": sum(it.subset.num_repeats for it in items),
-            "ss_num_reg_images": 0, "ss_num_batches_per_epoch": batches_per_epoch, "ss_num_epochs": epochs,
+            "ss_text_encoder_lr": cfg.text_encoder_lr, "ss_num_train_images": num_train,
+            "ss_num_reg_images": num_reg, "ss_prior_loss_weight": cfg.prior_loss_weight,
+            "ss_num_validation_images": len(val_items), "ss_num_batches_per_epoch": batches_per_epoch, "ss_num_epochs": epochs,
             "ss_epoch": epoch, "ss_steps": step, "ss_max_train_steps": total_steps, "ss_batch_size_per_device": spec.batch_size,
             "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_gradient_accumulation_steps": cfg.grad_accum,
             "ss_lr_warmup_steps": cfg.lr_warmup_steps, "ss_lr_scheduler": cfg.lr_scheduler,
@@ -394,18 +440,22 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "ss_min_bucket_reso": spec.min_bucket_reso, "ss_max_bucket_reso": spec.max_bucket_reso,
             "ss_bucket_info": {"buckets": {str(i): {"resolution": list(b), "count": n}
                                            for i, (b, n) in enumerate(sorted(bucket_counts.items()))}, "mean_img_ar_error": 0.0},
-            "ss_tag_frequency": D.tag_frequency(items), "ss_dataset_dirs": dataset_dirs,
+            "ss_tag_frequency": D.tag_frequency(all_listed), "ss_dataset_dirs": D.dataset_dirs(all_listed, reg=False),
+            "ss_reg_dataset_dirs": D.dataset_dirs(all_listed, reg=True),
             "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash, "ss_new_sd_model_hash": base.new_model_hash,
             "ss_vae_name": "None",
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
             "modelspec.title": cfg.output_name, "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
             "modelspec.prediction_type": "v" if v_pred else "epsilon",
+            # curate's own keys: the per-epoch validation loss (fixed noise and timesteps), the last one first
+            **({"curate_val_loss": result.val_losses[-1], "curate_val_losses": result.val_losses} if result.val_losses else {}),
         }  # fmt: skip
 
     def save(
-        name: str, epoch: int, step: int, batch: int, with_state: bool
+        name: str, epoch: int, step: int, batch: int, with_state: bool, state_name: str = ""
     ) -> tuple[Path | None, Path | None]:
+        """Write <name>.safetensors and (with_state) the resumable <state_name or name-state>/ folder."""
         if not main:  # DDP: the LoRA is the same on every rank; rank 0 writes it
             return None, None
         path = save_lora(
@@ -420,9 +470,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 "per_step": per_step,
                 "world": world,
                 "host_rng": host_rng.getstate(),
-                "config": cfg.__dict__,
+                "config": _recorded(cfg),  # `curate train --resume STATE` alone continues from this
             }
-            state = save_state(out_dir / f"{name}-state", L.lora_state_dict(all_mods, torch.float32), optimizer,
+            state = save_state(out_dir / (state_name or f"{name}-state"), L.lora_state_dict(all_mods, torch.float32), optimizer,
                                scheduler, json.loads(json.dumps(info, default=str)), {"noise": gen})  # fmt: skip
         return path, state
 
@@ -472,6 +522,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
+        console=say.console,
         disable=not main,
     )
     task = progress.add_task("training", total=total_steps, completed=global_step)
@@ -512,9 +563,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         if fast is not None:  # speed: forward + backward = one graph replay per bucket shape
                             loss = fast.micro_step(x, emb, added, gen, host_rng)
                         else:
-                            loss = diffusion_loss(
-                                unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng, **loss_kw
-                            )
+                            loss = diffusion_loss(unet_fwd, x, emb, added, alphas_cumprod, gen, rng=host_rng,
+                                                  weights=loss_w[idx], **loss_kw)  # fmt: skip
                             scaled = loss / cfg.grad_accum if real else loss * 0.0
                             (scaler.scale(scaled) if scaler else scaled).backward()
                     if real:
@@ -577,15 +627,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 if not done and (stopping or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)):
                     nb = pos + per_step if pos + per_step < n else 0
                     ep = epoch if nb else epoch + 1
-                    result.lora_path, result.state_path = save(
-                        f"{cfg.output_name}-state-lora", ep, global_step, nb, True
-                    )
+                    result.lora_path, result.state_path = save(f"{cfg.output_name}-step{global_step:06d}", ep,
+                                                               global_step, nb, True, f"{cfg.output_name}-state")  # fmt: skip
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
-                    if main:
-                        progress.console.print(
-                            f"stopped at step {global_step}; resume with resume={result.state_path}",
-                            markup=False,
-                        )
+                    say(f"saved a resumable state at step {global_step} in {result.state_path}")
                     return result
                 if done:
                     break
@@ -593,6 +638,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             if val_idx:
                 v = validation_loss()
                 result.val_losses.append(v)
+                say(f"epoch {epoch + 1}: val loss {v:.4f} ({len(val_idx)} images)")
                 if writer:
                     writer.add_scalar("loss/val", v, global_step)
             last = global_step >= total_steps or epoch == epochs - 1

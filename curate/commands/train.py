@@ -42,7 +42,13 @@ def _training_data(
     target = output_dir / "data"
     opts = {"repeats": repeats, "trigger": trigger, "class_word": class_word, "reg": reg}
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    with Dataset.open(source, create=False) as ds:
+    if ranks > 1 and read_export_record(target) is None:  # before touching the manifest
+        raise CurateError(
+            f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
+            "(or use curate train --gpus N, which exports first)"
+        )
+    # every torchrun rank opens it: only a single process takes the writer lock (and scans)
+    with Dataset.open(source, create=False, write=ranks == 1) as ds:
         if ranks == 1:  # under torchrun every rank would scan at once; the launcher's export decides
             scan = ds.scan()
             if scan.decoded or scan.missing:
@@ -135,12 +141,20 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Train a LoRA on a curated dataset (exported on the fly) or a kohya folder; Ctrl-C saves a resumable state."""
-        from trainer_bridge import TrainConfig, train
+        import dataclasses
+        import shlex
 
-        if source is not None and source.suffix == ".toml" and config is None:
+        from trainer_bridge import TrainConfig, train
+        from trainer_bridge.config import FAMILY_RESOLUTION
+
+        if source is not None and source.suffix == ".toml" and config is None and source.is_file():
             import tomllib
 
-            if "train" in tomllib.loads(source.read_text(encoding="utf-8")):
+            try:
+                is_training_toml = "train" in tomllib.loads(source.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise CurateError(f"{source} is not valid TOML: {e}") from None
+            if is_training_toml:
                 source, config = None, source  # a training TOML given positionally
         if config is not None and not config.exists():
             raise CurateError(
@@ -150,7 +164,16 @@ def register(app: typer.Typer) -> None:
             raise CurateError(
                 f"{source} does not exist; pass a dataset folder, a kohya folder or a dataset TOML"
             )
-        cfg = TrainConfig.from_toml(config) if config else TrainConfig()
+        if config:
+            cfg = TrainConfig.from_toml(config)
+        elif resume:  # the run as it was configured, data source included: `--resume STATE` alone
+            from trainer_bridge.state import state_config
+
+            names = {f.name for f in dataclasses.fields(TrainConfig)}
+            recorded = {k: v for k, v in state_config(resume).items() if k in names}
+            cfg = TrainConfig.from_dict({**recorded, "stop_after_steps": 0})
+        else:
+            cfg = TrainConfig()
         opts = {
             "base": base,
             "model_family": family,
@@ -163,6 +186,12 @@ def register(app: typer.Typer) -> None:
             data = _training_data(
                 source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
             )
+            if data != str(source) and not cfg.resolution:
+                # a curated dataset: the export's TOML does not choose the resolution (--set > plan > family)
+                from trainer_bridge.models import check_family
+
+                fam = check_family(cfg.base, cfg.model_family)[0] if cfg.base else cfg.model_family or "sd15"
+                cfg = cfg.override({"resolution": FAMILY_RESOLUTION[fam]})
             cfg = cfg.override({"data": data})
         if not cfg.data:
             raise CurateError(
@@ -172,11 +201,16 @@ def register(app: typer.Typer) -> None:
         if result.lora_path is None and result.state_path is None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
         if result.interrupted:
+            state = shlex.quote(str(Path(result.state_path).resolve()))
             console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {escape(str(result.state_path))}"
+                f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
+                highlight=False,
+                soft_wrap=True,
             )
-        else:
-            console.print(f"saved {escape(str(result.lora_path))} ({result.steps} steps)")
+            raise typer.Exit(130)  # interrupted, as after Ctrl-C anywhere else
+        console.print(
+            f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
+        )
 
     @app.command("lora-info")
     @handle_errors

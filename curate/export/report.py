@@ -19,7 +19,7 @@ SECTIONS: list = []
 
 def _thumb(manifest: Manifest, rec: ImageRecord, path: str) -> str:
     """Relative URL of a cached thumbnail (made once per content hash), or '' if undecodable."""
-    tdir = manifest.root / STATE_DIR / "thumbs"
+    tdir = manifest.state_dir / "thumbs"  # beside the manifest when the dataset is read-only
     out = tdir / f"{rec.sha256[:20]}.jpg"
     if not out.exists():
         src = manifest.root / path
@@ -66,7 +66,7 @@ def _dup_notes(explain: str) -> dict[str, str]:
 
 def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     """Write the report (default ``.curate/report.html``) and return its path."""
-    out = out or manifest.root / STATE_DIR / "report.html"
+    out = out or manifest.state_dir / "report.html"
     recs = manifest.images(include_errors=True, statuses=("ok", "quarantined"))
     by_path = {p: r for r in recs for p in r.paths}
     rejected = manifest.rejected_paths()

@@ -7,10 +7,14 @@ batches, so an interrupted scan keeps what it did and a rerun continues.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +50,74 @@ class ScanResult:
         return dict(self.__dict__)
 
 
-def _init_worker(known: frozenset[str], cfg: ScanConfig) -> None:
+def _init_worker(known: frozenset[str], cfg: ScanConfig, parent: int | None = None) -> None:
     global _KNOWN, _CFG
     _KNOWN, _CFG = set(known), cfg
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool worker: exit when the scan process dies, even by SIGKILL, instead of lingering re-parented
+    (holding the manifest and the caller's stdout open, so `curate scan D | tee log` would never end)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits curate's SIGTERM handler
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    ppid = os.getppid()  # the scan process, or a fork server (forkserver start method) that dies with it
+
+    def orphaned() -> bool:
+        if os.getppid() != ppid:
+            return True
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    if orphaned():  # the scan died before the death signal was armed
+        os._exit(1)
+
+    def watchdog() -> None:  # portable fallback (and for platforms without prctl)
+        while True:
+            time.sleep(0.5)
+            if orphaned():
+                os._exit(1)
+
+    threading.Thread(target=watchdog, name="curate-watchdog", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM while workers are forked, then deliver them to this process."""
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    try:
+        old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):
+            os.kill(os.getpid(), s)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued work and end the workers now (they hold nothing worth waiting for)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.terminate()
 
 
 def analyse_bytes(data: bytes, cfg: ScanConfig = ScanConfig()) -> dict[str, Any]:
@@ -185,28 +254,44 @@ def scan(
                 record(path, row)
                 pending += 1
                 if pending >= batch_size:
-                    manifest.conn.execute("COMMIT")
+                    manifest.commit()  # fails if the manifest file was deleted meanwhile
                     manifest.conn.execute("BEGIN IMMEDIATE")
                     pending = 0
                 if progress:
                     progress(done, total)
-        finally:
-            # Commit what finished, also on Ctrl-C: nothing already analysed is lost.
-            manifest.conn.execute("COMMIT")
+        except BaseException:
+            # Commit what finished, also on Ctrl-C / SIGTERM: nothing already analysed is lost.
+            with contextlib.suppress(Exception):
+                manifest.commit()
+            if manifest.conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    manifest.conn.execute("ROLLBACK")
+            raise
+        manifest.commit()
 
     try:
         if workers <= 1 or total < 16:
             _init_worker(known, cfg)
             run(map(_read_one, abs_paths))
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(known, cfg)) as pool:
+            with ProcessPoolExecutor(
+                workers, initializer=_init_worker, initargs=(known, cfg, os.getpid())
+            ) as pool:
                 try:
-                    run(pool.map(_read_one, abs_paths, chunksize=4))
+                    # map() forks the workers: none may start with curate's signal handlers
+                    with _signals_deferred():
+                        results = pool.map(_read_one, abs_paths, chunksize=4)
+                    run(results)
                 except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    _stop_pool(pool)
                     raise
     except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: keep the scan rejects consistent with what was committed, then let the caller
+        # exit 130 / 143 (an interrupted scan is not a success).
         res.interrupted = True
+        with contextlib.suppress(Exception):
+            _write_scan_rejects(manifest)
+        raise
     _write_scan_rejects(manifest)
     res.captions = _refresh_captions(manifest).as_dict()
     res.seconds = time.perf_counter() - t0
