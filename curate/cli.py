@@ -249,7 +249,11 @@ def filter_cmd(
 def dedupe(
     path: DatasetArg,
     method: Annotated[
-        str | None, typer.Option(help="phash, dhash, hash (pHash+dHash), clip, or both.")
+        str | None,
+        typer.Option(
+            help="auto (default: pHash + multi-crop pHash + ORB candidates, verified by RANSAC and NCC), "
+            "phash, dhash, hash (pHash+dHash), clip, or both (auto + CLIP candidates)."
+        ),
     ] = None,
     phash_threshold: Annotated[int | None, typer.Option(help="Max pHash Hamming distance (0-64).")] = None,
     dhash_threshold: Annotated[int | None, typer.Option(help="Max dHash Hamming distance (0-64).")] = None,
@@ -263,7 +267,11 @@ def dedupe(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: auto).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="CLIP batch size.")] = None,
     keep: Annotated[
-        str | None, typer.Option(help="Keep-best order, comma separated: pixels,sharpness,filesize,png.")
+        str | None,
+        typer.Option(
+            help="Keep-best: 'original' (default: the most original copy, by rules) or an order of "
+            "pixels,sharpness,filesize,png."
+        ),
     ] = None,
     apply: Annotated[bool, typer.Option("--apply", help="Move duplicates into .curate/quarantine.")] = False,
     manifest: ManifestOpt = None,
@@ -285,9 +293,14 @@ def dedupe(
         ).items()
         if v is not None
     }
+    methods = ("auto", "phash", "dhash", "hash", "clip", "both")
+    if method is not None and method not in methods:
+        raise CurateError(f"unknown --method {method!r}; choose {', '.join(methods)}")
     with _open(path, manifest, config, create=False) as ds:
-        uses_clip = (method or ds.config.dedupe.method) in ("clip", "both")
-        with progress_bar("embed", enabled=uses_clip and not as_json) as bar:
+        chosen = method or ds.config.dedupe.method
+        uses_clip = chosen in ("clip", "both")
+        label = "embed + verify" if chosen == "both" else "embed" if uses_clip else "dedupe"
+        with progress_bar(label, enabled=chosen in ("auto", "clip", "both") and not as_json) as bar:
             res = ds.dedupe(
                 method=method,
                 phash_threshold=phash_threshold,
@@ -297,6 +310,12 @@ def dedupe(
                 progress=bar,
             )
         out = {"dedupe": res.as_dict()}
+        if res.stats.get("notice"):
+            from rich.markup import escape
+
+            from .ui import err_console
+
+            err_console.print(f"notice: {escape(res.stats['notice'])}")
         if not as_json:
             rows = [
                 (g.id, g.method, g.keeper, len(g.members) - 1, "; ".join(g.members[1:])) for g in res.groups
@@ -308,6 +327,13 @@ def dedupe(
                     rows,
                 )
             )
+            if res.stats:
+                st = res.stats
+                console.print(
+                    f"auto: {st.get('direct_phash', 0)} pHash pairs, {st.get('pairs_verified', 0)} candidate "
+                    f"pairs verified, {st.get('pairs_accepted', 0)} accepted, in {st.get('seconds', 0)} s "
+                    "(why each link was made: --json or `curate report`)"
+                )
             if res.clip:
                 c = res.clip
                 recall = (

@@ -50,17 +50,21 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class DedupeConfig:
-    method: str = "hash"  # phash | dhash | hash | clip | both
-    phash_threshold: int = 8  # max Hamming distance of 64-bit pHash
+    method: str = "auto"  # auto (verified local features) | phash | dhash | hash | clip | both (auto + CLIP)
+    phash_threshold: int = 8  # max Hamming distance of 64-bit pHash (auto: direct accept)
     dhash_threshold: int = 12  # max Hamming distance of 64-bit dHash ("hash": both must hold)
-    keep: tuple[str, ...] = ("pixels", "sharpness", "filesize")  # keep-best order
+    # keep-best: "original" = the most original copy (see curate/stages/keeper.py), or an order of
+    # pixels, sharpness, filesize, png
+    keep: tuple[str, ...] = ("original",)
+    min_inliers: int = 10  # auto: RANSAC inliers a verified pair needs
+    min_ncc: float = 0.5  # auto: tile-median normalised cross-correlation of the warped overlap
 
 
 T = TypeVar("T")
 
 # Flags the scan can set; [filter] reject_flags must name some of these.
 KNOWN_FLAGS = ("animated", "cmyk", "16bit", "alpha", "exif-rotated")
-DEDUPE_METHODS = ("phash", "dhash", "hash", "clip", "both")
+DEDUPE_METHODS = ("auto", "phash", "dhash", "hash", "clip", "both")
 
 
 def _type_name(tp: Any) -> str:
@@ -189,8 +193,10 @@ def _rules(section: str) -> list[tuple[str, Callable[[Any], bool], str]]:
         return [("method", one_of(DEDUPE_METHODS), f"one of {', '.join(DEDUPE_METHODS)}"),
                 ("phash_threshold", between(0, 64), "between 0 and 64 (Hamming distance of a 64-bit hash)"),
                 ("dhash_threshold", between(0, 64), "between 0 and 64 (Hamming distance of a 64-bit hash)"),
-                ("keep", lambda v: bool(v) and subset(KEY_FUNCS)(v),
-                 f"a non-empty list from {', '.join(KEY_FUNCS)}")]  # fmt: skip
+                ("keep", lambda v: list(v) == ["original"] or (bool(v) and subset(KEY_FUNCS)(v)),
+                 f"[\"original\"] or a non-empty list from {', '.join(KEY_FUNCS)}"),
+                ("min_inliers", at_least(4), "4 or more"),
+                ("min_ncc", between(-1.0, 1.0), "between -1 and 1")]  # fmt: skip
     if section == "tag":
         return [("batch_size", at_least(0), "0 (auto) or more"), ("floor", between(0.0, 1.0), "between 0 and 1"),
                 ("workers", at_least(0), "0 (auto) or more"),

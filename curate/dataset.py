@@ -87,11 +87,11 @@ class Dataset:
             extra = clip_pair_finder(
                 self.manifest, progress=progress, **{**self.config.section("clip"), **(clip or {})}
             )
-        elif cfg.method not in ("phash", "dhash", "hash"):
+        elif cfg.method not in ("auto", "phash", "dhash", "hash"):
             raise CurateError(
-                f"unknown dedupe method {cfg.method!r}; choose phash, dhash, hash, clip or both"
+                f"unknown dedupe method {cfg.method!r}; choose auto, phash, dhash, hash, clip or both"
             )
-        return dedupe(self.manifest, cfg, extra_pairs=extra)
+        return dedupe(self.manifest, cfg, extra_pairs=extra, progress=progress)
 
     def outliers(self, *, progress=None, **clip: Any):
         """Score kept images by CLIP similarity to their k nearest neighbours; flag the lowest for review."""

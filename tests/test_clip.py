@@ -90,9 +90,12 @@ def test_flip_found_by_clip_not_by_phash(tiny, tmp_path):
     # Every other pair sits below the threshold (measured max 0.991 on this model).
     rejected = ds.manifest.rejected_paths()
     assert sorted(p for p, st in rejected.items() if any(s == "dedupe" for s, _, _ in st)) == [
-        "img0.png",  # same pixels count: the keeper is the first path, img0_flip.png
-        "img1_small.jpg",
+        "img0_flip.png",  # same pixels, format and rules: the keeper rules (curate.stages.keeper) end on
+        "img1_small.jpg",  # file size, then the first path; img0.png is kept
     ]
+    assert any(
+        line.startswith("dropped img0_flip.png") and "keeper wins on rule" in line for line in g.explain
+    )
 
 
 def test_embeddings_cached_second_run_does_no_inference(tiny, tmp_path):

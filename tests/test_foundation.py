@@ -32,13 +32,13 @@ def test_planted_duplicates_grouped_with_intended_keeper(planted: Path):
         assert res.decoded == 8  # 9 files, one exact copy shares its bytes
         ds.filter()
         result = ds.dedupe()
-        groups = {g.method: g for g in result.groups}
-        near = groups["hash"]
-        assert near.keeper == "big.jpg"  # more pixels than the 800px copy
-        assert set(near.members) == {"big.jpg", "big_800.jpg"}
-        assert "more pixels" in near.explain[1]
-        exact = groups["exact"]
-        assert exact.members == ["big.jpg", "sub/big_copy.jpg"]
+        # One group, listed once: the exact copy and the near duplicate both join the keeper.
+        (near,) = result.groups
+        assert near.method == "auto"
+        assert near.keeper == "big.jpg"  # JPEG q92 original over the q75 800px copy
+        assert near.members == ["big.jpg", "sub/big_copy.jpg", "big_800.jpg"]
+        assert "identical bytes" in near.explain[1]
+        assert "fewer compression artifacts (JPEG quality 92 vs 75)" in near.explain[2]
         rejected = ds.manifest.rejected_paths()
         assert rejected["big_800.jpg"][0][1] == "duplicate"
         assert rejected["sub/big_copy.jpg"][0][1] == "duplicate"

@@ -42,6 +42,28 @@ def _card(src: str, caption: str, cls: str = "") -> str:
     return f'<figure class="{cls}">{img}<figcaption>{caption}</figcaption></figure>'
 
 
+def _dup_notes(explain: str) -> dict[str, str]:
+    """Per path of a duplicate group: why it was dropped (the keeper rule) and the evidence of its link."""
+    import re
+
+    notes: dict[str, list[str]] = {}
+    keeper = ""
+    for line in explain.splitlines():
+        if line.startswith("kept "):
+            keeper = line[5:].split(" (")[0]
+        elif line.startswith("dropped "):
+            m = re.match(r"dropped (.+?)(?: \(.*?\))?: (.*)$", line)
+            if m:
+                notes.setdefault(m.group(1), []).append(m.group(2))
+        elif line.startswith("  ") and " ~ " in line and ": " in line:
+            pair, why = line.strip().split(": ", 1)
+            a, b = pair.split(" ~ ", 1)
+            other = b if a == keeper else a if b == keeper else None
+            for path in (other,) if other else (a, b):
+                notes.setdefault(path, []).append(f"link: {why}")
+    return {p: "; ".join(v) for p, v in notes.items()}
+
+
 def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     """Write the report (default ``.curate/report.html``) and return its path."""
     out = out or manifest.state_dir / "report.html"
@@ -55,7 +77,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
         "body{font:14px system-ui,sans-serif;margin:2em;color:#222}figure{display:inline-block;margin:4px;"
         "width:170px;vertical-align:top}figure img{max-width:160px;max-height:160px;display:block}"
         "figcaption{font-size:11px;word-break:break-all}.keep{outline:3px solid #2a2}.drop{outline:3px solid #c33}"
-        ".group{border:1px solid #ddd;padding:6px;margin:8px 0}table{border-collapse:collapse}"
+        ".why{color:#555}.group{border:1px solid #ddd;padding:6px;margin:8px 0}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.noimg{width:160px;height:60px;background:#eee}",
         "</style>",
         f"<h1>curate report: {html.escape(manifest.root.name)}</h1>",
@@ -76,11 +98,16 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     for gid, members in sorted(groups.items()):
         parts.append(f'<div class="group"><b>group {gid}</b><br>')
         explain = next((m.dup_explain for m in members if m.dup_explain), "")
+        notes = _dup_notes(explain or "")
         for m in sorted(members, key=lambda r: not r.dup_keeper):
             for p in m.paths:
                 dropped = p in rejected and any(s == "dedupe" for s, _, _ in rejected[p])
                 cls = "drop" if dropped else "keep"
-                parts.append(_card(_thumb(manifest, m, p), html.escape(p), cls))
+                note = notes.get(p, "")
+                caption = html.escape(p) + (
+                    f'<br><span class="why">{html.escape(note)}</span>' if note else ""
+                )
+                parts.append(_card(_thumb(manifest, m, p), caption, cls))
         parts.append(f"<pre>{html.escape(explain or '')}</pre></div>")
 
     parts.append(f"<h2>Rejected files ({len(rejected)})</h2>")

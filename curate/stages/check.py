@@ -58,7 +58,7 @@ def _quality(m: Manifest, cfg: Config) -> list[Violation]:
 
 @rule("duplicates")
 def _duplicates(m: Manifest, cfg: Config) -> list[Violation]:
-    method = cfg.dedupe.method if cfg.dedupe.method in ("phash", "dhash", "hash") else "hash"
+    method = cfg.dedupe.method if cfg.dedupe.method in ("auto", "phash", "dhash", "hash") else "auto"
     from dataclasses import replace
 
     groups, _, _ = find_duplicates(m, replace(cfg.dedupe, method=method))

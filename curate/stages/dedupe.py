@@ -9,6 +9,7 @@ XOR + popcount. No Python loop over pairs. Groups are connected components of th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -251,7 +252,7 @@ def hash_pairs(records: list[ImageRecord], cfg: DedupeConfig) -> list[tuple[int,
         return [(int(a), int(b), {"dhash": int(x)}) for a, b, x in zip(i, j, d, strict=True)]
     i, j, d = near_pairs(ph, cfg.phash_threshold)
     dd = popcount64(dh[i] ^ dh[j]).astype(np.int64) if len(i) else np.zeros(0, np.int64)
-    if cfg.method in ("hash", "both"):
+    if cfg.method in ("hash", "both", "both-unverified"):
         ok = dd <= cfg.dhash_threshold
         i, j, d, dd = i[ok], j[ok], d[ok], dd[ok]
     return [
@@ -259,16 +260,24 @@ def hash_pairs(records: list[ImageRecord], cfg: DedupeConfig) -> list[tuple[int,
     ]
 
 
-def exact_groups(records: list[ImageRecord]) -> list[DupGroup]:
-    """Identical bytes at several paths: keep the shortest path."""
+def preferred_paths(root, paths: Sequence[str]) -> list[str]:
+    """Paths of the same bytes, best first: a real file before a symlink, then the shortest path."""
+    import os
+
+    return sorted(paths, key=lambda p: (os.path.islink(os.path.join(root, p)), len(p), p))
+
+
+def exact_groups(records: list[ImageRecord], root=None) -> list[DupGroup]:
+    """Identical bytes at several paths: keep a real file over a symlink, then the shortest path."""
     groups = []
     for rec in records:
         if len(rec.paths) > 1:
-            keeper = rec.paths[0]
-            explain = [f"kept {keeper}"] + [
-                f"dropped {p}: identical bytes (SHA-256 {rec.sha256[:12]})" for p in rec.paths[1:]
+            paths = preferred_paths(root, rec.paths) if root is not None else list(rec.paths)
+            keeper = paths[0]
+            explain = [f"kept {keeper}" + (" (a real file; the others include symlinks)" if root else "")] + [
+                f"dropped {p}: identical bytes (SHA-256 {rec.sha256[:12]})" for p in paths[1:]
             ]
-            groups.append(DupGroup(0, keeper, list(rec.paths), "exact", explain))
+            groups.append(DupGroup(0, keeper, paths, "exact", explain))
     return groups
 
 
@@ -277,12 +286,42 @@ class DedupeResult:
     groups: list[DupGroup]
     rejected: int
     clip: dict[str, Any] = field(default_factory=dict)  # CLIP search stats: index, seconds, recall
+    stats: dict[str, Any] = field(default_factory=dict)  # auto: candidates, verified pairs, timings
 
     def as_dict(self) -> dict[str, Any]:
         out = {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
         if self.clip:
             out["clip"] = self.clip
+        if self.stats:
+            out["stats"] = self.stats
         return out
+
+
+def _with_exact_copies(
+    near: list[DupGroup], records: list[ImageRecord], root
+) -> tuple[list[DupGroup], list[DupGroup]]:
+    """Fold identical-bytes copies into the near groups (so each group is listed once); the rest stand alone."""
+    by_path = {r.path: r for r in records}
+    in_near: set[str] = set()
+    for g in near:
+        members: list[str] = []
+        extra: list[str] = []
+        for p in g.members:
+            rec = by_path[p]
+            in_near.add(rec.sha256)
+            paths = preferred_paths(root, rec.paths)
+            if p == g.keeper:
+                g.keeper = paths[0]
+                members = [*paths, *members]
+            else:
+                members += paths
+            for q in paths[1:]:
+                extra.append(f"dropped {q}: identical bytes to {paths[0]} (SHA-256 {rec.sha256[:12]})")
+        g.members = members
+        if extra:
+            g.explain[1:1] = extra
+    exact = [g for g in exact_groups([r for r in records if r.sha256 not in in_near], root)]
+    return near, exact
 
 
 def find_duplicates(
@@ -290,23 +329,58 @@ def find_duplicates(
     cfg: DedupeConfig = DedupeConfig(),
     *,
     extra_pairs=None,
+    progress=None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[list[DupGroup], dict[str, tuple[str, str | None]], dict[str, dict[str, Any]]]:
     """Compute duplicate groups, the paths to reject and per-image group columns, without writing."""
     rejected_elsewhere = frozenset(
         p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
     )
     everything = manifest.images(include_errors=True)  # read once: it is every row of the manifest
-    exact = exact_groups(everything)
+    root = manifest.root
+    for r in everything:  # the representative path of each image is its preferred one
+        r.paths = preferred_paths(root, r.paths)
+        r.path = r.paths[0]
     # Near-duplicate search over every decodable image; rejected ones join groups but rarely win.
     records = [r for r in everything if not r.error]
-    pairs: list[tuple[int, int, dict[str, Any]]] = []
-    if cfg.method in ("phash", "dhash", "hash", "both"):
-        pairs += hash_pairs(records, cfg)
-    if extra_pairs is not None:
-        pairs += extra_pairs(records)
-    pairs = merge_pairs(pairs)
-    near = build_groups(records, pairs, cfg.keep, cfg.method, demote=rejected_elsewhere)
-    for k, g in enumerate(exact, start=len(near) + 1):
+    demote = frozenset(r.path for r in records if all(p in rejected_elsewhere for p in r.paths))
+    if cfg.method in ("auto", "both"):
+        from .features import have_cv2
+
+        if not have_cv2():
+            notice = (
+                f"--method {cfg.method} needs OpenCV (pip install opencv-python-headless); "
+                f"using {'hash' if cfg.method == 'auto' else 'hash + CLIP'} without verification"
+            )
+            if stats is not None:
+                stats["notice"] = notice
+            cfg = dataclasses.replace(cfg, method="hash" if cfg.method == "auto" else "both-unverified")
+    if cfg.method in ("auto", "both"):
+        from .dedupe_auto import auto_groups
+
+        near, auto_stats = auto_groups(
+            manifest, records, cfg, demote, extra_pairs=extra_pairs, progress=progress
+        )
+        if stats is not None:
+            stats.update(auto_stats)
+    else:
+        pairs: list[tuple[int, int, dict[str, Any]]] = []
+        if cfg.method in ("phash", "dhash", "hash", "both-unverified"):
+            pairs += hash_pairs(records, cfg)
+        if extra_pairs is not None:
+            pairs += extra_pairs(records)
+        pairs = merge_pairs(pairs)
+        name = "both" if cfg.method == "both-unverified" else cfg.method
+        if tuple(cfg.keep) == ("original",):
+            from .dedupe_auto import star_groups
+
+            near = star_groups(manifest, records, pairs, name, demote, verify=False)
+            for g in near:
+                g.method = _group_method(g.edges, name)
+        else:
+            near = build_groups(records, pairs, cfg.keep, name, demote=demote)
+    near, exact = _with_exact_copies(near, everything, root)
+    for k, g in enumerate(near + exact, start=1):
         g.id = k
     by_sha = {r.sha256: r for r in everything}
     sha_of = {p: r.sha256 for r in everything for p in r.paths}
@@ -314,23 +388,24 @@ def find_duplicates(
     updates: dict[str, dict[str, Any]] = {
         r.sha256: {"dup_group": None, "dup_keeper": None, "dup_explain": None} for r in everything
     }
-    for g in near:
+    keeper_sha = set()
+    for g in near + exact:
+        ksha = sha_of[g.keeper]
+        keeper_sha.add(ksha)
         for p in g.members:
             sha = sha_of[p]
             updates[sha] = {
                 "dup_group": g.id,
-                "dup_keeper": int(p == g.keeper),
+                "dup_keeper": int(sha == ksha),
                 "dup_explain": "\n".join(g.explain),
             }
-            if p != g.keeper:
+            if p == g.keeper:
+                continue
+            if sha == ksha:
+                rejects[p] = ("duplicate", f"exact copy of {g.keeper}")
+            else:
                 for q in by_sha[sha].paths:
                     rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({g.method})")
-    for g in exact:
-        for p in g.members[1:]:
-            rejects.setdefault(p, ("duplicate", f"exact copy of {g.keeper}"))
-        sha = sha_of[g.keeper]
-        if updates[sha]["dup_group"] is None:
-            updates[sha] = {"dup_group": g.id, "dup_keeper": 1, "dup_explain": "\n".join(g.explain)}
     return near + exact, rejects, updates
 
 
@@ -339,13 +414,17 @@ def dedupe(
     cfg: DedupeConfig = DedupeConfig(),
     *,
     extra_pairs=None,
+    progress=None,
 ) -> DedupeResult:
     """Group exact and near duplicates, store groups and keep/reject decisions in the manifest.
 
     ``extra_pairs(records) -> pairs`` lets other methods (CLIP) contribute pairs that are merged
     with the hash pairs before grouping.
     """
-    groups, rejects, updates = find_duplicates(manifest, cfg, extra_pairs=extra_pairs)
+    stats: dict[str, Any] = {}
+    groups, rejects, updates = find_duplicates(
+        manifest, cfg, extra_pairs=extra_pairs, progress=progress, stats=stats
+    )
     manifest.update_images(updates.items())
     manifest.set_rejects("dedupe", rejects)
-    return DedupeResult(groups, len(rejects), dict(getattr(extra_pairs, "stats", {}) or {}))
+    return DedupeResult(groups, len(rejects), dict(getattr(extra_pairs, "stats", {}) or {}), stats)

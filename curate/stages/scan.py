@@ -23,6 +23,8 @@ from typing import Any
 from ..config import ScanConfig
 from ..io import DecodeError, decode_image, iter_image_files
 from ..manifest import Manifest
+from .features import safe_extract as dedupe_features
+from .features import store as store_features
 from .quality import analysis_view, compute_scores
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -139,6 +141,7 @@ def analyse_bytes(data: bytes, cfg: ScanConfig = ScanConfig()) -> dict[str, Any]
         scores=compute_scores(view),
         phash=str(imagehash.phash(view.grey_image)),
         dhash=str(imagehash.dhash(view.grey_image)),
+        dedupe_features=dedupe_features(dec.image, data),  # stored by record() into dedupe_features
     )
     return row
 
@@ -237,6 +240,7 @@ def scan(
             inserted.add(row["sha256"])
             row["scanned_at"] = time.time()
             manifest.upsert_image(row)
+            store_features(manifest, row["sha256"], row.get("dedupe_features"))
             res.decoded += 1
             if row.get("error"):
                 res.errors[row["error"]] = res.errors.get(row["error"], 0) + 1

@@ -1,0 +1,162 @@
+"""dedupe --method auto (the default) on real photos: every scraper transform is grouped with its original,
+hard negatives are not, the original is kept with the rule that decided, and split keeps groups whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from curate import Dataset
+from curate.cli import app
+from curate.eval import TRANSFORMS, build_set, caption_bar, source_photos, transform
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> dict:
+    r = runner.invoke(app, list(args), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout) if "--json" in args else {}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, dict]:
+    """astronaut: original + one copy per transform family + an exact copy and a (shorter-named) symlink;
+    chelsea: hard negatives only (four disjoint crops, and a meme under the same caption bar)."""
+    pytest.importorskip("skimage")
+    from PIL import Image
+
+    photos = source_photos()
+    root = tmp_path_factory.mktemp("local") / "ds"
+    truth = build_set(
+        root, sources={"astronaut": photos["astronaut"], "chelsea": photos["chelsea"]}, n_negative_sources=0
+    )
+    shutil.rmtree(root / "chelsea")  # chelsea's original and copies go; its hard negatives come next
+    chelsea = Image.open(photos["chelsea"]).convert("RGB")
+    w, h = chelsea.size
+    cw, ch = int(w * 0.46), int(h * 0.46)
+    negs = []
+    for q, (x0, y0) in enumerate([(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]):
+        rel = f"neg/chelsea_part{q}.png"
+        (root / "neg").mkdir(exist_ok=True)
+        chelsea.crop((x0, y0, x0 + cw, y0 + ch)).save(root / rel)
+        negs.append(rel)
+    caption_bar(chelsea).save(root / "neg/chelsea_meme.jpg", quality=88)  # same bar text as astronaut/meme
+    negs.append("neg/chelsea_meme.jpg")
+    shutil.copy(root / "astronaut/original.png", root / "astronaut/original_copy.png")  # exact copy
+    os.symlink(root / "astronaut/original.png", root / "l.png")  # shortest path, but a link
+    copies = sorted(p for p, t in truth.transform.items() if p.startswith("astronaut/") and t != "original")
+    return root, {"copies": copies, "negatives": negs}
+
+
+@pytest.fixture(scope="module")
+def deduped(planted):
+    root, info = planted
+    cli("scan", str(root))
+    out = cli("dedupe", str(root), "--json")["dedupe"]
+    return root, info, out
+
+
+def test_every_transform_grouped_with_its_original_and_kept_original(deduped):
+    root, info, out = deduped
+    (group,) = [g for g in out["groups"] if "astronaut/original.png" in g["members"]]
+    assert group["method"] == "auto"
+    assert group["keeper"] == "astronaut/original.png"  # a real file beats the shorter symlink l.png
+    members = set(group["members"])
+    missing = [c for c in info["copies"] if c not in members]
+    assert not missing, missing
+    assert {"astronaut/original_copy.png", "l.png"} <= members
+    assert len(info["copies"]) == len(TRANSFORMS)
+    # The explanation names the deciding rule for every dropped copy, and why each link was made.
+    text = "\n".join(group["explain"])
+    for rule in ("not upscaled", "no padding or caption bar", "uncropped", "colour over grey", "no overlay"):
+        assert rule in text, rule
+    assert "dropped astronaut/upscale.jpg" in text and "RANSAC inliers" in text
+    for c in info["copies"]:
+        line = next(x for x in group["explain"] if x.startswith(f"dropped {c} "))
+        assert "keeper wins on rule: " in line
+    mirror = next(e for e in group["edges"] if "astronaut/mirror.jpg" in (e["a"], e["b"]))
+    assert mirror["mirror"] is True and mirror["inliers"] >= 10 and mirror["ncc"] >= 0.5
+
+
+def test_hard_negatives_not_linked_and_no_mixed_groups(deduped):
+    _, info, out = deduped
+    seen: dict[str, int] = {}
+    for g in out["groups"]:
+        sources = {p.split("/")[0] if "/" in p else "astronaut" for p in g["members"]}
+        assert len(sources) == 1, g["members"]  # no group mixes photos
+        for p in g["members"]:
+            assert p not in seen, f"{p} listed in two groups"
+            seen[p] = g["id"]
+    for p in info["negatives"]:
+        assert p not in seen, f"hard negative {p} was grouped"
+
+
+def test_decisions_match_the_json_groups(deduped):
+    root, _, out = deduped
+    with Dataset.open(root) as ds:
+        rejected = {
+            p for p, st in ds.manifest.rejected_paths().items() if any(s == "dedupe" for s, _, _ in st)
+        }
+    expected = {p for g in out["groups"] for p in g["members"] if p != g["keeper"]}
+    assert rejected == expected
+    assert out["rejected"] == len(expected)
+
+
+def test_split_keeps_crops_and_mirrors_with_their_original(deduped):
+    """Even when every copy is kept (the person overrides dedupe), split deals each group to one side."""
+    from curate.stages.dedupe import hex_to_u64, popcount64
+
+    root, _, out = deduped
+    with Dataset.open(root) as ds:
+        by_path = {p: r for r in ds.manifest.images() for p in r.paths}
+        ph = {p: hex_to_u64([r.phash])[0] for p, r in by_path.items()}
+        orig = ph["astronaut/original.png"]
+        # pHash alone (split's own safety net, <= 10 bits) does not tie these copies to the original:
+        far = [c for c in ("astronaut/mirror.jpg", "astronaut/crop25.jpg", "astronaut/letterbox.jpg")]
+        assert all(int(popcount64(orig ^ ph[c])) > 10 for c in far)
+        ds.manifest.set_rejects("dedupe", {})  # keep every copy
+    for seed in range(3):
+        cli("split", str(root), "--val", "0.5", "--seed", str(seed), "--json")
+        with Dataset.open(root) as ds:
+            side = {p: r.split for r in ds.manifest.images() for p in r.paths}
+        for g in out["groups"]:
+            assert len({side[p] for p in g["members"]}) == 1, g["members"]
+        assert set(side.values()) == {"train", "val"}
+    cli("dedupe", str(root), "--json")  # restore the decisions for the other tests
+
+
+def test_features_from_scan_and_lazily_for_old_manifests(planted, deduped):
+    root, _, out = deduped
+    with Dataset.open(root) as ds:
+        n = ds.manifest.conn.execute("SELECT count(*) FROM dedupe_features").fetchone()[0]
+        assert n == len(ds.manifest.images(include_errors=False))  # scan stored them, one per content hash
+        ds.manifest.conn.execute("DELETE FROM dedupe_features")  # as if scanned before this version
+    again = cli("dedupe", str(root), "--json")["dedupe"]
+    assert again["stats"]["features_computed"] == n
+    assert [sorted(g["members"]) for g in again["groups"]] == [sorted(g["members"]) for g in out["groups"]]
+
+
+def test_without_opencv_auto_falls_back_to_hash_with_a_notice(planted, deduped, monkeypatch):
+    from curate.stages import features
+
+    root, _, _ = deduped
+    monkeypatch.setattr(features, "_CV2", [False])
+    with Dataset.open(root) as ds:
+        res = ds.dedupe()
+    assert "needs OpenCV" in res.stats["notice"]
+    assert all(g.method in ("hash", "exact") for g in res.groups)
+
+
+def test_transform_helper_is_deterministic():
+    pytest.importorskip("skimage")
+    from PIL import Image
+
+    img = Image.open(source_photos()["astronaut"]).convert("RGB")
+    assert transform(img, "crop25", seed=3).size == transform(img, "crop25", seed=3).size == (384, 384)
