@@ -189,7 +189,7 @@ _W: dict[str, Any] = {}
 
 
 def _init_verifier(root: str, db: str, min_inliers: int, min_ncc: float) -> None:
-    _W["cache"] = F.FeatureCache(Manifest(root, db, create=False))
+    _W["cache"] = F.FeatureCache(Manifest(root, db, create=False, write=False))
     _W["args"] = (min_inliers, min_ncc)
 
 
