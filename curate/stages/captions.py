@@ -181,6 +181,16 @@ def select_tags(
     return by_conf(chars, c_thr), by_conf(gen, g_thr), rating
 
 
+def _edit_rules(cfg: CaptionConfig) -> tuple[dict[str, str], set[str], list[str], set[str]]:
+    """(replace map, blacklist, trigger words, trigger keys) of ``cfg``, in the matching form of ``_key``."""
+    replace = {}
+    for pair in cfg.replace:
+        old, new = pair.split("=", 1)
+        replace[_key(old)] = new.strip()
+    triggers = [t.strip() for t in cfg.trigger if t.strip()]
+    return replace, {_key(t) for t in cfg.blacklist}, triggers, {_key(t) for t in triggers}
+
+
 def build_captions(
     records: list[ImageRecord],
     scores: dict[str, dict[str, float]],
@@ -190,13 +200,7 @@ def build_captions(
 ) -> list[Built]:
     """Caption text for every record from its stored scores / BLIP caption, under ``cfg``."""
     nl = nl or {}
-    replace = {}
-    for pair in cfg.replace:
-        old, new = pair.split("=", 1)
-        replace[_key(old)] = new.strip()
-    black = {_key(t) for t in cfg.blacklist}
-    triggers = [t.strip() for t in cfg.trigger if t.strip()]
-    trig_keys = {_key(t) for t in triggers}
+    replace, black, triggers, trig_keys = _edit_rules(cfg)
 
     def transform(tags: list[tuple[str, float]]) -> list[str]:
         out = []
@@ -481,13 +485,7 @@ def resolve_tagger(manifest: Manifest, cfg: CaptionConfig) -> str | None:
 def edit_text(text: str, cfg: CaptionConfig) -> str:
     """A person's caption with an edit applied: blacklist / replace on its comma-separated parts, the
     trigger words first. Returns ``text`` itself when nothing changes."""
-    replace = {}
-    for pair in cfg.replace:
-        old, new = pair.split("=", 1)
-        replace[_key(old)] = new.strip()
-    black = {_key(t) for t in cfg.blacklist}
-    triggers = [t.strip() for t in cfg.trigger if t.strip()]
-    trig_keys = {_key(t) for t in triggers}
+    replace, black, triggers, trig_keys = _edit_rules(cfg)
     parts = [p.strip() for p in text.split(",") if p.strip()]
     out: list[str] = []
     for part in parts:
