@@ -428,7 +428,9 @@ def test_ctrl_c_exits_130_with_and_without_a_state(sd15_dir, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_sigint_to_a_training_process_exits_130_with_a_resumable_state(sd15_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("signame", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_to_a_training_process_exits_with_a_resumable_state(sd15_dir, tmp_path, signame, code):  # noqa: F811
+    """Ctrl-C and SIGTERM (a scheduler, a closed terminal) both save a resumable state after the step."""
     data = make_dataset(tmp_path / "d")
     out = tmp_path / "o"
     script = (
@@ -437,7 +439,7 @@ def test_sigint_to_a_training_process_exits_130_with_a_resumable_state(sd15_dir,
         "real, n = L.scale_weight_norms, []\n"
         "def hook(mods, m):\n"
         "    n.append(1)\n"
-        "    if len(n) == 2: os.kill(os.getpid(), signal.SIGINT)\n"  # a real Ctrl-C during step 2
+        f"    if len(n) == 2: os.kill(os.getpid(), signal.{signame})\n"  # a real signal during step 2
         "    return real(mods, m)\n"
         "L.scale_weight_norms = hook\n"
         "from curate.cli import main\n"
@@ -451,7 +453,7 @@ def test_sigint_to_a_training_process_exits_130_with_a_resumable_state(sd15_dir,
     p = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300
     )
-    assert p.returncode == 130, p.stdout + p.stderr
+    assert p.returncode == code, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "resume with: curate train --resume" in p.stdout
     assert json.loads((out / "lora-state" / "state.json").read_text())["info"]["step"] == 2
 

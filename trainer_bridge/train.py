@@ -38,6 +38,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean train loss per log interval
     val_losses: list[float] = field(default_factory=list)  # one per epoch, if there is a validation set
     interrupted: bool = False
+    signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 for stop_after_steps
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
@@ -508,10 +509,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
         for m in all_mods:
             m.train()
 
-    stop = {"flag": False}
-    old_handler = None
-    with contextlib.suppress(ValueError):  # signal handlers only in the main thread
-        old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    stop = {"flag": False, "signal": 0}  # Ctrl-C and SIGTERM both stop after the step and save a state
+    old_handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # signal handlers only in the main thread
+            old_handlers[signum] = signal.signal(signum, lambda n, _f: stop.update(flag=True, signal=n))
 
     # ---------------------------------------------------------------- the loop
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -630,6 +632,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     result.lora_path, result.state_path = save(f"{cfg.output_name}-step{global_step:06d}", ep,
                                                                global_step, nb, True, f"{cfg.output_name}-state")  # fmt: skip
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
+                    result.signal = stop["signal"]
                     say(f"saved a resumable state at step {global_step} in {result.state_path}")
                     return result
                 if done:
@@ -661,5 +664,5 @@ def _train(cfg: TrainConfig) -> TrainResult:
         progress.stop()
         if writer:
             writer.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)

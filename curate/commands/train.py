@@ -207,7 +207,10 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
-            raise typer.Exit(130)  # interrupted, as after Ctrl-C anywhere else
+            import signal
+
+            # interrupted, as after Ctrl-C (130) or SIGTERM (143) anywhere else
+            raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
         console.print(
             f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
         )
