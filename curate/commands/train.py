@@ -72,7 +72,7 @@ def _training_data(
                 f"the export in {target} is out of date (the dataset or the export options changed); "
                 "refresh it before torchrun: use curate train --gpus N, which re-exports first"
             )
-        res = export_kohya(ds.manifest, target, replace=True, **opts)
+        res = export_kohya(ds.manifest, target, replace=True, layout=layout)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     counts = f"{res.train} training, {res.val} validation" + (

@@ -349,17 +349,19 @@ def export_kohya(
     out: Path,
     *,
     replace: bool = False,
+    layout: Layout | None = None,
     **options: Any,
 ) -> ExportResult:
     """Write the kohya layout and dataset TOML(s) to ``out`` (which must not exist or be empty).
 
     ``options`` are those of :func:`kohya_layout` (repeats, trigger, class_word, settings, resize, link,
     flip_aug, shuffle_caption, reg). ``replace``: ``out`` may be an earlier curate export, swapped
-    for the new one atomically.
+    for the new one atomically. ``layout``: one :func:`kohya_layout` already computed with these options
+    (``curate train`` computes it for the fingerprint), so the files are not listed and checked twice.
     """
     out = Path(out)
     check_target(out, manifest.root, replace=replace)
-    layout = kohya_layout(manifest, **options)
+    layout = layout or kohya_layout(manifest, **options)
     opts, settings = layout.options, layout.settings
     res = ExportResult(out.resolve(), "kohya", warnings=layout.warnings)
     warn = link_warning(opts["link"], manifest.root)
