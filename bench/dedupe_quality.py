@@ -221,6 +221,10 @@ def main() -> None:
     if args.scale:
         res["scale"] = scale_run(args.scale)
         print(json.dumps(res["scale"], indent=1))
+    elif args.out.exists():  # keep the last timed scale run
+        old = json.loads(args.out.read_text())
+        if "scale" in old:
+            res["scale"] = old["scale"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
 

@@ -160,3 +160,34 @@ def test_transform_helper_is_deterministic():
 
     img = Image.open(source_photos()["astronaut"]).convert("RGB")
     assert transform(img, "crop25", seed=3).size == transform(img, "crop25", seed=3).size == (384, 384)
+
+
+def test_images_too_small_for_features_are_marked_not_decoded_again(tmp_path, monkeypatch):
+    """A thumbnail-sized image has no features; the manifest says so, and re-grouping decodes nothing."""
+    from PIL import Image
+
+    import curate.io
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    pytest.importorskip("skimage")
+    img = Image.open(source_photos()["astronaut"]).convert("RGB")
+    img.resize((200, 200)).save(root / "big.png")
+    img.resize((12, 12)).save(root / "tiny.png")
+    img.resize((10, 40)).save(root / "thin.png")
+    cli("scan", str(root))
+    with Dataset.open(root) as ds:
+        rows = dict(ds.manifest.conn.execute("SELECT length(codes), signals FROM dedupe_features").fetchall())
+        assert sorted(rows) == [0, 64]  # one marker row shape (two images), one real row of 8 codes
+        ds.manifest.conn.execute("DELETE FROM dedupe_features")  # as if scanned before this version
+    calls = []
+    real = curate.io.decode_image
+    monkeypatch.setattr(curate.io, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = cli("dedupe", str(root), "--json")["dedupe"]
+    assert first["stats"]["features_computed"] == 3 and len(calls) == 3  # backfill decoded all three
+    with Dataset.open(root) as ds:
+        marks = ds.manifest.conn.execute("SELECT signals FROM dedupe_features WHERE codes = x''").fetchall()
+    assert [json.loads(s)["none"] for (s,) in marks] == ["too small", "too small"]
+    calls.clear()
+    second = cli("dedupe", str(root), "--json")["dedupe"]
+    assert calls == [] and "features_computed" not in second["stats"]

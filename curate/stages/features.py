@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: + the band-stripped code, marker rows
 THUMB_SIDE = 384  # long side of the grey copy used for ORB, RANSAC and NCC
 N_KEYPOINTS = 300
 CROPS = (1.0, 0.85, 0.70)
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS dedupe_features (
     sha256   TEXT PRIMARY KEY,
     version  INTEGER NOT NULL,
     thumb    BLOB NOT NULL,      -- grey JPEG q90, long side THUMB_SIDE
-    codes    BLOB NOT NULL,      -- 6 x uint64 multi-crop pHash (crop 100/85/70 %, plain then mirrored)
+    codes    BLOB NOT NULL,      -- 8 x uint64 pHash: crop 100/85/70 % plain, then mirrored, then band-stripped plain/mirrored
     orb      BLOB NOT NULL,      -- zlib of raw keypoints + descriptors, see pack_orb
     signals  TEXT NOT NULL       -- JSON keeper signals
 );
@@ -223,6 +223,16 @@ def extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any]:
             cw, ch = max(8, round(w * c)), max(8, round(h * c))
             x0, y0 = (w - cw) // 2, (h - ch) // 2
             codes.append(_phash_u64(m.crop((x0, y0, x0 + cw, y0 + ch))))
+    b = bands(thumb)
+    # 7th and 8th codes: the frame without its flat edge bands (caption bar, letterbox), plain and mirrored,
+    # so a meme's photo area meets the original's full-frame code
+    w, h = grey_img.size
+    top, right, bottom, left = b
+    box = (round(left * w), round(top * h), w - round(right * w), h - round(bottom * h))
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+        box = (0, 0, w, h)
+    inner = grey_img.crop(box)
+    codes += [_phash_u64(inner), _phash_u64(inner.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
     kp, desc = _orb(thumb)
     mkp, mdesc = _orb(mirror)
     signals = {
@@ -230,7 +240,7 @@ def extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any]:
         "border": border_fraction(small_rgb),
         "colour": colourfulness(small_rgb),
         "jpeg_q": jpeg_quality(data),
-        "bands": bands(thumb),
+        "bands": b,
         "thumb": list(thumb.shape),
         "decoded": list(rgb.size),
     }
@@ -245,10 +255,28 @@ def extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any]:
     }
 
 
+MIN_SIDE = 16  # smaller than this on either side: too small to describe
+
+
+def marker(why: str) -> dict[str, Any]:
+    """A feature row that says "nothing to describe" (too small, undecodable), so re-grouping skips it
+    without decoding the file again; :func:`load_light` and :class:`FeatureCache` leave it out."""
+    return {
+        "version": FEATURE_VERSION,
+        "thumb": b"",
+        "codes": b"",
+        "orb": b"",
+        "signals": json.dumps({"none": why}),
+    }
+
+
 def safe_extract(rgb: Image.Image, data: bytes | None = None) -> dict[str, Any] | None:
-    """:func:`extract`, or None when OpenCV is missing or the image is too small to describe."""
-    if min(rgb.size) < 16 or not have_cv2():
+    """:func:`extract`; a :func:`marker` row when the image is too small to describe; None when OpenCV
+    is missing or extraction failed (dedupe then computes the row itself)."""
+    if not have_cv2():
         return None
+    if min(rgb.size) < MIN_SIDE:
+        return marker("too small")
     try:
         return extract(rgb, data)
     except Exception:  # features are an optimisation; dedupe computes missing ones itself
@@ -328,8 +356,8 @@ def _compute_file(path: str) -> dict[str, Any] | None:
         data = Path(path).read_bytes()
         dec = decode_image(data)
     except (OSError, DecodeError):
-        return None
-    return extract(dec.image, data)
+        return marker("undecodable")
+    return safe_extract(dec.image, data)
 
 
 def backfill(
@@ -388,7 +416,7 @@ def load_light(manifest, shas: list[str]) -> dict[str, Light]:
     for sha, codes, orb, signals in manifest.conn.execute(
         "SELECT sha256, codes, orb, signals FROM dedupe_features WHERE version=?", (FEATURE_VERSION,)
     ):
-        if sha in want:
+        if sha in want and codes:  # empty codes: a marker row, nothing to describe
             kp, desc, mkp, mdesc = unpack_orb(orb)
             sig = json.loads(signals)
             b = sig.get("bands")
@@ -418,7 +446,7 @@ class FeatureCache:
             row = self.manifest.conn.execute(
                 "SELECT thumb, codes, orb, signals FROM dedupe_features WHERE sha256=?", (sha,)
             ).fetchone()
-            if row is None:
+            if row is None or not row[1]:
                 return None
             hit = decode_row(row)
         self._cache[sha] = hit  # most recent last

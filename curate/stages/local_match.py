@@ -22,6 +22,7 @@ from .dedupe import popcount64
 from .features import Features
 
 MULTICROP_MAX = 12
+SAME_FULL = 4  # full-frame codes this close: a direct pHash accept, no multi-crop partner slot
 TOP_PARTNERS = 5
 TOP_VOTE_PARTNERS = 8  # a photo with many copies needs more than 5
 MIN_VOTES = 6
@@ -38,7 +39,7 @@ RATIO = 0.85
 
 # -- candidates ---------------------------------------------------------------------------------------
 def multicrop_candidates(codes: np.ndarray, max_dist: int = MULTICROP_MAX, top: int = TOP_PARTNERS):
-    """Pairs (i, j, distance): i's full-frame pHash within ``max_dist`` of one of j's 6 crop/mirror codes."""
+    """Pairs (i, j, distance): i's full-frame pHash within ``max_dist`` of one of j's 8 crop/mirror/band-stripped codes."""
     n = len(codes)
     out: dict[tuple[int, int], int] = {}
     if n < 2:
@@ -50,6 +51,9 @@ def multicrop_candidates(codes: np.ndarray, max_dist: int = MULTICROP_MAX, top: 
         d = popcount64(q[:, None, None] ^ codes[None, :, :]).min(axis=2).astype(np.int16)
         rows = np.arange(len(q))
         d[rows, s + rows] = 99  # not itself
+        # near-identical full frames are accepted by the global pHash already: they must not take the
+        # partner slots (a photo with many resized/recoloured copies would crowd its meme or crop out)
+        d[popcount64(q[:, None] ^ full[None, :]) <= SAME_FULL] = 99
         k = min(top, n - 1)
         part = np.argpartition(d, k - 1, axis=1)[:, :k]
         for r in rows:
@@ -341,6 +345,18 @@ def _whole_frame(fa: Features, fb: Features) -> Verdict:
     return best
 
 
+def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """RANSAC similarity (rotation, uniform scale, shift) as a 3x3 matrix, with its inlier mask."""
+    import cv2
+
+    m, inl = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=5.0, maxIters=2000
+    )
+    if m is None:
+        return None, None
+    return np.vstack([m, [0.0, 0.0, 1.0]]), inl
+
+
 def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: float = MIN_NCC) -> Verdict:
     """Is b a re-framing (crop, pad, mirror, rotation, perspective, overlay) of the same photo as a?"""
     import cv2
@@ -371,6 +387,12 @@ def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: 
         src = kpb[[m.trainIdx for m in matches]]
         dst = kpa[[m.queryIdx for m in matches]]
         h, inl = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, 5.0, maxIters=2000, confidence=0.995)
+        if h is None or int(inl.sum()) < min_inliers or _sane(h):
+            # Smooth photos (moon, sky) give a degenerate homography from few spread matches; scraper
+            # crops are a similarity (scale, shift, small rotation), which 2 matches determine.
+            h2, inl2 = _similarity(src, dst)
+            if h2 is not None and int(inl2.sum()) >= min_inliers and not _sane(h2):
+                h, inl = h2, inl2
         if h is None:
             continue
         n_in = int(inl.sum())
