@@ -4,7 +4,7 @@ The set (curate.eval.build_set) is every photo bundled in scikit-image, scikit-l
 one scraper-style copy per transform, plus hard negatives (disjoint crops of other photos; different
 photos under one caption bar). Scored pairwise over groups (curate.eval.score).
 
-    python bench/dedupe_quality.py                 # hash, auto, imagededup PHash
+    python bench/dedupe_quality.py                 # hash, auto, auto-thorough (SIFT), imagededup PHash
     python bench/dedupe_quality.py --scale 5000    # + timed 5k-image run, extrapolated to 50k
 
 Writes bench/results/dedupe_quality.json and prints the per-transform table (markdown).
@@ -30,8 +30,10 @@ from bench._common import RESULTS, machine_info  # noqa: E402
 def curate_groups(root: Path, method: str) -> tuple[list[list[str]], dict[int, str], dict]:
     from curate import Dataset
 
-    with Dataset.open(root) as ds:
-        res = ds.dedupe(method=method)
+    with Dataset.open(root) as ds:  # "auto-thorough": auto with SIFT verification (--thorough)
+        res = (
+            ds.dedupe(method="auto", thorough=True) if method == "auto-thorough" else ds.dedupe(method=method)
+        )
     groups = [g.members for g in res.groups]
     keepers = {k: g.keeper for k, g in enumerate(res.groups)}
     return groups, keepers, res.stats
@@ -211,7 +213,7 @@ def table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["hash", "auto"])
+    ap.add_argument("--methods", nargs="+", default=["hash", "auto", "auto-thorough"])
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--scale", type=int, default=0, help="also time a run on this many images")
     ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_quality.json")

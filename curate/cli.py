@@ -274,6 +274,9 @@ def dedupe(
         ),
     ] = None,
     apply: Annotated[bool, typer.Option("--apply", help="Move duplicates into .curate/quarantine.")] = False,
+    thorough: Annotated[
+        bool, typer.Option("--thorough", help="auto/both: verify pairs with SIFT (slower) instead of ORB.")
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -308,6 +311,7 @@ def dedupe(
                 keep=tuple(keep.split(",")) if keep else None,
                 clip=clip,
                 progress=bar,
+                **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}
         if res.stats.get("notice"):

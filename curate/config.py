@@ -58,6 +58,7 @@ class DedupeConfig:
     keep: tuple[str, ...] = ("original",)
     min_inliers: int = 10  # auto: RANSAC inliers a verified pair needs
     min_ncc: float = 0.5  # auto: tile-median normalised cross-correlation of the warped overlap
+    thorough: bool = False  # auto: verify with SIFT (slower) instead of ORB
 
 
 T = TypeVar("T")

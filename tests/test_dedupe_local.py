@@ -191,3 +191,24 @@ def test_images_too_small_for_features_are_marked_not_decoded_again(tmp_path, mo
     calls.clear()
     second = cli("dedupe", str(root), "--json")["dedupe"]
     assert calls == [] and "features_computed" not in second["stats"]
+
+
+def test_thorough_verifies_with_sift_and_finds_the_same_groups(deduped):
+    root, info, out = deduped
+    thorough = cli("dedupe", str(root), "--thorough", "--json")["dedupe"]
+    (group,) = [g for g in thorough["groups"] if "astronaut/original.png" in g["members"]]
+    missing = [c for c in info["copies"] if c not in group["members"]]
+    assert not missing, missing
+    for g in thorough["groups"]:  # no group mixes astronaut and chelsea (the shared caption bar)
+        assert len({p.startswith("neg/") for p in g["members"]}) == 1, g["members"]
+        # SIFT also finds that each disjoint chelsea part is a crop of chelsea's meme (true links, 17 % of
+        # its frame, which ORB misses); the parts themselves are never linked to each other
+        for e in g["edges"]:
+            assert not ("_part" in e["a"] and "_part" in e["b"]), e
+    # SIFT was used: its match counts differ from ORB's on the same pairs
+    inl = {(e["a"], e["b"]): e.get("inliers") for e in group["edges"]}
+    (orb_group,) = [g for g in out["groups"] if "astronaut/original.png" in g["members"]]
+    orb_inl = {(e["a"], e["b"]): e.get("inliers") for e in orb_group["edges"]}
+    common = [k for k in inl if k in orb_inl and inl[k] and orb_inl[k]]
+    assert common and any(inl[k] != orb_inl[k] for k in common)
+    cli("dedupe", str(root), "--json")  # back to the default decisions

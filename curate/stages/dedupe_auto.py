@@ -77,6 +77,7 @@ def star_groups(
     stats: dict[str, Any] | None = None,
     min_inliers: int = 10,
     min_ncc: float = 0.5,
+    thorough: bool = False,
 ) -> list[DupGroup]:
     """Groups where every member has a (verified) link to the group's keeper."""
     from .dedupe import connected_groups
@@ -107,7 +108,11 @@ def star_groups(
                 from .local_match import verify as verify_pair
 
                 fa, fb = cache.get(records[key[0]].sha256), cache.get(records[key[1]].sha256)
-                v = verify_pair(fa, fb, min_inliers, min_ncc) if fa is not None and fb is not None else None
+                v = (
+                    verify_pair(fa, fb, min_inliers, min_ncc, thorough)
+                    if fa is not None and fb is not None
+                    else None
+                )
                 ev = measured[key] = v.evidence() if v is not None and v.ok else None
             else:
                 ev = None
@@ -127,7 +132,7 @@ def star_groups(
             return None
         from .local_match import verify as verify_pair
 
-        v = verify_pair(fa, fb, min_inliers, min_ncc)
+        v = verify_pair(fa, fb, min_inliers, min_ncc, thorough)
         if stats is not None:
             stats["keeper_checks"] = stats.get("keeper_checks", 0) + 1
         if v.ok:
@@ -188,9 +193,9 @@ def _make_group(copies: list[Copy], members: list[int], edges: list[dict], metho
 _W: dict[str, Any] = {}
 
 
-def _init_verifier(root: str, db: str, min_inliers: int, min_ncc: float) -> None:
+def _init_verifier(root: str, db: str, min_inliers: int, min_ncc: float, thorough: bool = False) -> None:
     _W["cache"] = F.FeatureCache(Manifest(root, db, create=False, write=False))
-    _W["args"] = (min_inliers, min_ncc)
+    _W["args"] = (min_inliers, min_ncc, thorough)
 
 
 def _verify_chunk(pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
@@ -221,7 +226,7 @@ def verify_many(
     if progress and pairs:
         progress(0, len(pairs))
     chunks = [pairs[k : k + chunk] for k in range(0, len(pairs), chunk)]
-    args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc)
+    args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc, cfg.thorough)
     done = 0
     if workers <= 1 or len(pairs) < 4 * chunk:
         _init_verifier(*args)
@@ -332,6 +337,7 @@ def auto_groups(
         stats=stats,
         min_inliers=cfg.min_inliers,
         min_ncc=cfg.min_ncc,
+        thorough=cfg.thorough,
     )
     stats["seconds_group"] = round(time.perf_counter() - t, 3)
     stats["seconds"] = round(time.perf_counter() - t0, 3)

@@ -357,8 +357,34 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray | None, np
     return np.vstack([m, [0.0, 0.0, 1.0]]), inl
 
 
-def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: float = MIN_NCC) -> Verdict:
-    """Is b a re-framing (crop, pad, mirror, rotation, perspective, overlay) of the same photo as a?"""
+def _sift(f: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """SIFT keypoints and descriptors of the stored grey copy and its mirror (computed once per object)."""
+    import cv2
+
+    got = getattr(f, "_sift", None)
+    if got is None:
+        sift = cv2.SIFT_create(nfeatures=N_SIFT)
+        got = []
+        for t in (f.thumb, np.ascontiguousarray(f.thumb[:, ::-1])):
+            kps, desc = sift.detectAndCompute(t, None)
+            kp = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
+            got += [kp, desc if desc is not None else np.zeros((0, 128), np.float32)]
+        f._sift = got
+    return tuple(got)
+
+
+N_SIFT = 500
+
+
+def verify(
+    fa: Features,
+    fb: Features,
+    min_inliers: int = MIN_INLIERS,
+    min_ncc: float = MIN_NCC,
+    thorough: bool = False,
+) -> Verdict:
+    """Is b a re-framing (crop, pad, mirror, rotation, perspective, overlay) of the same photo as a?
+    ``thorough``: match SIFT descriptors (computed here from the stored grey copies) instead of ORB."""
     import cv2
 
     if min(len(fa.kp), len(fb.kp)) < LOW_TEXTURE_KP:
@@ -366,20 +392,27 @@ def verify(fa: Features, fb: Features, min_inliers: int = MIN_INLIERS, min_ncc: 
 
     cv2.setNumThreads(1)  # many small calls: threads only contend on a shared machine
     best = Verdict(False, why="too few matching keypoints")
-    keep_a = _outside_bands(fa.kp, fa.thumb.shape, fa.signals.get("bands"), False)
-    kpa, da = fa.kp[keep_a], fa.desc[keep_a]
+    if thorough:
+        a_kp, a_desc, _, _ = _sift(fa)
+        b_kp, b_desc, b_mkp, b_mdesc = _sift(fb)
+        norm, max_dist = cv2.NORM_L2, np.inf
+    else:
+        a_kp, a_desc, b_kp, b_desc, b_mkp, b_mdesc = fa.kp, fa.desc, fb.kp, fb.desc, fb.mkp, fb.mdesc
+        norm, max_dist = cv2.NORM_HAMMING, 64
+    keep_a = _outside_bands(a_kp, fa.thumb.shape, fa.signals.get("bands"), False)
+    kpa, da = a_kp[keep_a], a_desc[keep_a]
     for mirror in (False, True):
         if best.ok and best.ncc >= 0.8:
             break
-        kpb, db = (fb.mkp, fb.mdesc) if mirror else (fb.kp, fb.desc)
+        kpb, db = (b_mkp, b_mdesc) if mirror else (b_kp, b_desc)
         keep_b = _outside_bands(kpb, fb.thumb.shape, fb.signals.get("bands"), mirror)
         kpb, db = kpb[keep_b], db[keep_b]
         if len(da) < 4 or len(db) < 4:
             continue
-        pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
+        pairs = cv2.BFMatcher(norm).knnMatch(da, db, k=2)
         # ratio test per pair (the index voting above deliberately does without it)
         matches = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
-        matches = [m for m in matches if m.distance <= 64]
+        matches = [m for m in matches if m.distance <= max_dist]
         if len(matches) < min_inliers:
             if not best.inliers:
                 best = Verdict(False, why=f"{len(matches)} keypoint matches")
