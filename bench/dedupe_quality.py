@@ -118,6 +118,12 @@ def quality(args) -> dict:
     return out
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process and its finished workers."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def scale_run(n: int) -> dict:
     """Time scan + auto dedupe on n images: distinct photo-like images built in code (tests/images.py),
     one in five followed by a scraper copy of it (mirror, crop, letterbox, meme, recompress, rotation)."""
@@ -141,13 +147,13 @@ def scale_run(n: int) -> dict:
             made += 1
             copies += 1
     build_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     with Dataset.open(root) as ds:
         ds.scan()
-        scan_s = time.perf_counter() - t
-        t = time.perf_counter()
+        scan_s, scan_cpu = time.perf_counter() - t, _cpu() - c
+        t, c = time.perf_counter(), _cpu()
         res = ds.dedupe(method="auto")
-        dedupe_s = time.perf_counter() - t
+        dedupe_s, dedupe_cpu = time.perf_counter() - t, _cpu() - c
         db = ds.manifest.path.stat().st_size
         feat_bytes = ds.manifest.conn.execute(
             "SELECT sum(length(thumb) + length(codes) + length(orb) + length(signals)) FROM dedupe_features"
@@ -161,6 +167,15 @@ def scale_run(n: int) -> dict:
         "build_seconds": round(build_s, 1),
         "scan_seconds": round(scan_s, 1),
         "dedupe_seconds": round(dedupe_s, 1),
+        "scan_cpu_seconds": round(scan_cpu, 1),
+        "dedupe_cpu_seconds": round(dedupe_cpu, 1),
+        "scan_cpu_ms_per_image": round(scan_cpu / n * 1000, 1),
+        "dedupe_cpu_ms_per_image": round(dedupe_cpu / n * 1000, 1),
+        "verify_wall_ms_per_pair": round(
+            res.stats.get("seconds_verify", 0) / max(1, res.stats.get("pairs_verified", 0)) * 1000, 1
+        ),
+        "load_average": list(os.getloadavg()),
+        "extrapolated_50k_hours_cpu_on_2_cores": round((scan_cpu + dedupe_cpu) / n * 50_000 / 2 / 3600, 2),
         "dedupe_stats": res.stats,
         "manifest_bytes": db,
         "feature_bytes_per_image": round(feat_bytes / n),
@@ -216,10 +231,13 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["hash", "auto", "auto-thorough"])
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--scale", type=int, default=0, help="also time a run on this many images")
+    ap.add_argument("--scale-only", action="store_true", help="only the timed run (no quality set)")
     ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_quality.json")
     args = ap.parse_args()
-    res = {"machine": machine_info(), "quality": quality(args)}
-    print(table(res["quality"]))
+    res = {"machine": machine_info()}
+    if not args.scale_only:
+        res["quality"] = quality(args)
+        print(table(res["quality"]))
     if args.scale:
         res["scale"] = scale_run(args.scale)
         print(json.dumps(res["scale"], indent=1))
