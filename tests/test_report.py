@@ -1,0 +1,68 @@
+"""`curate report` through the CLI: kept gallery with captions, KEPT / DROPPED in words, histograms."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+
+import pytest
+from PIL import ImageFilter
+from typer.testing import CliRunner
+
+from curate.cli import app
+from curate.dataset import Dataset
+from tests.images import textured
+
+runner = CliRunner()
+
+
+def _cards(page: str, cls: str) -> list[str]:
+    return re.findall(rf'<figure class="[^"]*\b{cls}\b[^"]*">(.*?)</figure>', page, re.S)
+
+
+@pytest.mark.slow
+def test_report_gallery_duplicates_rejects_histograms(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for i in range(3):
+        textured(640, 640, seed=i).save(ds / f"k{i}.png")
+    textured(640, 640, seed=0).resize((600, 600)).save(ds / "k0_copy.png")  # near duplicate of k0
+    textured(640, 640, seed=7).filter(ImageFilter.GaussianBlur(12)).save(ds / "blur.png")
+    textured(300, 300, seed=8).save(ds / "small.png")
+    (ds / "k1.txt").write_text("a photo of  my dog, on grass\n")
+    for cmd in (["scan", str(ds)], ["filter", str(ds)], ["dedupe", str(ds)], ["report", str(ds)]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 0, res.output
+    page = (ds / ".curate" / "report.html").read_text()
+
+    kept = _cards(page, "gallery")
+    paths = sorted(re.search(r'class="path">(.*?)<', c).group(1) for c in kept)
+    assert len(paths) == 3 and paths[1] == "k1.png" and {"k0.png", "k0_copy.png"} & set(paths)
+    k1 = next(c for c in kept if 'class="path">k1.png<' in c)
+    assert re.search(r'class="caption">(.*?)</span>', k1).group(1) == "a photo of my dog, on grass"
+    assert all('<span class="label">KEPT</span>' in c for c in kept)
+
+    dropped = [unescape(c) for c in _cards(page, "dup-dropped")]
+    keeper = next(c for c in _cards(page, "dup-kept"))
+    keeper_path = "k0.png" if "k0.png<" in keeper.split("</span>", 1)[1][:12] else "k0_copy.png"
+    assert len(dropped) == 1 and f"DROPPED — duplicate of {keeper_path}" in dropped[0]
+    assert "link:" in dropped[0]  # the evidence of the link, as the manifest recorded it
+
+    rejects = {re.search(r"</span>([\w.]+)<br>", c).group(1): unescape(c) for c in _cards(page, "reject")}
+    assert set(rejects) == {"blur.png", "small.png"}
+    assert "DROPPED — too-small" in rejects["small.png"] and "score 300" in rejects["small.png"]
+    assert "threshold 512" in rejects["small.png"]
+    with Dataset.open(ds, create=False) as d:
+        sharp = {r.path: r.scores["sharpness"] for r in d.manifest.images()}
+    assert (
+        "DROPPED — blurry" in rejects["blur.png"] and f"score {sharp['blur.png']:.1f}" in rejects["blur.png"]
+    )
+    assert "threshold 10.0" in rejects["blur.png"]
+
+    svg = re.search(r'<svg class="hist" data-metric="sharpness".*?</svg>', page, re.S).group(0)
+    bins = [(float(a), float(b), int(c)) for a, b, c in re.findall(
+        r'data-lo="([^"]+)" data-hi="([^"]+)" data-count="(\d+)"', svg)]  # fmt: skip
+    assert sum(c for *_, c in bins) == len(sharp) == 6
+    for v in sharp.values():  # every planted score sits in a bin that counts it
+        assert any(a - 1e-3 <= v <= b + 1e-3 and c for a, b, c in bins)
+    assert 'class="threshold" data-value="10"' in svg
