@@ -30,10 +30,14 @@ def test_report_gallery_duplicates_rejects_histograms(tmp_path):
     textured(640, 640, seed=7).filter(ImageFilter.GaussianBlur(12)).save(ds / "blur.png")
     textured(300, 300, seed=8).save(ds / "small.png")
     (ds / "k1.txt").write_text("a photo of  my dog, on grass\n")
-    for cmd in (["scan", str(ds)], ["filter", str(ds)], ["dedupe", str(ds)], ["report", str(ds)]):
+    out = tmp_path / "site" / "report.html"  # elsewhere: the thumbnails go beside it
+    steps = (["scan"], ["filter"], ["dedupe"], ["split", "--val", "0.34", "--seed", "0"], ["bucket"])
+    for cmd in (*([c[0], str(ds), *c[1:]] for c in steps), ["report", str(ds), "--out", str(out)]):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 0, res.output
-    page = (ds / ".curate" / "report.html").read_text()
+    page = out.read_text()
+    thumbs = re.findall(r'<img src="(thumbs/[0-9a-f]+\.jpg)"', page)
+    assert thumbs and all((out.parent / t).is_file() for t in thumbs)
 
     kept = _cards(page, "gallery")
     paths = sorted(re.search(r'class="path">(.*?)<', c).group(1) for c in kept)
@@ -41,6 +45,13 @@ def test_report_gallery_duplicates_rejects_histograms(tmp_path):
     k1 = next(c for c in kept if 'class="path">k1.png<' in c)
     assert re.search(r'class="caption">(.*?)</span>', k1).group(1) == "a photo of my dog, on grass"
     assert all('<span class="label">KEPT</span>' in c for c in kept)
+    splits = [re.search(r"split: (\w+)<", c).group(1) for c in kept]
+    assert sorted(splits) == ["train", "train", "val"]  # 3 kept images, --val 0.34
+    with Dataset.open(ds, create=False) as d:
+        buckets = {r.path: r.bucket for r in d.kept()}
+    for c in kept:
+        p = re.search(r'class="path">(.*?)<', c).group(1)
+        assert f"bucket: {buckets[p][0]}x{buckets[p][1]}" in c
 
     dropped = [unescape(c) for c in _cards(page, "dup-dropped")]
     keeper = next(c for c in _cards(page, "dup-kept"))
@@ -66,3 +77,8 @@ def test_report_gallery_duplicates_rejects_histograms(tmp_path):
     for v in sharp.values():  # every planted score sits in a bin that counts it
         assert any(a - 1e-3 <= v <= b + 1e-3 and c for a, b, c in bins)
     assert 'class="threshold" data-value="10"' in svg
+    side = re.search(r'<svg class="hist" data-metric="short side \(px\)".*?</svg>', page, re.S).group(0)
+    counts = [int(c) for c in re.findall(r'data-count="(\d+)"', side)]
+    assert counts[0] == 1 and counts[-1] == 4 and sum(counts) == 6  # 300; 600; 640 x 4 (axis 300..640)
+    assert 'class="threshold" data-value="512"' in side
+    assert ">KEPT<" in page and ">DROPPED — " in page

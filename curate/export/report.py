@@ -7,6 +7,7 @@ import html
 import json
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -23,9 +24,10 @@ THUMB = 160
 SECTIONS: list = []
 
 
-def _thumb(manifest: Manifest, rec: ImageRecord, path: str) -> str:
-    """Relative URL of a cached thumbnail (made once per content hash), or '' if undecodable."""
-    tdir = manifest.state_dir / "thumbs"  # beside the manifest when the dataset is read-only
+def _thumb(manifest: Manifest, rec: ImageRecord, path: str, tdir: Path | None = None) -> str:
+    """Relative URL of a cached thumbnail (made once per content hash, in thumbs/ beside the report),
+    or '' if undecodable."""
+    tdir = tdir or manifest.state_dir / "thumbs"  # beside the manifest when the dataset is read-only
     out = tdir / f"{rec.sha256[:20]}.jpg"
     if not out.exists():
         src = manifest.root / path
@@ -124,6 +126,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     rejected = manifest.rejected_paths()
     counts = manifest.counts()
     esc = html.escape
+    thumb = partial(_thumb, manifest, tdir=out.parent / "thumbs")  # the page and its thumbs travel together
     reasons = Counter(r for items in rejected.values() for _, reason, _ in items for r in reason.split(","))
     kept = [r for r in recs if not r.error and r.paths and not any(p in rejected for p in r.paths)]
     parts = [
@@ -184,7 +187,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
                 f'<span class="caption">{esc(cap)}</span>'
                 + "".join(f'<span class="meta">{esc(m)}</span>' for m in meta)
             )
-            parts.append(_card(_thumb(manifest, r, r.path), body, "keep gallery", alt=cap or r.path))
+            parts.append(_card(thumb(r, r.path), body, "keep gallery", alt=cap or r.path))
         parts.append("</details>")
 
     groups: dict[int, list[ImageRecord]] = {}
@@ -209,7 +212,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
                 caption = f'<span class="label">{esc(label)}</span>{esc(p)}' + (
                     f'<br><span class="why">{esc(note)}</span>' if note else ""
                 )
-                parts.append(_card(_thumb(manifest, m, p), caption, cls, alt=f"{label}: {p}"))
+                parts.append(_card(thumb(m, p), caption, cls, alt=f"{label}: {p}"))
         parts.append(f"<pre>{esc(explain or '')}</pre></div>")
 
     # -- rejects, by reason, with score and threshold
@@ -236,7 +239,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
                 f'<span class="label">DROPPED — {esc(reason)}</span>{esc(path)}<br>{num}'
                 f'<span class="why">{esc(stage)}: {esc(d or "")}</span>'
             )
-            src = _thumb(manifest, rec, path) if rec and not rec.error else ""
+            src = thumb(rec, path) if rec and not rec.error else ""
             parts.append(_card(src, body, "drop reject", alt=f"dropped, {reason}: {path}"))
 
     # -- tags
@@ -252,6 +255,8 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     else:
         parts.append("<p>No tags yet (run <code>curate tag</code>).</p>")
 
+    for section in SECTIONS:
+        parts.append(section(manifest))
     # -- buckets: examples per bucket (the counts table comes from the bucket stage's section)
     per_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
     for r in kept:
@@ -265,11 +270,7 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
             f'<div class="group bucket" data-bucket="{bw}x{bh}"><b>{bw}x{bh}: {len(items)} images</b><br>'
         )
         for r in items[:6]:
-            parts.append(
-                _card(_thumb(manifest, r, r.path), esc(r.path), "", alt=f"bucket {bw}x{bh}: {r.path}")
-            )
+            parts.append(_card(thumb(r, r.path), esc(r.path), "", alt=f"bucket {bw}x{bh}: {r.path}"))
         parts.append("</div>")
-    for section in SECTIONS:
-        parts.append(section(manifest))
     atomic_write_text(out, "\n".join(parts))
     return out
