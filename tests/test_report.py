@@ -29,6 +29,7 @@ def test_report_gallery_duplicates_rejects_histograms(tmp_path):
     textured(640, 640, seed=0).resize((600, 600)).save(ds / "k0_copy.png")  # near duplicate of k0
     textured(640, 640, seed=7).filter(ImageFilter.GaussianBlur(12)).save(ds / "blur.png")
     textured(300, 300, seed=8).save(ds / "small.png")
+    (ds / "curate.toml").write_text("[filter]\nmax_brightness = 0.9\n")  # rejects nothing: drawn from config
     (ds / "k1.txt").write_text("a photo of  my dog, on grass\n")
     out = tmp_path / "site" / "report.html"  # elsewhere: the thumbnails go beside it
     steps = (["scan"], ["filter"], ["dedupe"], ["split", "--val", "0.34", "--seed", "0"], ["bucket"])
@@ -82,4 +83,6 @@ def test_report_gallery_duplicates_rejects_histograms(tmp_path):
     counts = [int(c) for c in re.findall(r'data-count="(\d+)"', side)]
     assert counts[0] == 1 and counts[-1] == 4 and sum(counts) == 6  # 300; 600; 640 x 4 (axis 300..640)
     assert 'class="threshold" data-value="512"' in side
+    bright = re.search(r'<svg class="hist" data-metric="brightness".*?</svg>', page, re.S).group(0)
+    assert 'class="threshold" data-value="0.9"' in bright and 'data-value="0.05"' in bright
     assert ">KEPT<" in page and ">DROPPED — " in page

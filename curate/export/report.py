@@ -98,9 +98,9 @@ def score_and_threshold(detail: str | None) -> tuple[str, str, str] | None:
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
-def _thresholds(rejected: dict) -> dict[str, float]:
-    """FilterConfig field -> threshold in effect: what the recorded rejects say, else the defaults."""
-    out = {k: float(getattr(FilterConfig(), k)) for k in set(_REASON_FIELD.values())}
+def _thresholds(rejected: dict, cfg: FilterConfig) -> dict[str, float]:
+    """FilterConfig field -> threshold in effect: what the recorded rejects say, else the config's."""
+    out = {k: float(getattr(cfg, k)) for k in set(_REASON_FIELD.values())}
     for items in rejected.values():
         for stage, reason, detail in items:
             for r, d in zip(reason.split(","), (detail or "").split("; "), strict=False):
@@ -118,8 +118,10 @@ def _trigger(manifest: Manifest) -> str | None:
     return words[0] if words else None
 
 
-def build_report(manifest: Manifest, out: Path | None = None) -> Path:
-    """Write the report (default ``.curate/report.html``) and return its path."""
+def build_report(manifest: Manifest, out: Path | None = None, filter_cfg: FilterConfig | None = None) -> Path:
+    """Write the report (default ``.curate/report.html``) and return its path.
+
+    ``filter_cfg`` gives the thresholds drawn on the histograms where no recorded reject names one."""
     out = out or manifest.state_dir / "report.html"
     recs = manifest.images(include_errors=True, statuses=("ok", "quarantined"))
     by_path = {p: r for r in recs for p in r.paths}
@@ -155,9 +157,9 @@ def build_report(manifest: Manifest, out: Path | None = None) -> Path:
     parts.append("</table>")
 
     # -- score histograms with the thresholds in effect
-    thr = _thresholds(rejected)
+    thr = _thresholds(rejected, filter_cfg or FilterConfig())
     parts.append('<h2 id="histograms">Score histograms</h2><p>All decoded images; dashed red lines are the '
-                 "filter thresholds (from the recorded rejects, else the defaults).</p>")  # fmt: skip
+                 "filter thresholds (from the recorded rejects, else the config).</p>")  # fmt: skip
     scored = [r for r in recs if not r.error]
     for name, get, fields in METRICS:
         vals = [float(v) for v in (get(r) for r in scored) if v is not None]
