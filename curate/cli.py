@@ -408,7 +408,7 @@ def report(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Write an HTML page: summary, duplicate groups as contact sheets, rejects with reasons."""
+    """Write an HTML page: kept gallery with captions, score histograms, duplicates and rejects in words."""
     with _open(path, manifest, config, create=False, write=False) as ds:
         p = ds.report(out)
     if as_json:

@@ -127,7 +127,7 @@ class Dataset:
 
         if report_section not in SECTIONS:
             SECTIONS.append(report_section)
-        return build_report(self.manifest, Path(out) if out else None)
+        return build_report(self.manifest, Path(out) if out else None, self.config.filter)
 
     def split(self, val: float = 0.1, seed: int = 0, **options: Any):
         """Train/val split of the kept images, grouped so no near-duplicate crosses it (images.split)."""
