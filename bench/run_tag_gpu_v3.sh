@@ -19,9 +19,9 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
       "onnxruntime", o.__version__, o.get_available_providers(), "cores", os.cpu_count())
 PY
 timeout 75 python3 -m pytest -q -rs -s -p no:cacheprovider -p no:warnings tests/test_tag_gpu.py \
-  tests/test_tag_backends.py 2>&1 | grep -v "^$" > "$OUT/tag_gpu_tests.txt"
+  tests/test_tag_gpu_decode.py tests/test_tag_backends.py 2>&1 | grep -v "^$" > "$OUT/tag_gpu_tests.txt"
 tail -12 "$OUT/tag_gpu_tests.txt"
-BENCH_ARGS=${BENCH_ARGS:---v3 vit swinv2 --images 3000 --baseline-images 16 --v3-batches 128 --v3-repeats 1}
+BENCH_ARGS=${BENCH_ARGS:---v3 vit swinv2 --images 3000 --baseline-images 16 --v3-batches 128 --v3-repeats 2 --v3-dtypes auto --v3-e2e auto:auto}
 # shellcheck disable=SC2086
 timeout 160 python3 bench/tagger_speed.py $BENCH_ARGS --skip-tagger --blip none --out "$OUT/tag_gpu_h200.jsonl" 2>&1 \
   | grep -E '^\{|Error|error' | tail -30

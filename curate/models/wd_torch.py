@@ -237,9 +237,10 @@ class TorchTagger:
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             if not self.cuda:
                 return _Ready(self._forward(x).numpy())
-            if not x.is_pinned():
-                x = x.pin_memory()
-            x = x.to(self.torch_device, non_blocking=True)
+            if x.device != self.torch_device:  # host batch (already on the device after nvJPEG decoding)
+                if not x.is_pinned():
+                    x = x.pin_memory()
+                x = x.to(self.torch_device, non_blocking=True)
             probs = self._forward(x)
             out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(probs, non_blocking=True)
@@ -291,3 +292,66 @@ class TorchTagger:
             return 16
         fits = int(0.5 * free / per_image)
         return max(1, min(MAX_AUTO_BATCH, fits // 8 * 8 if fits >= 8 else fits))
+
+
+def prepare_tensor(img, size: int, scale: int, interpolation: str = "bicubic"):
+    """uint8 [3, H, W] RGB tensor (any device) -> uint8 [size, size, 3]: ``prepare_u8`` done with torch ops.
+
+    Centred white pad (offset ``(side - w) // 2``), then a resize to ``scale`` only when the side differs (antialiased
+    ``interpolate``, within a few levels of PIL's filter), then the centre crop. Used after nvJPEG decoding so that
+    pad and resize run on the GPU; on the CPU it is what the tests compare with the PIL path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    side = max(h, w)
+    if h != w:
+        sq = torch.full((3, side, side), 255, dtype=torch.uint8, device=img.device)
+        top, left = (side - h) // 2, (side - w) // 2
+        sq[:, top : top + h, left : left + w] = img
+    else:
+        sq = img
+    if side != scale:
+        mode = interpolation if interpolation in ("bicubic", "bilinear") else "bicubic"
+        x = F.interpolate(
+            sq[None].float(), size=(scale, scale), mode=mode, antialias=True, align_corners=False
+        )
+        sq = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    if scale != size:
+        top = int(round((scale - size) / 2.0))
+        sq = sq[:, top : top + size, top : top + size]
+    return sq.permute(1, 2, 0)
+
+
+def decode_jpegs(datas: list, device) -> list:
+    """JPEG byte tensors -> uint8 [3, H, W] RGB on ``device`` in one nvJPEG call; None for an image it rejects."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+    try:
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except (RuntimeError, ValueError):
+        if len(datas) == 1:
+            return [None]
+    return [decode_jpegs([d], device)[0] for d in datas]
+
+
+def gpu_batch(tagger: TorchTagger, datas: list):
+    """JPEG bytes (uint8 tensors) -> (uint8 [N, size, size, 3] on the tagger's device, ok mask) via nvJPEG.
+
+    Images nvJPEG rejects (progressive CMYK, corrupt) come back not ok; the caller decodes them with PIL.
+    """
+    import torch
+
+    imgs = decode_jpegs(datas, tagger.torch_device)
+    n, s = len(datas), tagger.size
+    out = torch.empty((n, s, s, 3), dtype=torch.uint8, device=tagger.torch_device)
+    ok = []
+    for i, img in enumerate(imgs):
+        ok.append(img is not None)
+        if img is not None:
+            out[i] = prepare_tensor(img, s, tagger._scale, tagger.cfg.interpolation)
+    return out, ok
