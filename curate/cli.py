@@ -143,10 +143,14 @@ def scan(
         ),
     ] = False,
     engine: Annotated[
-        str, typer.Option("--engine", help="local (process pool) or ray (Ray Data tasks, pip install 'curate[ray]').")
+        str,
+        typer.Option(
+            "--engine", help="local (process pool) or ray (Ray Data tasks, pip install 'curate[ray]')."
+        ),
     ] = "local",
     address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray.")
+        str | None,
+        typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
     ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
