@@ -72,9 +72,9 @@ def _global_options(
     _manifest.WAIT_FOR_WRITER = wait
 
 
-def _do_scan(ds: Dataset, as_json: bool) -> dict:
+def _do_scan(ds: Dataset, as_json: bool, engine: str = "local", address: str | None = None) -> dict:
     with progress_bar("scan", enabled=not as_json) as bar:
-        res = ds.scan(progress=bar)
+        res = ds.scan(progress=bar, engine=engine, address=address)
     return res.as_dict()
 
 
@@ -142,13 +142,23 @@ def scan(
             ".before-rebuild-<time> and build a fresh one from the files.",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", help="local (process pool) or ray (Ray Data tasks, pip install 'curate[ray]')."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
     """Read every new or changed image once: metadata, quality scores, perceptual hashes."""
     with _open(path, manifest, config, rebuild=rebuild) as ds:
-        d = _do_scan(ds, as_json)
+        d = _do_scan(ds, as_json, engine, address)
         d["summary"] = ds.summary()
         d["unusable"] = _unusable(ds, d)
     if as_json:

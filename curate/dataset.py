@@ -59,11 +59,21 @@ class Dataset:
             raise CurateError(f"dataset folder {self.root} is read-only; {what}", exit_code=1)
 
     # -- stages ------------------------------------------------------------------------------------
-    def scan(self, *, progress=None, **options: Any):
-        """Read new/changed images; record metadata, quality scores and perceptual hashes."""
+    def scan(self, *, progress=None, engine: str = "local", address: str | None = None, **options: Any):
+        """Read new/changed images; record metadata, quality scores and perceptual hashes.
+
+        ``engine`` is local (process pool) or ray (Ray Data tasks; ``address`` joins a cluster).
+        """
         from .stages.scan import scan
 
-        return scan(self.manifest, override(self.config.scan, **options), progress=progress)
+        mapper = None
+        if engine == "ray":
+            from .engine.ray_engine import scan_mapper
+
+            mapper = scan_mapper(address)
+        elif engine != "local":
+            raise CurateError(f"unknown engine {engine!r}; choose local or ray")
+        return scan(self.manifest, override(self.config.scan, **options), progress=progress, mapper=mapper)
 
     def filter(self, **options: Any):
         """Mark images that break quality thresholds as rejects (stored scores only, no decoding)."""

@@ -173,8 +173,12 @@ def scan(
     *,
     progress: Progress | None = None,
     batch_size: int = 64,
+    mapper: Callable[[list[str], frozenset[str], ScanConfig], Any] | None = None,
 ) -> ScanResult:
-    """Bring the manifest up to date with the files under ``manifest.root``."""
+    """Bring the manifest up to date with the files under ``manifest.root``.
+
+    ``mapper`` runs ``_read_one`` elsewhere (curate.engine.ray_engine); the default is the local pool.
+    """
     t0 = time.perf_counter()
     root = manifest.root
     res = ScanResult()
@@ -270,7 +274,9 @@ def scan(
         manifest.commit()
 
     try:
-        if workers <= 1 or total < 16:
+        if mapper is not None:
+            run(mapper(abs_paths, known, cfg))
+        elif workers <= 1 or total < 16:
             _init_worker(known, cfg)
             run(map(_read_one, abs_paths))
         else:

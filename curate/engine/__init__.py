@@ -1,0 +1,1 @@
+"""Execution engines for the per-image stages: the local process pool (default) or Ray."""
