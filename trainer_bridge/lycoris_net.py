@@ -147,6 +147,12 @@ def _make(model: nn.Module, cfg, part: str, dim: int, alpha: float, conv_dim: in
     return net
 
 
+# SDXL layers outside lora.py's LoRA targets, in sgm/LDM naming (what A1111/Forge's SDXL model and sd-scripts use)
+_SGM_EXTRA = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+
+
 def _register(
     net, model: nn.Module, names: dict[str, str], prefix: str, sdxl_lpb: int | None, te: bool
 ) -> None:
@@ -157,6 +163,14 @@ def _register(
             path = (
                 "text_model." + path
             )  # transformers 5's CLIPTextModel drops the text_model level (as lora.py)
+        if sdxl_lpb is not None and path in _SGM_EXTRA:
+            names[m.lora_name + f"@{id(net)}"] = f"{prefix}_{_SGM_EXTRA[path].replace('.', '_')}"
+            continue
+        if sdxl_lpb is not None and (n := re.fullmatch(r"(.+resnets\.\d+)\.norm([12])", path)):
+            sub = "in_layers_0" if n[2] == "1" else "out_layers_0"  # LDM ResBlock: norm1, norm2
+            base = kohya_name(prefix, n[1] + ".conv1", sdxl_lpb).rsplit("_in_layers_2", 1)[0]
+            names[m.lora_name + f"@{id(net)}"] = f"{base}_{sub}"
+            continue
         names[m.lora_name + f"@{id(net)}"] = kohya_name(prefix, path, sdxl_lpb)
     net.apply_to()
     for m in net.loras:
