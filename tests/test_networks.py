@@ -155,3 +155,21 @@ def test_bad_network_options_are_one_line_cli_errors(tmp_path):
         res = CliRunner().invoke(app, ["train", str(tmp_path), "--set", opt])
         assert res.exit_code != 0 and msg in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_clip_skip_matches_diffusers_penultimate_layer(pipe):
+    from trainer_bridge.data import encode_prompts
+
+    prompts = ["a photo of sks", "red"]
+    with torch.no_grad():
+        last, _ = encode_prompts([pipe.tokenizer], [pipe.text_encoder], prompts, "cpu")
+        ours, _ = encode_prompts([pipe.tokenizer], [pipe.text_encoder], prompts, "cpu", clip_skip=2)
+        # independent: the same encoder with its last layer removed gives the penultimate layer, normed
+        short = copy.deepcopy(pipe.text_encoder)
+        enc = getattr(short, "text_model", short).encoder
+        enc.layers = enc.layers[:-1]
+        theirs = short(
+            pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        )[0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (ours - last).norm() / last.norm() > 0.05

@@ -232,14 +232,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             embs, pooled = zip(
                 *(
-                    D.encode_prompts(toks, tes, captions[i : i + 32], dev)
+                    D.encode_prompts(toks, tes, captions[i : i + 32], dev, cfg.clip_skip)
                     for i in range(0, len(captions), 32)
                 ),
                 strict=True,
             )
             emb_all = torch.cat(embs).to(weight_dtype)
             pooled_all = torch.cat(pooled).to(weight_dtype) if sdxl else None
-            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev)
+            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev, cfg.clip_skip)
             emb_empty = emb_empty.to(weight_dtype)
             pooled_empty = pooled_empty.to(weight_dtype) if sdxl else None
         if cfg.sample_every_n_steps <= 0:
@@ -357,7 +357,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None),
             ):
                 encoders = te_fwd if train_mode else tes  # DDP: the wrapped text encoders while training
-                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev)
+                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev, cfg.clip_skip)
         added = {"text_embeds": pooled_b, "time_ids": time_ids[idx]} if sdxl else None
         return emb, added
 
@@ -504,11 +504,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
         pipe.set_progress_bar_config(disable=True)
         sample_dir = out_dir / "sample"
         sample_dir.mkdir(exist_ok=True)
+        skip = {"clip_skip": cfg.clip_skip - 1} if cfg.clip_skip > 1 and not sdxl else {}  # diffusers: 1 = penultimate
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             for k, prompt in enumerate(cfg.sample_prompts):
                 g = torch.Generator(dev).manual_seed(cfg.seed + k)
                 img = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=spec.resolution,
-                           width=spec.resolution).images[0]  # fmt: skip
+                           width=spec.resolution, **skip).images[0]  # fmt: skip
                 img.save(sample_dir / f"{cfg.output_name}_{step:06d}_{k:02d}.png")
                 if writer:
                     import numpy as np
