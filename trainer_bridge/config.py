@@ -73,8 +73,8 @@ class TrainConfig:
     conv_alpha: float = 1.0
     # LyCORIS (trainer_bridge/lycoris_net.py, docs/networks.md): lora | locon | loha | lokr | dora | full
     network: str = "lora"
-    preset: str = ""  # "" = lora.py's targets (lora/locon) or lycoris' "full" (others); full | full-lin | attn-mlp ...
-    block_dims: list[int] = field(default_factory=list)  # per UNet block: input blocks, mid, output (25 for SD1.5)
+    preset: str = ""  # "": lora.py's layers (lora/locon), lycoris' "full" (others); docs/networks.md
+    block_dims: list[int] = field(default_factory=list)  # per UNet block; 25 for SD1.5, 19 for SDXL
     block_alphas: list[float] = field(default_factory=list)
     rank_dropout: float = 0.0
     module_dropout: float = 0.0

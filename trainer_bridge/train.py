@@ -257,7 +257,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if train_te:
             prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
             for te, prefix in zip(tes, prefixes, strict=True):
-                te_mods += L.inject_text_encoder(te, prefix, cfg.network_dim, cfg.network_alpha, cfg.network_dropout)
+                te_mods += L.inject_text_encoder(
+                    te, prefix, cfg.network_dim, cfg.network_alpha, cfg.network_dropout
+                )
     for te in tes if train_te else []:
         te.train()
     all_mods = mods + te_mods
@@ -468,9 +470,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         """Write <name>.safetensors and (with_state) the resumable <state_name or name-state>/ folder."""
         if not main:  # DDP: the LoRA is the same on every rank; rank 0 writes it
             return None, None
-        path = save_lora(
-            out_dir / f"{name}.safetensors", net_sd(save_dtype), metadata(epoch, step)
-        )
+        path = save_lora(out_dir / f"{name}.safetensors", net_sd(save_dtype), metadata(epoch, step))
         state = None
         if with_state:
             info = {
@@ -504,7 +504,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         pipe.set_progress_bar_config(disable=True)
         sample_dir = out_dir / "sample"
         sample_dir.mkdir(exist_ok=True)
-        skip = {"clip_skip": cfg.clip_skip - 1} if cfg.clip_skip > 1 and not sdxl else {}  # diffusers: 1 = penultimate
+        skip = (
+            {"clip_skip": cfg.clip_skip - 1} if cfg.clip_skip > 1 and not sdxl else {}
+        )  # diffusers: 1 = penultimate
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             for k, prompt in enumerate(cfg.sample_prompts):
                 g = torch.Generator(dev).manual_seed(cfg.seed + k)
