@@ -71,6 +71,20 @@ class TrainConfig:
     network_train_ff: bool = False  # also proj_in/proj_out and feed-forward layers of the transformer blocks
     conv_dim: int = 0  # > 0: LoCon on resnet / sampler convs
     conv_alpha: float = 1.0
+    # LyCORIS (trainer_bridge/lycoris_net.py, docs/networks.md): lora | locon | loha | lokr | dora | full
+    network: str = "lora"
+    preset: str = ""  # "": lora.py's layers (lora/locon), lycoris' "full" (others); docs/networks.md
+    block_dims: list[int] = field(default_factory=list)  # per UNet block; 25 for SD1.5, 19 for SDXL
+    block_alphas: list[float] = field(default_factory=list)
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    train_norm: bool = False
+    use_tucker: bool = False
+    use_scalar: bool = False
+    dora_wd: bool = False  # DoRA on top of lora/locon/loha/lokr (network=dora is lora + dora_wd)
+    full_matrix: bool = False  # "lokr full": LoKr with both factors full matrices
+    lokr_factor: int = -1
+    clip_skip: int = 0  # SD1.5: 2 = condition on the penultimate CLIP layer (as A1111/sd-scripts); 0/1 = last
     # optimisation
     epochs: int = 10
     max_steps: int = 0  # > 0 caps the run (optimizer steps)
@@ -188,6 +202,17 @@ class TrainConfig:
                 raise TrainError(f"{name} must be positive (or 0 for the default), got {getattr(self, name)}")
         if self.prior_loss_weight < 0:
             raise TrainError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        from trainer_bridge.lycoris_net import ALGOS, PRESETS
+
+        if self.network not in ALGOS:
+            raise TrainError(f"network must be one of {', '.join(sorted(ALGOS))}, got {self.network!r}")
+        if self.preset and self.preset not in PRESETS:
+            raise TrainError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for name in ("network_dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.clip_skip < 0:
+            raise TrainError(f"clip_skip must be >= 0, got {self.clip_skip}")
         check_output_name(self.output_name)
         return self
 

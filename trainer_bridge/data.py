@@ -417,15 +417,20 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
     return out
 
 
-def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], device):
-    """CLIP conditioning: SD1.5 last hidden state; SDXL penultimate states of both encoders + pooled CLIP-G."""
+def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], device, clip_skip: int = 0):
+    """CLIP conditioning: SD1.5 last hidden state (clip_skip >= 2: that layer from the end, through the final
+    layer norm, as sd-scripts and A1111 do); SDXL penultimate states of both encoders + pooled CLIP-G."""
     import torch
 
     hs, pooled = [], None
     for i, (tok, te) in enumerate(zip(tokenizers, text_encoders, strict=True)):
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)  # fmt: skip
-        if len(text_encoders) == 1:
+        if len(text_encoders) == 1 and clip_skip >= 2:
+            h = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
+            clip = getattr(te, "module", te)  # DDP-wrapped while training
+            hs.append(getattr(clip, "text_model", clip).final_layer_norm(h))
+        elif len(text_encoders) == 1:
             hs.append(te(ids)[0])
         else:
             o = te(ids, output_hidden_states=True)

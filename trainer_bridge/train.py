@@ -232,35 +232,45 @@ def _train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             embs, pooled = zip(
                 *(
-                    D.encode_prompts(toks, tes, captions[i : i + 32], dev)
+                    D.encode_prompts(toks, tes, captions[i : i + 32], dev, cfg.clip_skip)
                     for i in range(0, len(captions), 32)
                 ),
                 strict=True,
             )
             emb_all = torch.cat(embs).to(weight_dtype)
             pooled_all = torch.cat(pooled).to(weight_dtype) if sdxl else None
-            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev)
+            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev, cfg.clip_skip)
             emb_empty = emb_empty.to(weight_dtype)
             pooled_empty = pooled_empty.to(weight_dtype) if sdxl else None
         if cfg.sample_every_n_steps <= 0:
             for te in tes:
                 te.to("cpu")  # frees memory; sampling would need them back
 
-    # LoRA (trainable weights in fp32; the frozen base in weight_dtype)
-    mods = L.inject_unet(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, cfg.network_train_ff,
-                         cfg.conv_dim, cfg.conv_alpha, sdxl=sdxl)  # fmt: skip
-    te_mods = []
-    if train_te:
-        prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
-        for te, prefix in zip(tes, prefixes, strict=True):
-            te_mods += L.inject_text_encoder(
-                te, prefix, cfg.network_dim, cfg.network_alpha, cfg.network_dropout
-            )
-            te.train()
+    # LoRA (trainable weights in fp32; the frozen base in weight_dtype); LoHa/LoKr/DoRA/presets: lycoris_net.py
+    from trainer_bridge import lycoris_net as LY
+
+    lyco = LY.build(unet, tes, cfg, sdxl, train_te) if LY.uses_lycoris(cfg) else None
+    mods, te_mods = [], []
+    if lyco is None:
+        mods = L.inject_unet(unet, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, cfg.network_train_ff,
+                             cfg.conv_dim, cfg.conv_alpha, sdxl=sdxl)  # fmt: skip
+        if train_te:
+            prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
+            for te, prefix in zip(tes, prefixes, strict=True):
+                te_mods += L.inject_text_encoder(
+                    te, prefix, cfg.network_dim, cfg.network_alpha, cfg.network_dropout
+                )
+    for te in tes if train_te else []:
+        te.train()
     all_mods = mods + te_mods
     for m in all_mods:
         m.lora_down.float().requires_grad_(True)
         m.lora_up.float().requires_grad_(True)
+    all_mods = lyco.modules if lyco else all_mods  # below: eval() / train() around validation and samples
+
+    def net_sd(dtype):
+        return lyco.state_dict(dtype) if lyco else L.lora_state_dict(all_mods, dtype)
+
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -284,10 +294,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     unet_fwd = (
         torch.compile(unet_ddp, dynamic=False) if cfg.compile else unet_ddp
     )  # one static graph per bucket shape
-    params = L.lora_parameters(all_mods)
-    groups = [{"params": L.lora_parameters(mods), "lr": cfg.unet_lr}]
-    if te_mods:
-        groups.append({"params": L.lora_parameters(te_mods), "lr": cfg.text_encoder_lr})
+    params = lyco.parameters() if lyco else L.lora_parameters(all_mods)
+    groups = [{"params": lyco.parameters("unet") if lyco else L.lora_parameters(mods), "lr": cfg.unet_lr}]
+    if te_mods or (lyco and lyco.te_nets):
+        te_params = lyco.parameters("te") if lyco else L.lora_parameters(te_mods)
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
     optimizer = build_optimizer(cfg.optimizer, groups, cfg.unet_lr, cfg.weight_decay, dev.type)
     scaler = torch.amp.GradScaler(dev.type) if amp is torch.float16 else None
 
@@ -308,7 +319,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if resumed:
         lora_sd, opt_sd, sched_sd, info, rng = resumed
         try:
-            L.load_lora_state_dict(all_mods, lora_sd)
+            lyco.load_state_dict(lora_sd) if lyco else L.load_lora_state_dict(all_mods, lora_sd)
             optimizer.load_state_dict(opt_sd)
             scheduler.load_state_dict(sched_sd)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -348,7 +359,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None),
             ):
                 encoders = te_fwd if train_mode else tes  # DDP: the wrapped text encoders while training
-                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev)
+                emb, pooled_b = D.encode_prompts(toks, encoders, caps, dev, cfg.clip_skip)
         added = {"text_embeds": pooled_b, "time_ids": time_ids[idx]} if sdxl else None
         return emb, added
 
@@ -368,7 +379,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     fast = make_fast_step(cfg, unet_fwd=unet_fwd, params=params, optimizer=optimizer, alphas_cumprod=alphas_cumprod,
                           loss_kw=loss_kw, device=dev, world=world, train_te=train_te, scaler=scaler)  # fmt: skip
-    if fast is not None and any(it.subset.is_reg for it in items):
+    if fast is not None and (lyco is not None or any(it.subset.is_reg for it in items)):
         fast = None  # the graph step has no per-sample loss weights: with reg images (prior_loss_weight) step plainly
 
     @torch.no_grad()
@@ -424,12 +435,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "ss_epoch": epoch, "ss_steps": step, "ss_max_train_steps": total_steps, "ss_batch_size_per_device": spec.batch_size,
             "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_gradient_accumulation_steps": cfg.grad_accum,
             "ss_lr_warmup_steps": cfg.lr_warmup_steps, "ss_lr_scheduler": cfg.lr_scheduler,
-            "ss_network_module": "networks.lora", "ss_network_dim": cfg.network_dim,
+            "ss_network_module": "lycoris.kohya" if lyco else "networks.lora", "ss_network_dim": cfg.network_dim,
             "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": cfg.network_dropout,
-            "ss_network_args": {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.conv_dim else {},
+            "ss_network_args": LY.network_args(cfg) if lyco else {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.conv_dim else {},
             "ss_mixed_precision": cfg.mixed_precision, "ss_full_fp16": False, "ss_v2": False,
             "ss_base_model_version": BASE_MODEL_VERSION[cfg.model_family], "ss_v_parameterization": v_pred,
-            "ss_clip_skip": "None", "ss_max_token_length": "None", "ss_cache_latents": cfg.cache_latents,
+            "ss_clip_skip": cfg.clip_skip or "None", "ss_max_token_length": "None", "ss_cache_latents": cfg.cache_latents,
             "ss_seed": cfg.seed, "ss_noise_offset": cfg.noise_offset, "ss_multires_noise_iterations": cfg.multires_noise_iterations,
             "ss_multires_noise_discount": cfg.multires_noise_discount, "ss_min_snr_gamma": cfg.min_snr_gamma,
             "ss_scale_weight_norms": cfg.scale_weight_norms, "ss_max_grad_norm": cfg.max_grad_norm,
@@ -459,9 +470,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         """Write <name>.safetensors and (with_state) the resumable <state_name or name-state>/ folder."""
         if not main:  # DDP: the LoRA is the same on every rank; rank 0 writes it
             return None, None
-        path = save_lora(
-            out_dir / f"{name}.safetensors", L.lora_state_dict(all_mods, save_dtype), metadata(epoch, step)
-        )
+        path = save_lora(out_dir / f"{name}.safetensors", net_sd(save_dtype), metadata(epoch, step))
         state = None
         if with_state:
             info = {
@@ -473,7 +482,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 "host_rng": host_rng.getstate(),
                 "config": _recorded(cfg),  # `curate train --resume STATE` alone continues from this
             }
-            state = save_state(out_dir / (state_name or f"{name}-state"), L.lora_state_dict(all_mods, torch.float32), optimizer,
+            state = save_state(out_dir / (state_name or f"{name}-state"), net_sd(torch.float32), optimizer,
                                scheduler, json.loads(json.dumps(info, default=str)), {"noise": gen})  # fmt: skip
         return path, state
 
@@ -495,11 +504,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
         pipe.set_progress_bar_config(disable=True)
         sample_dir = out_dir / "sample"
         sample_dir.mkdir(exist_ok=True)
+        skip = (
+            {"clip_skip": cfg.clip_skip - 1} if cfg.clip_skip > 1 and not sdxl else {}
+        )  # diffusers: 1 = penultimate
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             for k, prompt in enumerate(cfg.sample_prompts):
                 g = torch.Generator(dev).manual_seed(cfg.seed + k)
                 img = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=spec.resolution,
-                           width=spec.resolution).images[0]  # fmt: skip
+                           width=spec.resolution, **skip).images[0]  # fmt: skip
                 img.save(sample_dir / f"{cfg.output_name}_{step:06d}_{k:02d}.png")
                 if writer:
                     import numpy as np
@@ -588,7 +600,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 if cfg.scale_weight_norms:
-                    L.scale_weight_norms(all_mods, cfg.scale_weight_norms)
+                    lyco.scale_weight_norms(cfg.scale_weight_norms) if lyco else L.scale_weight_norms(
+                        all_mods, cfg.scale_weight_norms)  # fmt: skip
                 global_step += 1
                 progress.update(task, completed=global_step)
 
