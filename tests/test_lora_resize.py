@@ -1,0 +1,83 @@
+"""lora-resize: SVD truncation of LoRA/LoCon files keeps the effective weight and reports its error."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trainer_bridge.resize import ResizeError, choose_rank, resize_lora
+
+
+def _effective(path):
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k).float() for k in f.keys()}
+        meta = f.metadata()
+    out = {}
+    for k in t:
+        if k.endswith(".lora_down.weight"):
+            n = k[: -len(".lora_down.weight")]
+            d, u = t[k], t[f"{n}.lora_up.weight"]
+            r = d.shape[0]
+            out[n] = (u.reshape(u.shape[0], r) @ d.reshape(r, -1)) * (float(t[f"{n}.alpha"]) / r)
+    return out, meta
+
+
+def _lora(path, rank=8, alpha=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "lora_unet_attn_to_q.lora_down.weight": torch.randn(rank, 32, generator=g),
+        "lora_unet_attn_to_q.lora_up.weight": torch.randn(24, rank, generator=g),
+        "lora_unet_attn_to_q.alpha": torch.tensor(alpha),
+        "lora_unet_conv1.lora_down.weight": torch.randn(rank, 6, 3, 3, generator=g),
+        "lora_unet_conv1.lora_up.weight": torch.randn(10, rank, 1, 1, generator=g),
+        "lora_unet_conv1.alpha": torch.tensor(alpha),
+    }
+    save_file(t, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    return path
+
+
+def test_full_rank_reproduces_input(tmp_path):
+    src = _lora(tmp_path / "a.safetensors")
+    resize_lora(src, tmp_path / "b.safetensors", rank=8)
+    a, _ = _effective(src)
+    b, _ = _effective(tmp_path / "b.safetensors")
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-5, rtol=0), n
+
+
+def test_lower_rank_reports_true_error_and_never_upscales(tmp_path):
+    src = _lora(tmp_path / "a.safetensors")
+    note = resize_lora(src, tmp_path / "b.safetensors", rank=3)
+    a, _ = _effective(src)
+    b, meta = _effective(tmp_path / "b.safetensors")
+    for n in a:
+        err = float(torch.linalg.norm(a[n] - b[n]) / torch.linalg.norm(a[n]))
+        assert note["modules"][n]["rank"] == 3
+        assert abs(note["modules"][n]["rel_fro_error"] - err) < 1e-4
+        assert 0.05 < err < 1
+    assert meta["ss_network_dim"] == "3" and json.loads(meta["curate_resize"])["param"] == 3
+    note = resize_lora(src, tmp_path / "c.safetensors", rank=64)
+    assert {m["rank"] for m in note["modules"].values()} == {8}
+
+
+def test_dynamic_methods_on_planted_spectra():
+    s = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.1])
+    assert choose_rank(s, "sv_ratio", 5.0, None) == 3  # 10/2 = 5 kept, 10/1 = 10 dropped
+    assert choose_rank(s, "threshold", 1.5, None) == 3  # 10, 5, 2 > 1.5
+    # Frobenius fraction: sqrt(100/130.01)=0.877, sqrt(125/130.01)=0.9805
+    assert choose_rank(s, "sv_fro", 0.9, None) == 2
+    assert choose_rank(s, "sv_fro", 0.85, None) == 1
+    # cumulative sum: 10/18.1=0.552, 15/18.1=0.829, 17/18.1=0.939
+    assert choose_rank(s, "sv_cumulative", 0.9, None) == 3
+    assert choose_rank(s, "sv_cumulative", 0.9, 2) == 2
+
+
+def test_refuses_overwrite_and_lycoris(tmp_path):
+    src = _lora(tmp_path / "a.safetensors")
+    with pytest.raises(ResizeError, match="differ"):
+        resize_lora(src, src, rank=2)
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "h.safetensors"))
+    with pytest.raises(ResizeError, match="LoRA/LoCon"):
+        resize_lora(tmp_path / "h.safetensors", tmp_path / "o.safetensors", rank=2)
