@@ -64,7 +64,8 @@ def test_lower_rank_reports_true_error_and_never_upscales(tmp_path):
 
 def test_dynamic_methods_on_planted_spectra():
     s = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.1])
-    assert choose_rank(s, "sv_ratio", 5.0, None) == 3  # 10/2 = 5 kept, 10/1 = 10 dropped
+    assert choose_rank(s, "sv_ratio", 6.0, None) == 3  # 10/2 = 5 < 6 kept, 10/1 = 10 dropped
+    assert choose_rank(s, "sv_ratio", 5.0, None) == 2  # strict, as sd-scripts
     assert choose_rank(s, "threshold", 1.5, None) == 3  # 10, 5, 2 > 1.5
     # Frobenius fraction: sqrt(100/130.01)=0.877, sqrt(125/130.01)=0.9805
     assert choose_rank(s, "sv_fro", 0.9, None) == 2
@@ -81,3 +82,13 @@ def test_refuses_overwrite_and_lycoris(tmp_path):
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "h.safetensors"))
     with pytest.raises(ResizeError, match="LoRA/LoCon"):
         resize_lora(tmp_path / "h.safetensors", tmp_path / "o.safetensors", rank=2)
+
+
+def test_alpha_ratio_kept(tmp_path):
+    src = _lora(tmp_path / "a.safetensors", rank=8, alpha=4.0)
+    resize_lora(src, tmp_path / "b.safetensors", rank=2)
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        assert float(f.get_tensor("lora_unet_conv1.alpha")) == 1.0  # 4/8 * 2
+        assert f.get_tensor("lora_unet_conv1.lora_down.weight").shape == (2, 6, 3, 3)
+        assert f.get_tensor("lora_unet_conv1.lora_up.weight").shape == (10, 2, 1, 1)
+        assert f.metadata()["ss_network_alpha"] == "1"

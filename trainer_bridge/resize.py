@@ -1,7 +1,7 @@
 """SVD resize of a kohya-format LoRA/LoCon file: fixed rank or a dynamic rule per module.
 
 Each module's effective delta W = up @ down * alpha / rank is factored by SVD and truncated; the new pair is
-written with alpha = new rank (scale 1), so the effective weight is the truncated W. A rank is never raised.
+written with alpha = scale * new rank (the input's alpha/rank is kept), so the effective weight is the truncated W. A rank is never raised.
 Dynamic rules follow the names of sd-scripts' resize_lora.py: sv_ratio, sv_fro, sv_cumulative, plus threshold.
 """
 
@@ -26,8 +26,8 @@ def choose_rank(s, method: str | None, param: float | None, rank: int | None) ->
     n = int(s.numel())
     if method is None:
         return max(1, min(int(rank), n))
-    if method == "sv_ratio":  # keep s_i with s_max / s_i <= ratio
-        k = int((s >= s[0] / param).sum())
+    if method == "sv_ratio":  # keep s_i with s_max / s_i < ratio (strict, as sd-scripts)
+        k = int((s > s[0] / param).sum())
     elif method == "sv_fro":  # smallest r whose Frobenius fraction reaches param
         frac = torch.sqrt(torch.cumsum(s**2, 0) / (s**2).sum())
         k = int((frac < param - 1e-12).sum()) + 1
@@ -83,25 +83,28 @@ def resize_lora(
         w = up.reshape(up.shape[0], r) @ down.reshape(r, -1) * (alpha / r)
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         k = min(choose_rank(s, method, param, rank), r)  # never upscale
-        sq = torch.sqrt(s[:k])
+        scale = alpha / r  # kept: the new alpha is scale * k, the factors carry W / scale
+        sq = torch.sqrt(s[:k] / scale)
         new_up = (u[:, :k] * sq).reshape(up.shape[0], k, *up.shape[2:])
         new_down = (sq[:, None] * vh[:k]).reshape(k, *down.shape[1:])
         dtype = tensors[f"{name}.lora_down.weight"].dtype
         new[f"{name}.lora_down.weight"] = new_down.to(dtype).contiguous()
         new[f"{name}.lora_up.weight"] = new_up.to(dtype).contiguous()
-        new[f"{name}.alpha"] = torch.tensor(float(k)).to(dtype)
+        new[f"{name}.alpha"] = torch.tensor(scale * k).to(dtype)
         total = float((s**2).sum())
         kept = float((s[:k] ** 2).sum())
         err = ((total - kept) / total) ** 0.5 if total > 0 else 0.0
         result[name] = {
             "rank_in": r,
             "rank": k,
+            "alpha": scale * k,
             "rel_fro_error": err,
             "retained": kept / total if total else 1.0,
         }
     ranks = [m["rank"] for m in result.values()]
-    meta["ss_network_dim"] = str(max(ranks)) if method else str(rank)
-    meta["ss_network_alpha"] = meta["ss_network_dim"]
+    meta["ss_network_dim"] = str(max(ranks))
+    scale = max(m["alpha"] / m["rank"] for m in result.values())
+    meta["ss_network_alpha"] = f"{scale * int(meta['ss_network_dim']):g}"
     note = {"method": method or "rank", "param": param if method else rank, "modules": result}
     meta["curate_resize"] = json.dumps(note)
     out.parent.mkdir(parents=True, exist_ok=True)
