@@ -39,6 +39,7 @@ PLUGINS: list[str] = [
     "curate.commands.export",
     "curate.commands.train",
     "curate.commands.decide",
+    "curate.commands.lora_tools",
 ]
 
 

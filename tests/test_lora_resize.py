@@ -92,3 +92,68 @@ def test_alpha_ratio_kept(tmp_path):
         assert f.get_tensor("lora_unet_conv1.lora_down.weight").shape == (2, 6, 3, 3)
         assert f.get_tensor("lora_unet_conv1.lora_up.weight").shape == (10, 2, 1, 1)
         assert f.metadata()["ss_network_alpha"] == "1"
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_cli_journey_diffusers_loads_resized(tmp_path):
+    import copy
+
+    from tests.trainer_fixtures import tiny_sd15_pipeline
+    from trainer_bridge import lora as L
+    from trainer_bridge.export import save_lora
+
+    pipe = tiny_sd15_pipeline(tmp_path / "tok")
+    unet = copy.deepcopy(pipe.unet)
+    mods = L.inject_unet(unet, rank=4, alpha=2, ff=True, conv_dim=4, conv_alpha=8, sdxl=False)
+    mods += L.inject_text_encoder(copy.deepcopy(pipe.text_encoder), "lora_te", rank=4, alpha=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in mods:
+            m.lora_down.weight.copy_(torch.randn(m.lora_down.weight.shape, generator=g) * 0.2)
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.2)
+    src = save_lora(tmp_path / "x.safetensors", L.lora_state_dict(mods, torch.float32),
+                    {"ss_network_dim": 4, "ss_network_alpha": "2"})  # fmt: skip
+    src_bytes = src.read_bytes()
+
+    r = _cli("lora-resize", src, "--rank", 4, "--out", tmp_path / "full.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    assert max(m["rel_fro_error"] for m in json.loads(r.output)["modules"].values()) < 1e-5
+    r = _cli("lora-resize", src, "--dynamic", "sv_fro=0.8", "--rank", 3, "--out", tmp_path / "s.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "rel. error" in r.output and src.read_bytes() == src_bytes
+    r = _cli("lora-resize", src, "--rank", 2, "--out", src)
+    assert r.exit_code != 0 and "differ" in r.output and src.read_bytes() == src_bytes
+
+    with safe_open(str(src), framework="pt") as f:
+        keys = set(f.keys())
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == keys  # kohya key format unchanged
+        ranks = {f.get_tensor(k).shape[0] for k in keys if k.endswith("lora_down.weight")}
+    assert ranks <= {1, 2, 3} and ranks
+
+    info = json.loads(_cli("lora-info", tmp_path / "s.safetensors", "--json").output)
+    assert info["resize"]["method"] == "sv_fro" and info["rank"] == max(ranks)
+    assert "resize" in _cli("lora-info", tmp_path / "s.safetensors").output
+
+    # diffusers loads both; the full-rank resize gives the input's output
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    h = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([300])
+    outs = []
+    for path in (src, tmp_path / "full.safetensors", tmp_path / "s.safetensors"):
+        p = copy.deepcopy(pipe)
+        p.load_lora_weights(str(path))
+        with torch.no_grad():
+            outs.append(p.unet(x, t, h).sample)
+    with torch.no_grad():
+        base = pipe.unet(x, t, h).sample
+    assert (outs[1] - outs[0]).norm() / (outs[0] - base).norm() < 1e-4
+    assert 1e-4 < (outs[2] - outs[0]).norm() / (outs[0] - base).norm() < 1

@@ -201,6 +201,7 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "num_train_images": meta.get("ss_num_train_images", ""),
         "top_tags": sorted(top.items(), key=lambda kv: -kv[1])[:20],
         "model_hash": meta.get("sshs_model_hash", ""),
+        "resize": js("curate_resize", dict),  # written by `curate lora-resize`, else None
         "problems": problems,
         "metadata": meta,
     }

@@ -12,10 +12,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from trainer_bridge.config import TrainError
+
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", "threshold")
 
 
-class ResizeError(ValueError):
+class ResizeError(TrainError):
     """A user-facing resize problem (one line)."""
 
 
@@ -63,9 +65,12 @@ def resize_lora(
         raise ResizeError("--out must differ from the input; resize never overwrites its input")
     if rank is None and method is None:
         raise ResizeError("give --rank N or --dynamic METHOD=VALUE")
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not safetensors, truncated: one line
+        raise ResizeError(f"{src} is not a readable safetensors file ({e})") from None
     odd = [k for k in tensors if any(t in k for t in ("hada_", "lokr_", ".dora_scale", "lora_mid"))]
     if odd:
         raise ResizeError(f"{src.name}: LoHa/LoKr/DoRA keys ({odd[0]}); lora-resize supports LoRA/LoCon only")
@@ -117,3 +122,20 @@ def resize_lora(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return note
+
+
+def describe(note: dict) -> str:
+    """One line for `lora-info`: the method, the rank range and the worst / mean relative error."""
+    mods = note.get("modules") or {}
+    try:
+        ranks = [int(m["rank"]) for m in mods.values()]
+        errs = [float(m["rel_fro_error"]) for m in mods.values()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"{note.get('method')}={note.get('param')} (per-module record unreadable)"
+    if not mods:
+        return f"{note.get('method')}={note.get('param')}"
+    rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+    return (
+        f"{note.get('method')}={note.get('param')}: rank {rank}, relative error "
+        f"max {max(errs):.4f} mean {sum(errs) / len(errs):.4f} over {len(mods)} modules"
+    )

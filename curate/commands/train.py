@@ -234,6 +234,10 @@ def register(app: typer.Typer) -> None:
         rows = [(k, info[k]) for k in keys] + [
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]
+        if info.get("resize"):  # from `curate lora-resize`
+            from trainer_bridge.resize import describe
+
+            rows.append(("resize", describe(info["resize"])))
         console.print(table(str(file), ["", "value"], rows))
         if info.get("problems"):
             warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")
