@@ -117,3 +117,51 @@ def test_written_toml_has_only_trainer_fields_with_trainer_types(tmp_path):
         return
     cfg = TrainConfig.from_toml(path)
     assert cfg.unet_lr == 4e-4 and cfg.num_repeats == 5
+
+
+@pytest.mark.parametrize(
+    "n,trigger,kind,net",
+    [
+        (20, None, None, "lora"),  # too few images for more than a plain LoRA
+        (120, None, None, "locon"),  # no trigger: a style, conv layers carry texture
+        (800, None, "style", "loha"),
+        (120, "mychar", None, "lora"),  # a trigger: one subject
+        (900, "mychar", "concept", "dora"),
+    ],
+)
+def test_network_suggestion_by_size_and_kind(tmp_path, n, trigger, kind, net):
+    p = plan_training(n, trigger=trigger, kind=kind)
+    sg = p.suggestion
+    assert sg["network"] == net and sg["reason"]
+    assert sg["kind"] == (kind or ("character" if trigger else "style"))
+    assert p.train["network_dim"] == 32  # [train] stays a plain LoRA: the suggestion is applied with --set
+    sets = [a for a in sg["apply"].split() if a != "--set"]
+    assert sets[0] == f"network={net}"
+    path = tmp_path / "train.toml"
+    path.write_text(p.to_toml())
+    doc = tomllib.loads(path.read_text())
+    assert doc["plan"]["suggested_network"]["network"] == net and "network" not in doc["train"]
+    from trainer_bridge.config import TrainConfig
+
+    cfg = TrainConfig.from_toml(path, sets)  # the trainer takes the suggested options as they are printed
+    assert cfg.network == net
+    for k, v in sg["options"].items():
+        assert getattr(cfg, k) == v
+
+
+def test_plan_cli_prints_and_writes_the_suggestion(tmp_path_factory, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    ds, _ = fresh_copy(tmp_path_factory, tmp_path / "ds")
+    ds = ds.root
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", str(ds), "--kind", "style", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["suggestion"]["kind"] == "style" and out["suggestion"]["network"] in ("lora", "locon", "loha")
+    r = runner.invoke(app, ["plan", str(ds), "--kind", "portrait"])
+    assert r.exit_code != 0 and "unknown --kind 'portrait'" in r.output and "Traceback" not in r.output

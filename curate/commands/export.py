@@ -173,6 +173,10 @@ def plan(
     class_word: Annotated[
         str | None, typer.Option("--class", help="Class word for the sample prompt.")
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="character, concept or style (default: character with --trigger, else style)."),
+    ] = None,
     out: Annotated[
         str | None, typer.Option(help="Training TOML to write (default: <dataset>/.curate/train.toml).")
     ] = None,
@@ -187,7 +191,7 @@ def plan(
     from ..stages.plan import write_plan
 
     with _open(path, manifest, config) as ds:
-        p = ds.plan(model=model, vram=vram, style=style, trigger=trigger, class_word=class_word)
+        p = ds.plan(model=model, vram=vram, style=style, trigger=trigger, class_word=class_word, kind=kind)
         target = Path(out) if out else ds.root / STATE_DIR / "train.toml"
     if out and target.exists():
         raise CurateError(f"{target} exists; choose another --out (plans never overwrite your files)")
@@ -199,6 +203,9 @@ def plan(
             "network_alpha", "min_snr_gamma", "gradient_checkpointing", "max_steps"]  # fmt: skip
     rows = [(k, p.train[k], p.reasons.get(k, "")) for k in keys]
     rows.append(("total steps", p.total_steps, p.reasons["total_steps"]))
+    sg = p.suggestion
+    rows.append(("network (suggested)", sg["network"], f"{sg['kind']} ({sg['kind_reason']}): {sg['reason']}; "
+                 f"apply with `curate train DS {sg['apply']}`"))  # fmt: skip
     console.print(table(f"plan: {model}, {vram:g} GiB, {p.images} training images ({p.style})",
                         ["option", "value", "why"], rows))  # fmt: skip
     console.print(
