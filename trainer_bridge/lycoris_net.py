@@ -233,8 +233,9 @@ def build(unet: nn.Module, tes: list[nn.Module], cfg, sdxl: bool, train_te: bool
             net = _make(te, cfg, "te", cfg.network_dim, cfg.network_alpha, 0, cfg.conv_alpha, [])
             _register(net, te, out.names, prefix, None, te=True)
             out.te_nets.append(net)
+    dev = next(unet.parameters()).device  # lycoris builds its modules (and buffers) on the CPU
     for m in out.modules:
-        m.float().requires_grad_(True)
+        m.to(dev).float().requires_grad_(True)
         for k, p in m.named_parameters():
             if k.startswith("org_"):
                 p.requires_grad_(False)
