@@ -79,15 +79,22 @@ def test_killed_ray_scan_resumes(tmp_path):
     _make(d, 100)
     _make(ref, 100)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    # 0.1 s per file in every Ray worker (tests/slow_site/sitecustomize.py): the first batch of 64 commits
+    # seconds before the last, so the kill lands mid-run on any machine.
+    slow_env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "slow_site"), env["PYTHONPATH"]]),
+        "CURATE_TEST_SCAN_DELAY": "0.1",
+    }
     cmd = [sys.executable, "-m", "curate", "scan", str(d), "--engine", "ray", "--json"]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     db = d / ".curate" / "manifest.db"
     deadline = time.time() + 60
     committed = 0
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
         if db.exists():
             try:
                 with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
@@ -98,7 +105,7 @@ def test_killed_ray_scan_resumes(tmp_path):
                 break
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes
     proc.wait()
-    assert 1 <= committed < 102, committed
+    assert 1 <= committed < 102, committed  # killed mid-run, not after the end
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     import json
