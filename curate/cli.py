@@ -288,6 +288,18 @@ def dedupe(
     thorough: Annotated[
         bool, typer.Option("--thorough", help="auto/both: verify pairs with SIFT (slower) instead of ORB.")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="local (process pool) or ray: features and pair verification as Ray tasks "
+            "(pip install 'curate[ray]').",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -322,6 +334,8 @@ def dedupe(
                 keep=tuple(keep.split(",")) if keep else None,
                 clip=clip,
                 progress=bar,
+                engine=engine,
+                address=address,
                 **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}

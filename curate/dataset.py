@@ -81,14 +81,31 @@ class Dataset:
 
         return filter_images(self.manifest, override(self.config.filter, **options))
 
-    def dedupe(self, *, clip: dict[str, Any] | None = None, progress=None, **options: Any):
+    def dedupe(
+        self,
+        *,
+        clip: dict[str, Any] | None = None,
+        progress=None,
+        engine: str = "local",
+        address: str | None = None,
+        **options: Any,
+    ):
         """Group exact and near duplicates and keep the best copy of each group.
 
         ``method`` is phash, dhash, hash (pHash and dHash agree), clip, or both (hash + CLIP).
         ``clip`` holds options for the CLIP finder (model, pretrained, threshold, device, batch_size).
+        ``engine="ray"`` runs missing per-image features and candidate-pair verification as Ray tasks
+        (``address`` joins a cluster); candidate search and grouping stay in this process.
         """
         from .stages.dedupe import dedupe
 
+        mapper = None
+        if engine == "ray":
+            from .engine.ray_engine import task_mapper
+
+            mapper = task_mapper(address)
+        elif engine != "local":
+            raise CurateError(f"unknown engine {engine!r}; choose local or ray")
         cfg = override(self.config.dedupe, **options)
         extra = None
         if cfg.method in ("clip", "both"):
@@ -101,7 +118,7 @@ class Dataset:
             raise CurateError(
                 f"unknown dedupe method {cfg.method!r}; choose auto, phash, dhash, hash, clip or both"
             )
-        return dedupe(self.manifest, cfg, extra_pairs=extra, progress=progress)
+        return dedupe(self.manifest, cfg, extra_pairs=extra, progress=progress, mapper=mapper)
 
     def outliers(self, *, progress=None, **clip: Any):
         """Score kept images by CLIP similarity to their k nearest neighbours; flag the lowest for review."""

@@ -96,3 +96,34 @@ def scan_mapper(address: str | None = None, block_size: int = 16):
         )
 
     return mapper
+
+
+def task_mapper(address: str | None = None, inflight: int = 0, chunk: int = 64):
+    """A ``mapper(fn, calls)``: ``fn(*args)`` for each args tuple as a Ray task (one CPU each), results
+    yielded in call order as they come back. At most ``inflight`` tasks are queued at once (0: twice the
+    cluster's CPUs), so a large run never ships all its inputs to the object store up front.
+    ``chunk``: work items (candidate pairs) per task, read by the stage that builds the calls."""
+
+    def mapper(fn, calls) -> Iterator[Any]:
+        from collections import deque
+
+        init(address)
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+        width = inflight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        queue: deque = deque()
+        it = iter(calls)
+        try:
+            for args in it:
+                queue.append(remote.remote(*args))
+                if len(queue) >= width:
+                    yield ray.get(queue.popleft())
+            while queue:
+                yield ray.get(queue.popleft())
+        finally:
+            for ref in queue:  # stopped early (error, Ctrl-C): drop the queued work
+                ray.cancel(ref)
+
+    mapper.chunk = chunk  # type: ignore[attr-defined]
+    return mapper

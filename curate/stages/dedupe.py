@@ -331,6 +331,7 @@ def find_duplicates(
     extra_pairs=None,
     progress=None,
     stats: dict[str, Any] | None = None,
+    mapper=None,
 ) -> tuple[list[DupGroup], dict[str, tuple[str, str | None]], dict[str, dict[str, Any]]]:
     """Compute duplicate groups, the paths to reject and per-image group columns, without writing."""
     rejected_elsewhere = frozenset(
@@ -359,7 +360,7 @@ def find_duplicates(
         from .dedupe_auto import auto_groups
 
         near, auto_stats = auto_groups(
-            manifest, records, cfg, demote, extra_pairs=extra_pairs, progress=progress
+            manifest, records, cfg, demote, extra_pairs=extra_pairs, progress=progress, mapper=mapper
         )
         if stats is not None:
             stats.update(auto_stats)
@@ -415,15 +416,17 @@ def dedupe(
     *,
     extra_pairs=None,
     progress=None,
+    mapper=None,
 ) -> DedupeResult:
     """Group exact and near duplicates, store groups and keep/reject decisions in the manifest.
 
     ``extra_pairs(records) -> pairs`` lets other methods (CLIP) contribute pairs that are merged
-    with the hash pairs before grouping.
+    with the hash pairs before grouping. ``mapper(fn, calls)`` runs the auto pipeline's per-image features
+    and pair verification elsewhere (curate.engine.ray_engine.task_mapper).
     """
     stats: dict[str, Any] = {}
     groups, rejects, updates = find_duplicates(
-        manifest, cfg, extra_pairs=extra_pairs, progress=progress, stats=stats
+        manifest, cfg, extra_pairs=extra_pairs, progress=progress, stats=stats, mapper=mapper
     )
     manifest.update_images(updates.items())
     manifest.set_rejects("dedupe", rejects)

@@ -211,6 +211,33 @@ def _verify_chunk(pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
     return out
 
 
+def verify_rows(
+    rows: dict[str, dict[str, bytes]],
+    pairs: list[tuple[str, str]],
+    min_inliers: int,
+    min_ncc: float,
+    thorough: bool,
+) -> list[dict[str, Any] | None]:
+    """Task: verify pairs whose feature rows travel with them (no manifest on the worker); evidence or None."""
+    from .local_match import verify
+
+    feats = {sha: F.decode_row(row) for sha, row in rows.items()}
+    out: list[dict[str, Any] | None] = []
+    for sa, sb in pairs:
+        fa, fb = feats.get(sa), feats.get(sb)
+        v = verify(fa, fb, min_inliers, min_ncc, thorough) if fa is not None and fb is not None else None
+        out.append(v.evidence() if v is not None and v.ok else None)
+    return out
+
+
+def _shipped(manifest: Manifest, chunks: list[list[tuple[str, str]]], cfg: DedupeConfig):
+    """(rows, pairs, options) per chunk, each chunk with the feature rows of its own images only."""
+    for pairs in chunks:
+        shas = sorted({s for pair in pairs for s in pair})
+        rows = F.raw_rows(manifest, shas)
+        yield rows, pairs, cfg.min_inliers, cfg.min_ncc, cfg.thorough
+
+
 def verify_many(
     manifest: Manifest,
     pairs: list[tuple[str, str]],
@@ -218,16 +245,29 @@ def verify_many(
     progress: Callable[[int, int], None] | None = None,
     workers: int = 0,
     chunk: int = 64,
+    mapper: Callable[..., Any] | None = None,
 ):
-    """Verify candidate pairs (in order), on every core when there are many; yields evidence or None."""
+    """Verify candidate pairs (in order), on every core when there are many; yields evidence or None.
+
+    ``mapper(fn, calls)`` runs the chunks elsewhere (curate.engine.ray_engine.task_mapper): each call
+    carries its pairs' feature rows, read here, so workers need no access to the manifest.
+    """
     import os
 
     workers = workers or os.cpu_count() or 1
     if progress and pairs:
         progress(0, len(pairs))
+    chunk = getattr(mapper, "chunk", chunk)
     chunks = [pairs[k : k + chunk] for k in range(0, len(pairs), chunk)]
     args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc, cfg.thorough)
     done = 0
+    if mapper is not None:
+        for res in mapper(verify_rows, _shipped(manifest, chunks, cfg)):
+            yield from res
+            done += len(res)
+            if progress:
+                progress(done, len(pairs))
+        return
     if workers <= 1 or len(pairs) < 4 * chunk:
         _init_verifier(*args)
         results = map(_verify_chunk, chunks)
@@ -257,8 +297,13 @@ def auto_groups(
     *,
     extra_pairs: Callable[[list[ImageRecord]], list[Pair]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mapper: Callable[..., Any] | None = None,
 ) -> tuple[list[DupGroup], dict[str, Any]]:
-    """The verified pipeline; returns the groups and what it did (counts and seconds per step)."""
+    """The verified pipeline; returns the groups and what it did (counts and seconds per step).
+
+    ``mapper`` runs the per-image features still missing and the pair verification elsewhere (Ray);
+    candidate generation and grouping stay here.
+    """
     from .local_match import multicrop_candidates, vote_candidates
 
     t0 = time.perf_counter()
@@ -272,7 +317,7 @@ def auto_groups(
     lacking = set(F.missing(manifest, [r.sha256 for r in records]))
     todo = {r.sha256: r.path for r in records if r.sha256 in lacking}
     if todo:
-        stats["features_computed"] = F.backfill(manifest, todo, progress=progress)
+        stats["features_computed"] = F.backfill(manifest, todo, progress=progress, mapper=mapper)
     stats["seconds_features"] = round(time.perf_counter() - t0, 3)
     t = time.perf_counter()
     light = F.load_light(manifest, [r.sha256 for r in records])
@@ -316,7 +361,7 @@ def auto_groups(
     stats["pairs_verified"] = len(pending)
     ok = 0
     sha_pairs = [(records[a].sha256, records[b].sha256) for a, b in pending]
-    for (a, b), ev in zip(pending, verify_many(manifest, sha_pairs, cfg, progress), strict=True):
+    for (a, b), ev in zip(pending, verify_many(manifest, sha_pairs, cfg, progress, mapper=mapper), strict=True):
         if ev is not None:
             accepted[(a, b)] = {**ev, **extra_info.get((a, b), {}), "via": cand[(a, b)]}
             ok += 1

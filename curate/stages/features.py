@@ -360,10 +360,23 @@ def _compute_file(path: str) -> dict[str, Any] | None:
     return safe_extract(dec.image, data)
 
 
+def compute_files(paths: list[str]) -> list[dict[str, Any] | None]:
+    """Task: :func:`_compute_file` for a chunk of paths (the dataset folder must be visible to the worker)."""
+    return [_compute_file(p) for p in paths]
+
+
 def backfill(
-    manifest, todo: dict[str, str], progress: Callable[[int, int], None] | None = None, workers: int = 0
+    manifest,
+    todo: dict[str, str],
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
+    mapper: Callable[..., Any] | None = None,
+    chunk: int = 16,
 ) -> int:
-    """Compute features for images scanned before this version (sha -> a path); returns how many were done."""
+    """Compute features for images scanned before this version (sha -> a path); returns how many were done.
+
+    ``mapper(fn, calls)`` runs chunks of files elsewhere (Ray); rows are stored here as they come back.
+    """
     import os
 
     if not todo:
@@ -377,6 +390,11 @@ def backfill(
     done = 0
 
     def results():
+        if mapper is not None:
+            calls = ((paths[k : k + chunk],) for k in range(0, len(paths), chunk))
+            for res in mapper(compute_files, calls):
+                yield from res
+            return
         if workers <= 1 or len(items) < 8:
             yield from map(_compute_file, paths)
             return
@@ -393,6 +411,18 @@ def backfill(
             if progress:
                 progress(k, len(items))
     return done
+
+
+def raw_rows(manifest, shas: Iterable[str]) -> dict[str, dict[str, bytes]]:
+    """Stored feature rows (as :func:`decode_row` reads them) of the given hashes; marker rows left out."""
+    out = {}
+    for sha in shas:
+        row = manifest.conn.execute(
+            "SELECT thumb, codes, orb, signals FROM dedupe_features WHERE sha256=?", (sha,)
+        ).fetchone()
+        if row is not None and row[1]:
+            out[sha] = {"thumb": row[0], "codes": row[1], "orb": row[2], "signals": row[3]}
+    return out
 
 
 @dataclass
