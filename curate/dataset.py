@@ -205,9 +205,15 @@ class Dataset:
         progress=None,
         backend: str | None = None,
         dtype: str | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        num_gpus: float = 0,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
+
+        ``engine="ray"`` runs the tagger on Ray actors that load it once (``num_gpus``: one actor per GPU,
+        0: a CPU actor); scores come back and are committed per batch here.
 
         ``caption`` holds caption options (general, character, mcut, trigger, drop_common, blacklist,
         replace, max_tags, format, ...); they are remembered, so a later call with only a new threshold
@@ -219,7 +225,14 @@ class Dataset:
         cfg = tag_config(
             self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
         )
-        run = tag_images(self.manifest, cfg, progress=progress)
+        runner = None
+        if engine == "ray":
+            from .engine.ray_engine import tag_runner
+
+            runner = tag_runner(address, num_gpus=num_gpus)
+        elif engine != "local":
+            raise CurateError(f"unknown engine {engine!r}; choose local or ray")
+        run = tag_images(self.manifest, cfg, progress=progress, runner=runner)
         if "source" not in caption:
             prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))
             caption["source"] = "both" if prev in ("caption", "both") else "tags"

@@ -108,3 +108,131 @@ def test_cli_dedupe_engine_ray_and_bad_address(planted_pair, local_ray):
     assert out["groups"] == ref["groups"] and out["rejected"] == ref["rejected"] > 0
     r = runner.invoke(app, ["dedupe", str(b), "--engine", "spark"])
     assert r.exit_code != 0 and "unknown engine 'spark'" in r.output
+
+
+def _tag_set(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from curate import Dataset
+
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(11):
+        w, h = 20 + 7 * i, 60 - 3 * i
+        base = rng.uniform(0, 255, (h // 4 + 1, w // 4 + 1, 3)).astype(np.uint8)
+        Image.fromarray(base).resize((w, h), Image.BILINEAR).save(root / f"img{i:02d}.png")
+    with Dataset.open(root) as ds:
+        ds.scan()
+    (root / "img05.png").unlink()  # gone after the scan: both engines report it as unreadable
+    return root
+
+
+def _tag_state(root: Path) -> dict:
+    return {
+        "scores": [r[:3] for r in _rows(root, "SELECT sha256, model, scores, at FROM tag_scores")],
+        "labels": _rows(root, "SELECT model, name, category FROM tag_labels"),
+        "captions": _rows(root, "SELECT sha256, caption, tags FROM images"),
+        "files": {p.name: p.read_text() for p in sorted(root.glob("*.txt"))},
+    }
+
+
+@pytest.fixture()
+def tag_pair(tmp_path):
+    import tests.tiny_wd14 as tiny_wd14
+
+    model = tiny_wd14.build(tmp_path / "tagger")
+    return _tag_set(tmp_path / "a"), _tag_set(tmp_path / "b"), str(model)
+
+
+def test_ray_tag_equals_local(tag_pair, local_ray):
+    from curate import Dataset
+
+    a, b, model = tag_pair
+    opts = dict(model=model, device="cpu", batch_size=3, general=0.35, trigger=("zzt",))
+    with Dataset.open(a) as ds:
+        ra = ds.tag(**opts).run
+    with Dataset.open(b) as ds:
+        rb = ds.tag(engine="ray", **opts).run
+    assert (ra.inferred, ra.cached) == (rb.inferred, rb.cached) == (10, 0)
+    assert ra.failed and [p for p, _ in ra.failed] == [p for p, _ in rb.failed] == ["img05.png"]
+    assert rb.decode == "ray actors x 1" and rb.backend == "onnx"
+    sa, sb = _tag_state(a), _tag_state(b)
+    assert len(sa["scores"]) == 10 and len(sa["files"]) == 10
+    assert all(t.startswith("zzt, ") for t in sa["files"].values())
+    assert sa == sb  # the same score cache, labels, tags and caption files
+    with Dataset.open(b) as ds:  # a rerun on Ray takes every score from the cache
+        again = ds.tag(engine="ray", **opts).run
+    assert (again.inferred, again.cached, [p for p, _ in again.failed]) == (0, 10, ["img05.png"])
+
+
+def test_interrupted_ray_tag_keeps_committed_batches(tag_pair, local_ray):
+    from curate import Dataset
+    from curate.engine import ray_engine
+    from curate.stages.tag import tag_config, tag_images
+
+    a, b, model = tag_pair
+    real = ray_engine.tag_runner()
+
+    class Stop:
+        def __init__(self, cfg):
+            self.inner = real(cfg)
+            self.info, self.actors = self.inner.info, self.inner.actors
+
+        def map(self, paths, batch_size):
+            for n, out in enumerate(self.inner.map(paths, batch_size)):
+                if n == 2:
+                    raise KeyboardInterrupt  # as Ctrl-C / a killed driver after two batches came back
+                yield out
+
+        def close(self):
+            self.inner.close()
+
+    with Dataset.open(b) as ds:
+        cfg = tag_config(ds, model=model, device="cpu", batch_size=3)
+        with pytest.raises(KeyboardInterrupt):
+            tag_images(ds.manifest, cfg, runner=Stop)
+        # two committed batches of three; the second holds the missing img05.png
+        assert len(_rows(b, "SELECT sha256 FROM tag_scores")) == 5
+        rest = tag_images(ds.manifest, cfg, runner=ray_engine.tag_runner())
+    assert (rest.inferred, rest.cached) == (10 - 5, 5)
+    with Dataset.open(a) as ds:
+        tag_images(ds.manifest, cfg)
+    assert _tag_state(a)["scores"] == _tag_state(b)["scores"]
+
+
+def test_cli_tag_engine_ray_and_errors(tag_pair, local_ray):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    _, b, model = tag_pair
+    runner = CliRunner()
+    r = runner.invoke(app, ["tag", str(b), "--model", model, "--engine", "ray", "--json"])
+    assert r.exit_code == 0, r.output
+    run = json.loads(r.stdout)["run"]
+    assert run["inferred"] == 10 and run["decode"] == "ray actors x 1"
+    r = runner.invoke(app, ["tag", str(b), "--model", model, "--engine", "ray", "--num-gpus", "2", "--force"])
+    assert r.exit_code != 0 and "the Ray cluster has 0 GPU(s)" in r.output
+    r = runner.invoke(app, ["tag", str(b), "--model", str(b / "nope"), "--engine", "ray", "--force"])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "nope" in r.output, r.output
+
+
+def test_unreachable_address_one_line(tag_pair):
+    import os
+    import subprocess
+    import sys
+
+    _, b, model = tag_pair
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for args in (["tag", str(b), "--model", model], ["dedupe", str(b)]):
+        out = subprocess.run(
+            [sys.executable, "-m", "curate", *args, "--engine", "ray", "--address", "127.0.0.1:1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "cannot connect to Ray at 127.0.0.1:1" in text, text
+        assert "Traceback" not in text

@@ -175,6 +175,23 @@ def register(app: typer.Typer) -> None:
                 "--explain-device", help="Load the tagger, say which backend/device/provider runs, exit."
             ),
         ] = False,
+        engine: Annotated[
+            str,
+            typer.Option(
+                "--engine",
+                help="local, or ray: the tagger on Ray actors that each load it once (pip install 'curate[ray]').",
+            ),
+        ] = "local",
+        address: Annotated[
+            str | None,
+            typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
+        ] = None,
+        num_gpus: Annotated[
+            float,
+            typer.Option(
+                "--num-gpus", help="--engine ray: one actor per GPU (0: one CPU actor, as without GPUs)."
+            ),
+        ] = 0,
         overwrite: Overwrite = False,
         manifest: ManifestOpt = None,
         config: ConfigOpt = None,
@@ -186,6 +203,8 @@ def register(app: typer.Typer) -> None:
             _unit(n, v)
         if backend is not None and backend not in ("auto", "torch", "onnx"):
             raise CurateError(f"--backend {backend!r}: use auto, torch or onnx")
+        if engine not in ("local", "ray"):
+            raise CurateError(f"unknown engine {engine!r}; choose local or ray")
         with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
             if explain_device:
                 _explain_device(ds, model, device, backend, dtype, batch_size, as_json)
@@ -195,7 +214,7 @@ def register(app: typer.Typer) -> None:
                     model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force or None,
                     overwrite=overwrite, progress=bar, general=general, character=character, mcut=mcut,
                     rating=rating, trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags,
-                    format=fmt,
+                    format=fmt, engine=engine, address=address, num_gpus=num_gpus,
                 )  # fmt: skip
         d = res.as_dict()
         if as_json:

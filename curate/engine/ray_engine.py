@@ -127,3 +127,140 @@ def task_mapper(address: str | None = None, inflight: int = 0, chunk: int = 64):
 
     mapper.chunk = chunk  # type: ignore[attr-defined]
     return mapper
+
+
+class _TaggerActor:
+    """Ray actor: loads the WD14 tagger once, then decodes, preprocesses and scores batches of files."""
+
+    def __init__(self, model: str, device: str, backend: str, dtype: str, threads: int) -> None:
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..models.wd14 import load_tagger
+
+        t0 = time.perf_counter()
+        self.error = ""
+        try:
+            self.tagger = load_tagger(model, device, backend, dtype)
+        except CurateError as exc:  # reported by info() as the one-line message it is
+            self.error = str(exc)
+        self.load_seconds = time.perf_counter() - t0
+        self.pool = ThreadPoolExecutor(max(1, threads))
+
+    def info(self) -> dict[str, Any]:
+        if self.error:
+            return {"error": self.error}
+        t, labels = self.tagger, self.tagger.labels
+        return {
+            "names": list(labels.names),
+            "categories": [int(c) for c in labels.categories],
+            "backend": t.backend,
+            "device": t.device,
+            "runtime": t.describe(),
+            "why": getattr(t, "why", ""),
+            "default_batch": t.default_batch,
+            "notices": list(t.notices),
+            "load_seconds": self.load_seconds,
+        }
+
+    def run(self, paths: list[str]):
+        """(indices of the decoded files, their scores [n, tags] float32, [(index, error)] of the others)."""
+        from pathlib import Path
+
+        import numpy as np
+
+        from ..stages.tag import _read
+
+        read = list(self.pool.map(lambda p: _read(Path(p), self.tagger.preprocess_image), paths))
+        ok = [k for k, (arr, _) in enumerate(read) if arr is not None]
+        errs = [(k, err or "unreadable") for k, (arr, err) in enumerate(read) if arr is None]
+        if not ok:
+            return ok, np.zeros((0, len(self.tagger.labels)), np.float32), errs
+        probs = self.tagger.predict(self.tagger.collate([read[k][0] for k in ok]))
+        return ok, np.asarray(probs, np.float32), errs
+
+
+class TagSession:
+    """Tagger actors started for one ``tag_images`` run: ``info`` from the first, ``map`` spreads batches."""
+
+    def __init__(self, actors: list[Any], inflight: int = 2) -> None:
+        import ray
+
+        self.actors, self.inflight = actors, inflight
+        infos = ray.get([a.info.remote() for a in actors])
+        self.info = infos[0]
+        for i in infos:
+            if "error" in i:
+                self.close()
+                raise CurateError(i["error"])
+
+    def map(
+        self, paths: list[str], batch_size: int
+    ) -> Iterator[tuple[list[int], Any, list[tuple[int, str]]]]:
+        """Per batch, in order: (indices into ``paths`` decoded, their scores, [(index, error)])."""
+        from collections import deque
+
+        import ray
+
+        starts = range(0, len(paths), batch_size)
+        queue: deque = deque()
+        try:
+            for n, s in enumerate(starts):
+                actor = self.actors[n % len(self.actors)]
+                queue.append((s, actor.run.remote(paths[s : s + batch_size])))
+                if len(queue) >= self.inflight * len(self.actors):
+                    yield _shift(*queue.popleft())
+            while queue:
+                yield _shift(*queue.popleft())
+        finally:
+            for _, ref in queue:
+                ray.cancel(ref)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def _shift(start: int, ref: Any):
+    import ray
+
+    ok, probs, errs = ray.get(ref)
+    return [start + k for k in ok], probs, [(start + k, e) for k, e in errs]
+
+
+def tag_runner(address: str | None = None, num_gpus: float = 0, actors: int = 0):
+    """A ``tag_images`` runner: ``runner(cfg) -> TagSession`` on Ray actors that each hold the model once.
+
+    ``num_gpus`` >= 1 starts that many actors with one GPU each (a fraction: one actor with that share);
+    0 runs on CPU actors (``actors`` of them, default 1), as in CI.
+    """
+    if num_gpus < 0:
+        raise CurateError(f"--num-gpus must be 0 or more, got {num_gpus}")
+
+    def runner(cfg) -> TagSession:
+        init(address)
+        import ray
+
+        if num_gpus >= 1:
+            n, per = int(num_gpus), 1.0
+        else:
+            n, per = actors or 1, float(num_gpus)
+        have = ray.cluster_resources().get("GPU", 0)
+        if per and have < per * n:
+            raise CurateError(
+                f"--num-gpus {num_gpus}: the Ray cluster has {have:g} GPU(s); lower --num-gpus (0 runs on CPUs)"
+            )
+        cls = ray.remote(num_cpus=1, num_gpus=per)(_TaggerActor)
+        device = cfg.device if per else "cpu"
+        from ..stages.tag import model_key
+
+        model = model_key(cfg.model)  # a local folder as an absolute path: workers run in another directory
+        handles = [cls.remote(model, device, cfg.backend, cfg.dtype, cfg.workers or 4) for _ in range(n)]
+        try:
+            return TagSession(handles)
+        except ray.exceptions.RayActorError as exc:
+            raise CurateError(f"the tagger did not start on Ray: {str(exc).splitlines()[0][:200]}") from None
+
+    return runner

@@ -361,7 +361,9 @@ def auto_groups(
     stats["pairs_verified"] = len(pending)
     ok = 0
     sha_pairs = [(records[a].sha256, records[b].sha256) for a, b in pending]
-    for (a, b), ev in zip(pending, verify_many(manifest, sha_pairs, cfg, progress, mapper=mapper), strict=True):
+    for (a, b), ev in zip(
+        pending, verify_many(manifest, sha_pairs, cfg, progress, mapper=mapper), strict=True
+    ):
         if ev is not None:
             accepted[(a, b)] = {**ev, **extra_info.get((a, b), {}), "via": cand[(a, b)]}
             ok += 1

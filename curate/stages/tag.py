@@ -239,8 +239,13 @@ def tag_images(
     *,
     records: list[ImageRecord] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    runner: Callable[[TagConfig], Any] | None = None,
 ) -> TagRun:
-    """Score every kept image that has no scores for ``cfg.model`` yet (all of them with ``force``)."""
+    """Score every kept image that has no scores for ``cfg.model`` yet (all of them with ``force``).
+
+    ``runner(cfg)`` starts the model elsewhere (curate.engine.ray_engine.tag_runner: Ray actors); scores
+    come back per batch and are committed per batch, as locally.
+    """
     if not 0.0 <= cfg.floor < 1.0:
         raise CurateError(f"tag floor must be in [0, 1), got {cfg.floor}")
     if cfg.batch_size < 0:
@@ -253,7 +258,13 @@ def tag_images(
     t0 = time.perf_counter()
     failed: list[tuple[str, str]] = []
     info: dict[str, Any] = {}
-    if todo:
+    if todo and runner is not None:
+        session = runner(cfg)
+        try:
+            _tag_remote(manifest, cfg, key, todo, session, failed, info, progress)
+        finally:
+            session.close()
+    elif todo:
         from ..models.wd14 import load_tagger
 
         tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
@@ -262,12 +273,7 @@ def tag_images(
         info |= {"backend": tagger.backend, "device": tagger.device, "runtime": tagger.describe(),
                 "why": getattr(tagger, "why", ""), "batch_size": batch_size}  # fmt: skip
         labels = tagger.labels
-        with manifest.transaction():
-            manifest.conn.execute("DELETE FROM tag_labels WHERE model=?", (key,))
-            manifest.conn.executemany(
-                "INSERT INTO tag_labels(model, name, category) VALUES (?,?,?)",
-                [(key, n, int(c)) for n, c in zip(labels.names, labels.categories, strict=True)],
-            )
+        _store_labels(manifest, key, labels.names, labels.categories)
         rating = labels.categories == 9
         names = np.array(labels.names, dtype=object)
         workers = cfg.workers or min(16, os.cpu_count() or 1)
@@ -275,17 +281,7 @@ def tag_images(
 
         def store(batch: list[ImageRecord], probs: np.ndarray) -> None:
             nonlocal n_done
-            rows = []
-            for rec, p in zip(batch, probs, strict=True):
-                keep = np.flatnonzero((p >= cfg.floor) | rating)
-                scores = dict(
-                    zip(names[keep].tolist(), np.round(p[keep].astype(np.float64), 4).tolist(), strict=True)
-                )
-                rows.append((rec.sha256, key, json.dumps(scores), time.time()))
-            with manifest.transaction():
-                manifest.conn.executemany(
-                    "INSERT OR REPLACE INTO tag_scores(sha256, model, scores, at) VALUES (?,?,?,?)", rows
-                )
+            _store_scores(manifest, cfg, key, names, rating, batch, probs)
             n_done += len(batch)
             if progress:
                 progress(n_done + len(failed), len(todo))
@@ -338,3 +334,66 @@ def tag_images(
         key, len(todo) - len(failed), len(records) - len(todo), failed, time.perf_counter() - t0, **info
     )
     return run
+
+
+def _store_labels(manifest: Manifest, key: str, names, categories) -> None:
+    with manifest.transaction():
+        manifest.conn.execute("DELETE FROM tag_labels WHERE model=?", (key,))
+        manifest.conn.executemany(
+            "INSERT INTO tag_labels(model, name, category) VALUES (?,?,?)",
+            [(key, n, int(c)) for n, c in zip(names, categories, strict=True)],
+        )
+
+
+def _store_scores(
+    manifest: Manifest,
+    cfg: TagConfig,
+    key: str,
+    names: np.ndarray,
+    rating: np.ndarray,
+    batch: list[ImageRecord],
+    probs: np.ndarray,
+) -> None:
+    """Commit one batch's scores (every tag >= floor, and the ratings)."""
+    rows = []
+    for rec, p in zip(batch, probs, strict=True):
+        keep = np.flatnonzero((p >= cfg.floor) | rating)
+        scores = dict(
+            zip(names[keep].tolist(), np.round(p[keep].astype(np.float64), 4).tolist(), strict=True)
+        )
+        rows.append((rec.sha256, key, json.dumps(scores), time.time()))
+    with manifest.transaction():
+        manifest.conn.executemany(
+            "INSERT OR REPLACE INTO tag_scores(sha256, model, scores, at) VALUES (?,?,?,?)", rows
+        )
+
+
+def _tag_remote(
+    manifest: Manifest,
+    cfg: TagConfig,
+    key: str,
+    todo: list[ImageRecord],
+    session: Any,
+    failed: list[tuple[str, str]],
+    info: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Score ``todo`` on a runner's session (Ray actors holding the model); each batch is committed on arrival,
+    so a killed run loses at most the batches still out."""
+    meta = session.info
+    batch_size = cfg.batch_size or meta["default_batch"]
+    info |= {"backend": meta["backend"], "device": meta["device"], "runtime": meta["runtime"],
+             "why": meta["why"], "batch_size": batch_size, "load_seconds": meta["load_seconds"],
+             "notices": meta["notices"], "decode": f"ray actors x {len(session.actors)}"}  # fmt: skip
+    _store_labels(manifest, key, meta["names"], meta["categories"])
+    names = np.array(meta["names"], dtype=object)
+    rating = np.array(meta["categories"]) == 9
+    paths = [str(manifest.root / r.path) for r in todo]
+    done = 0
+    for ok, probs, errs in session.map(paths, batch_size):
+        failed += [(todo[k].path, e) for k, e in errs]
+        if ok:
+            _store_scores(manifest, cfg, key, names, rating, [todo[k] for k in ok], probs)
+        done += len(ok) + len(errs)
+        if progress:
+            progress(done, len(todo))
