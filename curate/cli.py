@@ -300,6 +300,12 @@ def dedupe(
         str | None,
         typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
     ] = None,
+    num_gpus: Annotated[
+        float,
+        typer.Option(
+            "--num-gpus", help="--engine ray, clip/both: one CLIP actor per GPU (0: one CPU actor)."
+        ),
+    ] = 0,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -336,6 +342,7 @@ def dedupe(
                 progress=bar,
                 engine=engine,
                 address=address,
+                num_gpus=num_gpus,
                 **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}

@@ -88,6 +88,7 @@ class Dataset:
         progress=None,
         engine: str = "local",
         address: str | None = None,
+        num_gpus: float = 0,
         **options: Any,
     ):
         """Group exact and near duplicates and keep the best copy of each group.
@@ -95,7 +96,8 @@ class Dataset:
         ``method`` is phash, dhash, hash (pHash and dHash agree), clip, or both (hash + CLIP).
         ``clip`` holds options for the CLIP finder (model, pretrained, threshold, device, batch_size).
         ``engine="ray"`` runs missing per-image features and candidate-pair verification as Ray tasks
-        (``address`` joins a cluster); candidate search and grouping stay in this process.
+        (``address`` joins a cluster), and CLIP embeddings (clip/both) on Ray actors that load the model
+        once (``num_gpus``: one actor per GPU, 0: a CPU actor); candidate search and grouping stay here.
         """
         from .stages.dedupe import dedupe
 
@@ -111,9 +113,12 @@ class Dataset:
         if cfg.method in ("clip", "both"):
             from .stages.clip_dedupe import clip_pair_finder
 
-            extra = clip_pair_finder(
-                self.manifest, progress=progress, **{**self.config.section("clip"), **(clip or {})}
-            )
+            opts = {**self.config.section("clip"), **(clip or {})}
+            if engine == "ray":
+                from .engine.ray_engine import clip_encoder
+
+                opts["encoder_for"] = lambda m, p: clip_encoder(m, p, address, num_gpus)
+            extra = clip_pair_finder(self.manifest, progress=progress, **opts)
         elif cfg.method not in ("auto", "phash", "dhash", "hash"):
             raise CurateError(
                 f"unknown dedupe method {cfg.method!r}; choose auto, phash, dhash, hash, clip or both"

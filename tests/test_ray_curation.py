@@ -236,3 +236,32 @@ def test_unreachable_address_one_line(tag_pair):
         text = out.stdout + out.stderr
         assert out.returncode != 0 and "cannot connect to Ray at 127.0.0.1:1" in text, text
         assert "Traceback" not in text
+
+
+def test_ray_clip_embeddings_equal_local(tmp_path, local_ray, monkeypatch):
+    pytest.importorskip("open_clip")
+    from tests.clip_helpers import make_tiny_model
+    from tests.test_clip import FLIP_THRESHOLD, make_set
+
+    from curate import Dataset
+    from curate.stages import embed
+
+    tiny = make_tiny_model(tmp_path / "tiny")
+    opts = {"model": str(tiny), "device": "cpu", "workers": 0, "batch_size": 4, "threshold": FLIP_THRESHOLD}
+    out = {}
+    for name, engine in (("a", "local"), ("b", "ray")):
+        with Dataset.open(make_set(tmp_path / name)) as ds:
+            ds.scan()
+            if engine == "ray":  # this process must not encode: the actor does
+                monkeypatch.setattr(embed, "encode_paths", lambda *a, **k: pytest.fail("encoded locally"))
+            res = ds.dedupe(method="clip", clip=opts, engine=engine)
+        out[name] = (
+            [g.as_dict() for g in res.groups],
+            _rows(tmp_path / name, "SELECT sha256, model, pretrained, dim, vec FROM clip_embeddings"),
+        )
+    groups, vecs = out["a"]
+    assert len(vecs) == 10 and sorted(map(sorted, (g["members"] for g in groups))) == [
+        ["img0.png", "img0_flip.png"],
+        ["img1.png", "img1_small.jpg"],
+    ]
+    assert out["a"] == out["b"]  # same groups and bit-identical cached embeddings

@@ -264,3 +264,101 @@ def tag_runner(address: str | None = None, num_gpus: float = 0, actors: int = 0)
             raise CurateError(f"the tagger did not start on Ray: {str(exc).splitlines()[0][:200]}") from None
 
     return runner
+
+
+class _ClipActor:
+    """Ray actor: loads a CLIP image tower once, then decodes, crops and encodes batches of files."""
+
+    def __init__(self, model: str, pretrained: str | None, device: str) -> None:
+        from ..models.clip import load_clip
+
+        self.error = ""
+        try:
+            self.cm = load_clip(model, pretrained, device)
+        except CurateError as exc:
+            self.error = str(exc)
+
+    def key(self) -> dict[str, Any]:
+        return {"error": self.error} if self.error else {"key": list(self.cm.key)}
+
+    def run(self, paths: list[str], batch_size: int):
+        from ..stages.embed import encode_paths
+
+        ok, (emb,) = encode_paths(paths, [self.cm], batch_size=batch_size, workers=0)
+        return ok, emb
+
+
+def clip_encoder(
+    model: str, pretrained: str | None, address: str | None = None, num_gpus: float = 0, inflight: int = 2
+):
+    """An ``encode_paths`` replacement for one CLIP model: batches encoded on Ray actors that each load
+    the model once (``num_gpus`` >= 1: one actor per GPU; 0: one CPU actor). ``on_batch`` runs here, so
+    the driver commits each batch to the manifest as it comes back."""
+    from pathlib import Path
+
+    if num_gpus < 0:
+        raise CurateError(f"--num-gpus must be 0 or more, got {num_gpus}")
+    if Path(model).expanduser().is_dir():  # workers run in another directory
+        model = str(Path(model).expanduser().resolve())
+
+    def encode(paths, models, *, batch_size=256, progress=None, on_batch=None, **_local_only):
+        from collections import deque
+
+        import numpy as np
+
+        (driver_model,) = models
+        init(address)
+        import ray
+
+        n, per = (int(num_gpus), 1.0) if num_gpus >= 1 else (1, float(num_gpus))
+        have = ray.cluster_resources().get("GPU", 0)
+        if per and have < per * n:
+            raise CurateError(
+                f"--num-gpus {num_gpus}: the Ray cluster has {have:g} GPU(s); lower --num-gpus (0 runs on CPUs)"
+            )
+        cls = ray.remote(num_cpus=1, num_gpus=per)(_ClipActor)
+        actors = [cls.remote(model, pretrained, "cuda" if per else "cpu") for _ in range(n)]
+        try:
+            for k in ray.get([a.key.remote() for a in actors]):
+                if "error" in k:
+                    raise CurateError(k["error"])
+                if tuple(k["key"]) != tuple(driver_model.key):
+                    raise CurateError(
+                        f"the Ray workers load CLIP {k['key']}, this process {list(driver_model.key)}; "
+                        "give --model as a path every node sees, or a hub id"
+                    )
+            total = len(paths)
+            ok_all = np.zeros(total, bool)
+            out = np.zeros((total, 0), np.float32)
+            queue: deque = deque()
+            done = 0
+
+            def take(start: int, ref: Any) -> None:
+                nonlocal out, done
+                ok, emb = ray.get(ref)
+                if out.shape[1] == 0:
+                    out = np.zeros((total, emb.shape[1]), np.float32)
+                ii = np.arange(start, start + len(ok))
+                ok_all[ii], out[ii] = ok, emb
+                if on_batch is not None:
+                    on_batch(ii, [emb])
+                done += len(ii)
+                if progress:
+                    progress(done, total)
+
+            try:
+                for b, s in enumerate(range(0, total, batch_size)):
+                    queue.append((s, actors[b % n].run.remote(paths[s : s + batch_size], batch_size)))
+                    if len(queue) >= inflight * n:
+                        take(*queue.popleft())
+                while queue:
+                    take(*queue.popleft())
+            finally:
+                for _, ref in queue:
+                    ray.cancel(ref)
+            return ok_all, [out]
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+    return encode

@@ -41,9 +41,13 @@ def clip_pair_finder(
     k: int | None = None,  # [clip] options of `curate outliers`, shared section
     z: float | None = None,
     min_gap: float | None = None,
+    encoder_for: Callable[[str, str | None], Any] | None = None,
     **unknown: Any,
 ) -> Callable[[list[ImageRecord]], Pairs]:
     """Build the CLIP pair source for dedupe; the model loads here, so a missing model fails early.
+
+    ``encoder_for(model, pretrained)`` gives an encoder that embeds the images not cached yet elsewhere
+    (curate.engine.ray_engine.clip_encoder: Ray actors; see :func:`embed_records`).
 
     The returned callable has a ``stats`` dict (index used, time, sampled recall) after it runs.
     """
@@ -62,11 +66,12 @@ def clip_pair_finder(
     from .similarity import EXACT_MAX, similar_pairs
 
     cm = load_clip(model, pretrained, device)
+    encoder = encoder_for(model, pretrained) if encoder_for is not None else None
 
     def find(records: list[ImageRecord]) -> Pairs:
         ok, (emb,) = embed_records(
             manifest, records, [cm], batch_size=batch_size, workers=workers, gpu_decode=gpu_decode,
-            progress=progress,
+            progress=progress, encoder=encoder,
         )  # fmt: skip
         idx = np.flatnonzero(ok)
         res = similar_pairs(

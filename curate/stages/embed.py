@@ -560,10 +560,13 @@ def embed_records(
     workers: int | None = None,
     gpu_decode: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    encoder: Callable[..., tuple[np.ndarray, list[np.ndarray]]] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Embeddings of ``records`` for each model: cached rows are read, the rest encoded once and stored.
 
-    Returns (ok mask [N], [float32 L2-normalised [N, D] per model]).
+    Returns (ok mask [N], [float32 L2-normalised [N, D] per model]). ``encoder`` replaces
+    :func:`encode_paths` (curate.engine.ray_engine.clip_encoder: Ray actors); each batch that comes back
+    is committed to the cache here.
     """
     manifest.ensure_table(EMB_TABLE)
     n = len(records)
@@ -589,7 +592,7 @@ def embed_records(
                     rows,
                 )
 
-        ok_new, _ = encode_paths(
+        ok_new, _ = (encoder or encode_paths)(
             paths,
             models,
             batch_size=batch_size,
