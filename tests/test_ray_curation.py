@@ -240,11 +240,10 @@ def test_unreachable_address_one_line(tag_pair):
 
 def test_ray_clip_embeddings_equal_local(tmp_path, local_ray, monkeypatch):
     pytest.importorskip("open_clip")
-    from tests.clip_helpers import make_tiny_model
-    from tests.test_clip import FLIP_THRESHOLD, make_set
-
     from curate import Dataset
     from curate.stages import embed
+    from tests.clip_helpers import make_tiny_model
+    from tests.test_clip import FLIP_THRESHOLD, make_set
 
     tiny = make_tiny_model(tmp_path / "tiny")
     opts = {"model": str(tiny), "device": "cpu", "workers": 0, "batch_size": 4, "threshold": FLIP_THRESHOLD}
