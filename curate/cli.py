@@ -146,7 +146,8 @@ def scan(
     engine: Annotated[
         str,
         typer.Option(
-            "--engine", help="local (process pool) or ray (Ray Data tasks, pip install 'curate[ray]')."
+            "--engine",
+            help="local (process pool) or ray (Ray Data tasks; needs the ray extra: pip install curate\\[ray]).",
         ),
     ] = "local",
     address: Annotated[
@@ -293,7 +294,7 @@ def dedupe(
         typer.Option(
             "--engine",
             help="local (process pool) or ray: features and pair verification as Ray tasks "
-            "(pip install 'curate[ray]').",
+            "(needs the ray extra: pip install curate\\[ray]).",
         ),
     ] = "local",
     address: Annotated[

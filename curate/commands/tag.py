@@ -179,7 +179,7 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 "--engine",
-                help="local, or ray: the tagger on Ray actors that each load it once (pip install 'curate[ray]').",
+                help="local, or ray: the tagger on Ray actors that each load it once (needs the ray extra: pip install curate\\[ray]).",
             ),
         ] = "local",
         address: Annotated[
