@@ -94,7 +94,7 @@ def test_ray_dedupe_equals_local(planted_pair, local_ray):
         assert _rows(a, sql) == _rows(b, sql), sql
 
 
-def test_cli_dedupe_engine_ray_and_bad_address(planted_pair, local_ray):
+def test_cli_dedupe_engine_ray_and_unknown_engine(planted_pair, local_ray):
     from typer.testing import CliRunner
 
     from curate.cli import app
