@@ -260,6 +260,7 @@ def tag_images(
     info: dict[str, Any] = {}
     if todo and runner is not None:
         session = runner(cfg)
+        info["load_seconds"] = time.perf_counter() - t0  # starting Ray and the actors, which load the model
         try:
             _tag_remote(manifest, cfg, key, todo, session, failed, info, progress)
         finally:
@@ -383,8 +384,8 @@ def _tag_remote(
     meta = session.info
     batch_size = cfg.batch_size or meta["default_batch"]
     info |= {"backend": meta["backend"], "device": meta["device"], "runtime": meta["runtime"],
-             "why": meta["why"], "batch_size": batch_size, "load_seconds": meta["load_seconds"],
-             "notices": meta["notices"], "decode": f"ray actors x {len(session.actors)}"}  # fmt: skip
+             "why": meta["why"], "batch_size": batch_size, "notices": meta["notices"],
+             "decode": f"ray actors x {len(session.actors)}"}  # fmt: skip
     _store_labels(manifest, key, meta["names"], meta["categories"])
     names = np.array(meta["names"], dtype=object)
     rating = np.array(meta["categories"]) == 9
