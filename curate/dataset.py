@@ -102,13 +102,15 @@ class Dataset:
         from .stages.dedupe import dedupe
 
         mapper = None
+        cfg = override(self.config.dedupe, **options)
         if engine == "ray":
-            from .engine.ray_engine import task_mapper
+            from .engine import ray_engine
 
-            mapper = task_mapper(address)
+            if cfg.method in ("auto", "clip", "both"):  # the hash methods have nothing to hand out
+                ray_engine.init(address)  # a wrong --address fails now, whatever the data
+            mapper = ray_engine.task_mapper(address)
         elif engine != "local":
             raise CurateError(f"unknown engine {engine!r}; choose local or ray")
-        cfg = override(self.config.dedupe, **options)
         extra = None
         if cfg.method in ("clip", "both"):
             from .stages.clip_dedupe import clip_pair_finder
