@@ -188,6 +188,8 @@ class Dataset:
         progress=None,
         backend: str | None = None,
         dtype: str | None = None,
+        decode: str | None = None,
+        compile: bool | None = None,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
@@ -200,8 +202,9 @@ class Dataset:
         from .stages.tag import tag_config, tag_images
 
         cfg = tag_config(
-            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
-        )
+            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force,
+            decode=decode, compile=compile,
+        )  # fmt: skip
         run = tag_images(self.manifest, cfg, progress=progress)
         if "source" not in caption:
             prev = remembered(self.manifest).get("source", self.config.section("caption").get("source"))
