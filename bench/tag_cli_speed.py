@@ -113,6 +113,42 @@ def cli(root: Path, folder: Path, flags: list[str], timeout: int) -> dict:
             "wall_s": round(wall, 2), "wall_img_per_s": round(run["inferred"] / wall, 1)}  # fmt: skip
 
 
+def only_cli(args, out: Path, info: dict, root: Path, recs, paths) -> None:
+    """CLI runs only (a second call): the scores of each run against the shape's first run, same files."""
+    from curate import Dataset
+    from curate.stages.tag import load_scores, model_key
+
+    base_ips = {}
+    if args.baseline_from:
+        for line in Path(args.baseline_from).read_text().splitlines():
+            d = json.loads(line)
+            if d.get("case") == "baseline_onnxruntime_batch1_loop":
+                base_ips[d["shape"]] = d["img_per_s"]
+    folders: dict[str, Path] = {}
+    first: dict[str, dict] = {}
+    for item in args.only.split(";"):
+        name, _, flags = item.partition(":")
+        base = {"bench": "tag_cli", "shape": name, "arch": V3_SHAPES[name][0], "gpu": info["gpu"],
+                "images": len(recs)}  # fmt: skip
+        if name not in folders:
+            folders[name] = build_v3(name, root.parent, onnx=not base_ips)[0]
+            if name not in base_ips:
+                t_base, providers = baseline(folders[name], paths, args.baseline_images)
+                base_ips[name] = round(1 / t_base, 2)
+                emit(out, {**base, "case": "baseline_onnxruntime_batch1_loop", "providers": providers,
+                           "images": args.baseline_images, "img_per_s": base_ips[name]})  # fmt: skip
+        r = cli(root, folders[name], flags.split(), timeout=240)
+        with Dataset.open(root) as ds:
+            scores = load_scores(ds.manifest, model_key(str(folders[name])))
+        ref = first.setdefault(name, scores)
+        worst = max(abs(p - ref[k].get(t, 0.0)) for k, sc in scores.items() for t, p in sc.items())
+        ips = r.get("images_per_second") or 0
+        emit(out, {**base, "case": "curate_tag_cli", **r, "baseline_img_per_s": base_ips[name],
+                   "speedup_vs_baseline": round(ips / base_ips[name], 1),
+                   "speedup_wall_vs_baseline": round(r.get("wall_img_per_s", 0) / base_ips[name], 1),
+                   "worst_score_diff_vs_first_run": round(worst, 4)})  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2048)
@@ -124,6 +160,10 @@ def main() -> None:
     ap.add_argument(
         "--compile", action="store_true", help="also time torch.compile (first shape, at the end)"
     )
+    ap.add_argument(
+        "--baseline-from", help="JSONL of an earlier run: take its baseline figures, skip the loop"
+    )
+    ap.add_argument("--only", help="just these CLI runs, e.g. 'vit:;vit:--compile;swinv2:--compile'")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tag_cli_speed.jsonl"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -147,6 +187,9 @@ def main() -> None:
         recs = ds.kept()
     emit(out, {"bench": "tag_cli_setup", "images": len(recs), "side": 448, "quality": 90,
                "write_s": round(t_write, 2), "scan_s": round(time.perf_counter() - t0, 2), **info})  # fmt: skip
+    if args.only:
+        only_cli(args, out, info, root, recs, paths)
+        return
     first_sets = [["--dtype", "bf16"], ["--batch-size", "256"], ["--decode", "cpu"]]
     compiled_folder = None
     for si, name in enumerate(args.shapes):

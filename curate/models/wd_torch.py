@@ -190,18 +190,32 @@ class TorchTagger:
         self.compiled, self._compiled_n = False, 0
         self.default_batch = self._auto_batch() if self.cuda else 32
         # torch.compile after the memory probe, for one fixed batch shape: partial batches are padded up to
-        # it (a new shape would compile again); the compile itself happens on the first batch.
+        # it (a new shape would compile again); ``warm`` compiles before the first real batch.
+        self.compile_seconds = 0.0
         if compile:
             self.compiled = True
             self.net = torch.compile(self.net, dynamic=False)
             self.dtype += ", compiled"
+
+    def warm(self, batch: int) -> float:
+        """Compile for batches of ``batch`` now (a compiled model only), so loading, not tagging, pays for it."""
+        if not self.compiled or self._compiled_n == batch:
+            return 0.0
+        import time
+
+        t0 = time.perf_counter()
+        self._compiled_n = 0
+        self.predict(np.zeros((batch, self.size, self.size, 3), np.uint8))
+        self.compile_seconds += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
     def describe(self) -> str:
         """One line for the summary: backend, device, precision."""
         where = self.device
         if self.cuda:
             where += f" ({self._torch.cuda.get_device_name(self.torch_device)})"
-        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}"
+        compiled = f" in {self.compile_seconds:.1f} s" if self.compile_seconds else ""
+        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}{compiled}"
 
     @property
     def _torch(self):

@@ -509,8 +509,10 @@ def tag_images(
         where, info["decode_why"] = decode_choice(
             cfg.decode, tagger.backend, tagger.device, lambda: _nvjpeg(tagger.device)
         )  # the nvJPEG probe also starts the decoder, so its set-up counts as loading
-        info["load_seconds"] = time.perf_counter() - t0
         batch_size = cfg.batch_size or tagger.default_batch
+        if getattr(tagger, "compiled", False):
+            tagger.warm(min(batch_size, len(todo)))  # compile now: loading pays for it, not the images
+        info["load_seconds"] = time.perf_counter() - t0
         info |= {"backend": tagger.backend, "device": tagger.device, "runtime": tagger.describe(),
                 "why": getattr(tagger, "why", ""), "batch_size": batch_size}  # fmt: skip
         labels = tagger.labels
