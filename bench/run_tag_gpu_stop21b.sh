@@ -5,7 +5,8 @@ set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --find-links ../.whl \
-  rich typer pydantic pydantic-core annotated-types typing-inspection tomli_w ImageHash PyWavelets || echo "wheel install failed"
+  diffusers open_clip_torch ImageHash ftfy PyWavelets wcwidth importlib_metadata zipp faiss-cpu rich typer tomli_w \
+  lycoris-lora pydantic pydantic-core annotated-types typing-inspection einops toml || echo "wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 {
   echo "## python -m pytest -m gpu tests/test_tag_gpu.py tests/test_tag_gpu_decode.py tests/test_blip.py tests/test_tag_backends.py"
