@@ -188,7 +188,7 @@ V3_SHAPES = {
 }  # fmt: skip
 
 
-def build_v3(name: str, root: Path) -> tuple[Path, float]:
+def build_v3(name: str, root: Path, onnx: bool = True) -> tuple[Path, float]:
     """A v3-shaped timm tagger folder with random weights: safetensors + config.json + csv + model.onnx."""
     import timm
     import torch
@@ -217,7 +217,8 @@ def build_v3(name: str, root: Path) -> tuple[Path, float]:
             cat = 9 if i < 4 else (4 if i > N_TAGS - 2000 else 0)
             fh.write(f"{i},tag_{i},{cat},{N_TAGS - i}\n")
     t0 = time.perf_counter()
-    export_v3_onnx(net, cfg, folder / "model.onnx")
+    if onnx:
+        export_v3_onnx(net, cfg, folder / "model.onnx")
     return folder, time.perf_counter() - t0
 
 

@@ -202,7 +202,8 @@ def _rules(section: str) -> list[tuple[str, Callable[[Any], bool], str]]:
         return [("batch_size", at_least(0), "0 (auto) or more"), ("floor", between(0.0, 1.0), "between 0 and 1"),
                 ("workers", at_least(0), "0 (auto) or more"),
                 ("backend", one_of(("auto", "torch", "onnx")), "auto, torch or onnx"),
-                ("decode", one_of(("auto", "threads", "processes")), "auto, threads or processes"),
+                ("decode", one_of(("auto", "gpu", "cpu", "threads", "processes")),
+                 "auto, gpu, cpu, threads or processes"),
                 ("dtype", one_of(("auto", "fp32", "fp16", "bf16")), "auto, fp32, fp16 or bf16")]  # fmt: skip
     if section == "blip":
         return [("batch_size", at_least(1), "at least 1"), ("num_beams", at_least(1), "at least 1"),

@@ -215,6 +215,8 @@ class Dataset:
         engine: str = "local",
         address: str | None = None,
         num_gpus: float = 0,
+        decode: str | None = None,
+        compile: bool | None = None,
         **caption: Any,
     ):
         """Tag kept images with a WD14 tagger (only those without stored scores), then rewrite captions.
@@ -230,8 +232,9 @@ class Dataset:
         from .stages.tag import tag_config, tag_images
 
         cfg = tag_config(
-            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force
-        )
+            self, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force,
+            decode=decode, compile=compile,
+        )  # fmt: skip
         runner = None
         if engine == "ray":
             from .engine.ray_engine import tag_runner

@@ -91,15 +91,21 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         )
 
 
-def _explain_device(ds: Dataset, model, device, backend, dtype, batch_size, as_json: bool) -> None:
-    """`curate tag --explain-device`: which backend, device and provider the tagger gets here, and why."""
+def _explain_device(ds: Dataset, model, device, backend, dtype, batch_size, decode, as_json: bool) -> None:
+    """`curate tag --explain-device`: which backend, device, provider and decoder the tagger gets here, and why."""
     import importlib.util
 
     from ..models.wd14 import load_tagger
-    from ..stages.tag import tag_config
+    from ..stages.tag import _nvjpeg, decode_choice, tag_config
 
-    cfg = tag_config(ds, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size)
+    cfg = tag_config(
+        ds, model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, decode=decode
+    )
     tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
+    where, why = decode_choice(cfg.decode, tagger.backend, tagger.device, lambda: _nvjpeg(tagger.device))
+    decoding = (
+        f"nvJPEG on {tagger.device} for JPEG files, CPU threads for the rest" if where == "gpu" else "CPU"
+    )
     env: dict[str, Any] = {}
     if importlib.util.find_spec("onnxruntime"):
         import onnxruntime as ort
@@ -112,7 +118,7 @@ def _explain_device(ds: Dataset, model, device, backend, dtype, batch_size, as_j
         env["torch"] = f"{torch.__version__}, CUDA: {', '.join(gpus) if gpus else 'none'}"
     d = {"model": cfg.model, "backend": tagger.backend, "why": tagger.why, "device": tagger.device,
          "runtime": tagger.describe(), "batch_size": cfg.batch_size or tagger.default_batch,
-         "notices": tagger.notices, **env}  # fmt: skip
+         "decode": decoding, "decode_why": why, "notices": tagger.notices, **env}  # fmt: skip
     if as_json:
         print_json(d)
         return
@@ -166,6 +172,19 @@ def register(app: typer.Typer) -> None:
                 help="torch backend: auto (bf16/fp16 autocast on GPU), bf16 or fp16 (weights), fp32."
             ),
         ] = None,
+        decode: Annotated[
+            str | None,
+            typer.Option(
+                help="auto (nvJPEG on the GPU for JPEGs when the torch backend runs on CUDA), gpu or cpu."
+            ),
+        ] = None,
+        compile_model: Annotated[
+            bool | None,
+            typer.Option(
+                "--compile/--no-compile",
+                help="torch backend: torch.compile the model (compiles once, tens of s).",
+            ),
+        ] = None,
         force: Annotated[
             bool, typer.Option("--force", help="Re-run the model on images already scored.")
         ] = False,
@@ -205,13 +224,16 @@ def register(app: typer.Typer) -> None:
             raise CurateError(f"--backend {backend!r}: use auto, torch or onnx")
         if engine not in ("local", "ray"):
             raise CurateError(f"unknown engine {engine!r}; choose local or ray")
+        if decode is not None and decode not in ("auto", "gpu", "cpu", "threads", "processes"):
+            raise CurateError(f"--decode {decode!r}: use auto, gpu or cpu")
         with Dataset.open(path, manifest=manifest, config=config, create=False) as ds:
             if explain_device:
-                _explain_device(ds, model, device, backend, dtype, batch_size, as_json)
+                _explain_device(ds, model, device, backend, dtype, batch_size, decode, as_json)
                 return
             with progress_bar("tag", enabled=not as_json) as bar:
                 res = ds.tag(
                     model=model, device=device, backend=backend, dtype=dtype, batch_size=batch_size, force=force or None,
+                    decode=decode, compile=compile_model,
                     overwrite=overwrite, progress=bar, general=general, character=character, mcut=mcut,
                     rating=rating, trigger=_triggers(trigger), drop_common=drop_common, max_tags=max_tags,
                     format=fmt, engine=engine, address=address, num_gpus=num_gpus,
@@ -227,7 +249,8 @@ def register(app: typer.Typer) -> None:
         if run.get("backend"):
             err_console.print(
                 f"tagger ran on {escape(run['runtime'])}: {run['images_per_second']:.1f} img/s, "
-                f"batch {run['batch_size']}, decoding on {run['decode']} ({escape(run['why'])})"
+                f"batch {run['batch_size']} ({escape(run['why'])}); decoding on {escape(run['decode'])} "
+                f"({escape(run['decode_why'])})"
             )
 
     @app.command()

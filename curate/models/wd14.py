@@ -344,13 +344,15 @@ def _torch_cuda() -> bool:
 _CACHE: dict[tuple[str, str, str, str], Any] = {}
 
 
-def load_tagger(model: str, device: str = "auto", backend: str = "auto", dtype: str = "auto") -> Any:
-    """Cached loader: the same (model, device, backend, dtype) gives the same tagger (ONNX or torch).
+def load_tagger(
+    model: str, device: str = "auto", backend: str = "auto", dtype: str = "auto", *, compile: bool = False
+) -> Any:
+    """Cached loader: the same (model, device, backend, dtype, compile) gives the same tagger (ONNX or torch).
 
     The tagger carries ``backend``, ``device``, ``notices`` (one-line warnings, e.g. CPU fallback) and
     ``why`` (how the backend was picked).
     """
-    key = (model, device, backend, dtype)
+    key = (model, device, backend, dtype, compile)
     if key not in _CACHE:
         files = locate(model)
         chosen, why = choose_backend(files, device, backend)
@@ -359,7 +361,7 @@ def load_tagger(model: str, device: str = "auto", backend: str = "auto", dtype: 
                 raise CurateError(missing_message(files, "torch"))
             from .wd_torch import TorchTagger
 
-            tagger: Any = TorchTagger(files, device=device, dtype=dtype)
+            tagger: Any = TorchTagger(files, device=device, dtype=dtype, compile=compile)
         else:
             if files.onnx is None or files.tags is None:
                 raise CurateError(missing_message(files, "onnx"))

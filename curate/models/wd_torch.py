@@ -128,7 +128,9 @@ class TorchTagger:
 
     backend = "torch"
 
-    def __init__(self, files: ModelFiles, *, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, files: ModelFiles, *, device: str = "auto", dtype: str = "auto", compile: bool = False
+    ) -> None:
         torch = require("torch", "tag")
         timm = require("timm", "tag")
         from safetensors.torch import load_file
@@ -185,14 +187,35 @@ class TorchTagger:
         self._scale = math.floor(self.size / self.cfg.crop_pct)
         self._resample = Image.Resampling[self.cfg.interpolation.upper()]
         self._runner = ThreadPoolExecutor(1)
+        self.compiled, self._compiled_n = False, 0
         self.default_batch = self._auto_batch() if self.cuda else 32
+        # torch.compile after the memory probe, for one fixed batch shape: partial batches are padded up to
+        # it (a new shape would compile again); ``warm`` compiles before the first real batch.
+        self.compile_seconds = 0.0
+        if compile:
+            self.compiled = True
+            self.net = torch.compile(self.net, dynamic=False)
+            self.dtype += ", compiled"
+
+    def warm(self, batch: int) -> float:
+        """Compile for batches of ``batch`` now (a compiled model only), so loading, not tagging, pays for it."""
+        if not self.compiled or self._compiled_n == batch:
+            return 0.0
+        import time
+
+        t0 = time.perf_counter()
+        self._compiled_n = 0
+        self.predict(np.zeros((batch, self.size, self.size, 3), np.uint8))
+        self.compile_seconds += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
     def describe(self) -> str:
         """One line for the summary: backend, device, precision."""
         where = self.device
         if self.cuda:
             where += f" ({self._torch.cuda.get_device_name(self.torch_device)})"
-        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}"
+        compiled = f" in {self.compile_seconds:.1f} s" if self.compile_seconds else ""
+        return f"torch {self._torch.__version__} + timm ({self.cfg.arch}), {where}, {self.dtype}{compiled}"
 
     @property
     def _torch(self):
@@ -241,7 +264,12 @@ class TorchTagger:
                 if not x.is_pinned():
                     x = x.pin_memory()
                 x = x.to(self.torch_device, non_blocking=True)
-            probs = self._forward(x)
+            n = len(x)
+            if self.compiled:  # the first batch fixes the compiled shape; smaller ones are padded up to it
+                self._compiled_n = self._compiled_n or n
+                if n < self._compiled_n:
+                    x = torch.cat([x, x.new_zeros((self._compiled_n - n, *x.shape[1:]))])
+            probs = self._forward(x)[:n]
             out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(probs, non_blocking=True)
             event = torch.cuda.Event()

@@ -55,7 +55,10 @@ class TagConfig:
     batch_size: int = 0  # 0: 32, or sized to free GPU memory on the torch backend
     floor: float = 0.05  # scores below this are not stored
     workers: int = 0  # decode threads or processes (0: cores, at most 16)
-    decode: str = "auto"  # auto (processes for big GPU jobs, else threads) | threads | processes
+    # auto (nvJPEG when the torch backend runs on CUDA, else CPU) | gpu | cpu (threads, or processes for big
+    # GPU jobs) | threads | processes
+    decode: str = "auto"
+    compile: bool = False  # torch backend: torch.compile the model (a one-off compile of tens of seconds)
     dtype: str = "auto"  # torch backend: auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     force: bool = False  # re-run images that already have scores for this model
 
@@ -72,7 +75,9 @@ class TagRun:
     runtime: str = ""  # one line: backend, device, provider / precision
     why: str = ""  # how the backend was chosen
     batch_size: int = 0
-    decode: str = ""  # "threads x 16" / "processes x 16"
+    decode: str = ""  # "threads x 16" / "processes x 16" / "nvJPEG on cuda:0 (2000) + threads x 16 (3)"
+    decode_why: str = ""  # how the decoder was chosen
+    gpu_decoded: int = 0  # images decoded on the GPU (nvJPEG); the rest went through the CPU decoder
     load_seconds: float = 0.0  # loading the model (part of ``seconds``)
     notices: list[str] = field(default_factory=list)
 
@@ -202,11 +207,43 @@ class _ProcessDecoder:
         self.shm.unlink()
 
 
+DECODE_MODES = ("auto", "gpu", "cpu", "threads", "processes")
+
+
+def decode_choice(requested: str, backend: str, device: str, nvjpeg: Callable[[], bool]) -> tuple[str, str]:
+    """``--decode`` -> ("gpu" | "cpu", why). ``nvjpeg`` probes torchvision's GPU decoder (called only if needed).
+
+    nvJPEG feeds only the torch backend on a CUDA device (the batch stays on the GPU); ``gpu`` where that is
+    not possible is a one-line error, ``auto`` falls back to the CPU decoder and says why.
+    """
+    if requested not in DECODE_MODES:
+        raise CurateError(f"--decode {requested!r}: use auto, gpu or cpu (or threads / processes)")
+    if requested in ("cpu", "threads", "processes"):
+        return "cpu", f"--decode {requested}"
+    if backend != "torch" or not device.startswith("cuda"):
+        why = f"the {backend} backend on {device} takes host arrays"
+        if requested == "gpu":
+            raise CurateError(
+                f"--decode gpu needs the torch backend on a CUDA device ({why}); pass --backend torch --device "
+                "cuda, or --decode cpu"
+            )
+        return "cpu", why
+    if not nvjpeg():
+        why = f"torchvision cannot decode JPEGs on {device} here (no nvJPEG build)"
+        if requested == "gpu":
+            raise CurateError(
+                f"--decode gpu: {why}; install a CUDA build of torchvision or pass --decode cpu"
+            )
+        return "cpu", why
+    return (
+        "gpu",
+        f"{'--decode gpu' if requested == 'gpu' else 'torch backend on CUDA'}: nvJPEG for JPEG files",
+    )
+
+
 def _decoder(cfg: TagConfig, tagger: Any, n_images: int, workers: int, n_slots: int):
     """Processes for big GPU jobs (threads cannot decode fast enough to feed a GPU), else threads."""
-    mode = cfg.decode
-    if mode not in ("auto", "threads", "processes"):
-        raise CurateError(f"[tag] decode must be auto, threads or processes, got {mode!r}")
+    mode = "auto" if cfg.decode in ("auto", "gpu", "cpu") else cfg.decode
     spec = getattr(tagger, "decode_spec", None)
     if mode == "auto":
         gpu = getattr(tagger, "cuda", False)
@@ -214,6 +251,214 @@ def _decoder(cfg: TagConfig, tagger: Any, n_images: int, workers: int, n_slots: 
     if mode == "processes" and spec is not None:
         return _ProcessDecoder(spec, workers, n_slots)
     return _ThreadDecoder(tagger.preprocess_image, workers)
+
+
+def _cpu_from_bytes(data: bytes, prepare: Callable[[Any], np.ndarray]) -> tuple[str, Any, int]:
+    """The CPU path on bytes already read (``open_rgb`` is ``decode_image(..., draft_size=None)``)."""
+    from ..io import decode_image
+
+    try:
+        return "cpu", prepare(decode_image(data, draft_size=None).image), 0
+    except DecodeError as exc:
+        return "fail", f"{exc.reason}: {exc.detail}", 0
+    except OSError as exc:
+        return "fail", str(exc), 0
+
+
+def _load_for_gpu(path: Path, prepare: Callable[[Any], np.ndarray]) -> tuple[str, Any, int]:
+    """Read one file: ("gpu", JPEG bytes tensor, pixels) when nvJPEG can take it as is, else the CPU decode."""
+    import torch
+
+    from .embed import jpeg_gpu_size
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return "fail", str(exc), 0
+    size = jpeg_gpu_size(data)  # baseline YCbCr/grey JPEG, no EXIF rotation, complete, sane size
+    if size is None:
+        return _cpu_from_bytes(data, prepare)
+    return "gpu", torch.frombuffer(bytearray(data), dtype=torch.uint8), size[0] * size[1]
+
+
+class _GpuFeed:
+    """Batches for the torch tagger decoded on its device: JPEGs through nvJPEG, everything else (PNG, WebP,
+    progressive or EXIF-rotated JPEGs, files nvJPEG rejects) through the CPU decoder, file by file.
+
+    ``THREADS`` threads, each on its own CUDA stream, read a batch's files on a thread pool, decode and
+    place them, and queue the batch (at most ``AHEAD``) while the model runs the previous one on the default
+    stream. Items: (records, uint8 [N, size, size, 3] on the device, failures, ready event or None).
+    """
+
+    kind = "nvJPEG"
+    THREADS = 2
+    AHEAD = 2
+
+    def __init__(self, tagger: Any, records: list[ImageRecord], root: Path, batch_size: int, workers: int):
+        import queue
+        import threading
+
+        self.tagger, self.root, self.workers = tagger, root, workers
+        self.chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+        self.next = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.q: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+        self.gpu = self.cpu = 0
+        self.reader = ThreadPoolExecutor(workers)
+        self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.THREADS)]
+        for t in self.threads:
+            t.start()
+
+    def _put(self, item: Any) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        import contextlib
+
+        import torch
+
+        dev = self.tagger.torch_device
+        try:
+            stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while not self.stop.is_set():
+                    with self.lock:
+                        if self.next >= len(self.chunks):
+                            break
+                        chunk = self.chunks[self.next]
+                        self.next += 1
+                    prep = self.tagger.preprocess_image
+                    futs = [self.reader.submit(_load_for_gpu, self.root / r.path, prep) for r in chunk]
+                    item = self._assemble(chunk, [f.result() for f in futs])
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        item = (*item[:3], event)
+                    self._put(item)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(("error", exc, None, None))
+        self._put(None)
+
+    def _assemble(self, chunk: list[ImageRecord], loaded: list[tuple[str, Any, int]]) -> tuple:
+        import torch
+
+        from ..models.wd_torch import decode_jpegs, prepare_tensor
+        from .embed import GPU_BATCH_PIXELS
+
+        t = self.tagger
+        dev, size = t.torch_device, t.size
+        placed: list[Any] = [None] * len(chunk)  # device tensor [s, s, 3], host array, or None (failed)
+        failures: list[tuple[str, str]] = []
+        gpu_rows = [i for i, (kind, _, _) in enumerate(loaded) if kind == "gpu"]
+        start, n_gpu = 0, 0
+        while start < len(gpu_rows):  # nvJPEG calls under a decoded-pixel budget
+            stop, budget = start, 0
+            while stop < len(gpu_rows) and (
+                stop == start or budget + loaded[gpu_rows[stop]][2] <= GPU_BATCH_PIXELS
+            ):
+                budget += loaded[gpu_rows[stop]][2]
+                stop += 1
+            rows = gpu_rows[start:stop]
+            for i, img in zip(rows, decode_jpegs([loaded[i][1] for i in rows], dev), strict=True):
+                if img is None:  # nvJPEG rejected it: the CPU decoder decides
+                    loaded[i] = _cpu_from_bytes(loaded[i][1].numpy().tobytes(), t.preprocess_image)
+                else:
+                    placed[i] = prepare_tensor(img, size, t._scale, t.cfg.interpolation)
+                    n_gpu += 1
+            start = stop
+        for i, (kind, value, _) in enumerate(loaded):
+            if kind == "cpu":
+                placed[i] = value
+            elif kind == "fail":
+                failures.append((chunk[i].path, value or "unreadable"))
+        keep = [i for i, v in enumerate(placed) if v is not None]
+        out = torch.empty((len(keep), size, size, 3), dtype=torch.uint8, device=dev)
+        host = [j for j, i in enumerate(keep) if isinstance(placed[i], np.ndarray)]
+        if host:
+            arr = torch.from_numpy(np.stack([placed[keep[j]] for j in host]))
+            arr = arr.pin_memory() if dev.type == "cuda" else arr
+            out[torch.tensor(host, device=dev)] = arr.to(dev, non_blocking=True)
+        for j, i in enumerate(keep):
+            if not isinstance(placed[i], np.ndarray):
+                out[j] = placed[i]
+        with self.lock:
+            self.gpu += n_gpu
+            self.cpu += len(host)
+        return [chunk[i] for i in keep], out, failures, None
+
+    def __iter__(self):
+        done = 0
+        while done < len(self.threads):
+            item = self.q.get()
+            if item is None:
+                done += 1
+            elif item[0] == "error":
+                raise item[1]
+            else:
+                yield item
+
+    def close(self) -> None:
+        import queue
+
+        self.stop.set()
+        for t in self.threads:
+            while t.is_alive():
+                try:
+                    self.q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            t.join()
+        self.reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _nvjpeg(device: str) -> bool:
+    from .embed import gpu_decode_available
+
+    return gpu_decode_available(device)
+
+
+def _tag_on_gpu(
+    tagger: Any,
+    todo: list[ImageRecord],
+    root: Path,
+    batch_size: int,
+    workers: int,
+    store: Callable[[list[ImageRecord], np.ndarray], None],
+    failed: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """Run ``todo`` with nvJPEG batches from ``_GpuFeed``; one batch on the model while the next decodes."""
+    import torch
+
+    cuda = tagger.torch_device.type == "cuda"
+    feed = _GpuFeed(tagger, todo, root, batch_size, workers)
+    running: deque = deque()
+    try:
+        for recs, x, fails, event in feed:
+            failed.extend(fails)
+            if event is not None:  # decoded on the feed's stream: the model's stream waits for it
+                stream = torch.cuda.current_stream(tagger.torch_device)
+                stream.wait_event(event)
+                x.record_stream(stream)
+            if recs:
+                running.append((recs, tagger.submit(x)))
+            while len(running) > 1:
+                done_batch, handle = running.popleft()
+                store(done_batch, handle.result())
+        while running:
+            done_batch, handle = running.popleft()
+            store(done_batch, handle.result())
+    finally:
+        feed.close()
+    where = f"nvJPEG on {tagger.device}" if cuda else f"torchvision on {tagger.device}"
+    return {"decode": f"{where} ({feed.gpu}) + threads x {workers} ({feed.cpu})", "gpu_decoded": feed.gpu}
 
 
 def tag_config(ds: Any, **flags: Any) -> TagConfig:
@@ -250,6 +495,10 @@ def tag_images(
         raise CurateError(f"tag floor must be in [0, 1), got {cfg.floor}")
     if cfg.batch_size < 0:
         raise CurateError(f"batch size must be at least 1 (0: automatic), got {cfg.batch_size}")
+    if cfg.decode not in DECODE_MODES:
+        raise CurateError(
+            f"[tag] decode must be auto, gpu or cpu (or threads / processes), got {cfg.decode!r}"
+        )
     manifest.ensure_table(TABLES)
     key = model_key(cfg.model)
     records = manifest.kept_images() if records is None else records
@@ -268,9 +517,14 @@ def tag_images(
     elif todo:
         from ..models.wd14 import load_tagger
 
-        tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype)
-        info["load_seconds"] = time.perf_counter() - t0
+        tagger = load_tagger(cfg.model, cfg.device, cfg.backend, cfg.dtype, compile=cfg.compile)
+        where, info["decode_why"] = decode_choice(
+            cfg.decode, tagger.backend, tagger.device, lambda: _nvjpeg(tagger.device)
+        )  # the nvJPEG probe also starts the decoder, so its set-up counts as loading
         batch_size = cfg.batch_size or tagger.default_batch
+        if getattr(tagger, "compiled", False):
+            tagger.warm(min(batch_size, len(todo)))  # compile now: loading pays for it, not the images
+        info["load_seconds"] = time.perf_counter() - t0
         info |= {"backend": tagger.backend, "device": tagger.device, "runtime": tagger.describe(),
                 "why": getattr(tagger, "why", ""), "batch_size": batch_size}  # fmt: skip
         labels = tagger.labels
@@ -287,48 +541,51 @@ def tag_images(
             if progress:
                 progress(n_done + len(failed), len(todo))
 
-        # Decoding + preprocessing runs ahead (threads, or processes for big GPU jobs) while the model runs; one
-        # batch is on the model while the previous one's scores are written, so neither side waits for the other.
-        ahead = batch_size * 2 + workers
-        dec = _decoder(cfg, tagger, len(todo), workers, ahead + batch_size)
-        info["decode"] = f"{dec.kind} x {workers}"
-        try:
-            pending: deque = deque()
-            running: deque = deque()
-            it = iter(todo)
+        if where == "gpu":
+            info |= _tag_on_gpu(tagger, todo, manifest.root, batch_size, workers, store, failed)
+        else:
+            # Decoding + preprocessing runs ahead (threads, or processes for big GPU jobs) while the model runs; one
+            # batch is on the model while the previous one's scores are written, so neither side waits for the other.
+            ahead = batch_size * 2 + workers
+            dec = _decoder(cfg, tagger, len(todo), workers, ahead + batch_size)
+            info["decode"] = f"{dec.kind} x {workers}"
+            try:
+                pending: deque = deque()
+                running: deque = deque()
+                it = iter(todo)
 
-            def fill() -> None:
-                while len(pending) < ahead:
-                    rec = next(it, None)
-                    if rec is None:
-                        return
-                    pending.append((rec, *dec.submit(manifest.root / rec.path)))
+                def fill() -> None:
+                    while len(pending) < ahead:
+                        rec = next(it, None)
+                        if rec is None:
+                            return
+                        pending.append((rec, *dec.submit(manifest.root / rec.path)))
 
-            fill()
-            while pending or running:
-                batch, arrays, slots = [], [], []
-                while pending and len(batch) < batch_size:
-                    rec, fut, slot = pending.popleft()
-                    value, err = fut.result()
-                    if value is None:
-                        failed.append((rec.path, err or "unreadable"))
-                        dec.release([slot])
+                fill()
+                while pending or running:
+                    batch, arrays, slots = [], [], []
+                    while pending and len(batch) < batch_size:
+                        rec, fut, slot = pending.popleft()
+                        value, err = fut.result()
+                        if value is None:
+                            failed.append((rec.path, err or "unreadable"))
+                            dec.release([slot])
+                            fill()
+                            continue
+                        batch.append(rec)
+                        arrays.append(dec.array(value, slot))
+                        slots.append(slot)
                         fill()
-                        continue
-                    batch.append(rec)
-                    arrays.append(dec.array(value, slot))
-                    slots.append(slot)
-                    fill()
-                if batch:
-                    x = tagger.collate(arrays)  # copies out of the slots, which are free again after this
-                    dec.release(slots)
-                    fill()
-                    running.append((batch, tagger.submit(x)))
-                while running and (len(running) > 1 or not pending):
-                    done_batch, handle = running.popleft()
-                    store(done_batch, handle.result())
-        finally:
-            dec.close()
+                    if batch:
+                        x = tagger.collate(arrays)  # copies out of the slots, which are free again after this
+                        dec.release(slots)
+                        fill()
+                        running.append((batch, tagger.submit(x)))
+                    while running and (len(running) > 1 or not pending):
+                        done_batch, handle = running.popleft()
+                        store(done_batch, handle.result())
+            finally:
+                dec.close()
         info["notices"] = list(tagger.notices)
     manifest.set_meta("tag.model", key)
     run = TagRun(
