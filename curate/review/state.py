@@ -24,7 +24,7 @@ from typing import Any
 from ..config import FilterConfig, override
 from ..dataset import Dataset
 from ..errors import CurateError
-from ..io import STATE_DIR, atomic_write_text
+from ..io import STATE_DIR, atomic_write_texts
 from ..manifest import ImageRecord, Manifest
 
 UNDO_TABLE = """
@@ -235,15 +235,16 @@ class Review:
                 raise CurateError("nothing to undo")
             before = json.loads(row["before"])
             stamp = new_stamp() + "-undo"
+            back: dict[Path, str] = {}
             for item in before["captions"]:  # files first: the manifest rows below describe them
                 f = self.root / item["file"]
-                if item["text"] is None:
-                    if f.exists():  # review created it: set it aside, never delete
-                        dest = self.root / STATE_DIR / "caption_backups" / stamp / item["file"]
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(f, dest)
-                else:
-                    atomic_write_text(f, item["text"])
+                if item["text"] is not None:
+                    back[f] = item["text"]
+                elif f.exists():  # review created it: set it aside, never delete
+                    dest = self.root / STATE_DIR / "caption_backups" / stamp / item["file"]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dest)
+            atomic_write_texts(back)
             with m.transaction():
                 c = m.conn
                 for sha, vals in before["images"].items():

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CurateError
-from ..io import STATE_DIR, atomic_write_text
+from ..io import STATE_DIR, atomic_write_text, atomic_write_texts
 from ..manifest import Manifest
 from .captions import TABLES as CAPTION_TABLES
 from .captions import digest, reconcile_pending
@@ -329,25 +329,38 @@ def _one_line(text: str) -> str:
 
 
 def set_captions(manifest: Manifest, texts: dict[str, str], fmt: str | None = None) -> dict[str, str]:
-    """Write several people's captions at once (manifest paths -> text): each file atomically, the other
-    text of theirs backed up first, one manifest transaction and one refresh for all. Returns path -> target."""
+    """Write several people's captions at once (manifest paths -> text): the other text of theirs backed up
+    first, every file atomically (fsyncs shared), one manifest transaction and one refresh for all.
+    Returns path -> caption target."""
     refresh(manifest)
+    root = manifest.root
     srcs = sources(manifest)
     stamp = new_stamp()
     out: dict[str, str] = {}
-    fresh: list[str] = []
+    writes: dict[Path, str] = {}
+    backups: dict[Path, str] = {}
+    jsonl: list[tuple[str, str]] = []
+    for rel, raw in texts.items():
+        text = _one_line(raw)
+        target = caption_target(manifest, rel, srcs, fmt)
+        out[rel] = target
+        if "::" in target:
+            jsonl.append((target, text))
+            continue
+        if rel in srcs:  # a person's text: back it up first (curate's own text it can write again)
+            cur = _read_text(root / target)
+            if cur is not None and _clean(cur) != text:
+                backups.setdefault(root / STATE_DIR / "caption_backups" / stamp / target, cur)
+        writes[root / target] = text + "\n"
+    atomic_write_texts(backups)
+    atomic_write_texts(writes)
     with manifest.transaction():  # write_user_text's own transactions join this one
-        for rel, raw in texts.items():
-            text = _one_line(raw)
-            target = caption_target(manifest, rel, srcs, fmt)
-            out[rel] = target
-            if rel not in srcs and "::" not in target:
-                # Replacing curate's own text needs no backup: curate can write it again.
-                atomic_write_text(manifest.root / target, text + "\n")
-                fresh.append(target)
-            else:
-                write_user_text(manifest, target, text, stamp=stamp, update=False)
-        manifest.conn.executemany("DELETE FROM caption_files WHERE target=?", [(t,) for t in fresh])
+        for target, text in jsonl:
+            write_user_text(manifest, target, text, stamp=stamp, update=False)
+        # A person's text at these targets from now on: curate's record of writing them no longer applies.
+        manifest.conn.executemany(
+            "DELETE FROM caption_files WHERE target=?", [(t,) for t in out.values() if "::" not in t]
+        )
     refresh(manifest)
     return out
 
