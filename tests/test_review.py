@@ -86,8 +86,17 @@ def test_review_in_the_browser(tmp_path):
 
     root = build_dataset(tmp_path / "ds")
     recs, kept, rejected, _ = _state(root)
-    assert recs["img0" + ".png"].dup_keeper and not recs["img0_copy.png"].dup_keeper
+    assert recs["img0.png"].dup_keeper and not recs["img0_copy.png"].dup_keeper
     assert {"img0_copy.png", "img1_small.png"} <= rejected.keys() and "blur.png" in rejected
+    with Dataset.open(root, create=False) as d:  # tag scores as `curate tag` caches them
+        from curate.stages.tag import TABLES
+
+        d.manifest.ensure_table(TABLES)
+        d.manifest.conn.execute(
+            "INSERT INTO tag_scores(sha256, model, scores, at) VALUES (?,?,?,0)",
+            (recs["img1.png"].sha256, "wd-test", json.dumps({"blue_sky": 0.91, "outdoors": 0.66})),
+        )
+        d.manifest.set_meta("tag.model", "wd-test")
     with running(root) as url, sync_api.sync_playwright() as p:
         base, token = url.split("?")
         # -- a request without the token (or with another host name) is refused
@@ -127,6 +136,14 @@ def test_review_in_the_browser(tmp_path):
         assert "img0_copy.png" in kept and "img0.png" not in kept
         assert rejected["img0.png"] == [("dedupe", "duplicate", "near-duplicate of img0_copy.png "
                                          "(keeper chosen in curate review)")]  # fmt: skip
+
+        # -- split a wrong group: the small copy of img1 leaves its group and is kept again
+        group = page.locator("section.group", has=page.locator('[data-path="img1_small.png"]'))
+        group.locator('.card[data-path="img1_small.png"] input.pick').check()
+        group.get_by_role("button", name="Split selected copies off").click()
+        expect(flash).to_contain_text("split off img1_small.png")
+        recs, kept, _, _ = _state(root)
+        assert recs["img1_small.png"].dup_group is None and {"img1.png", "img1_small.png"} <= kept
 
         # -- rejects: score and threshold shown, keep one anyway, preview and apply a threshold
         page.goto(base + "rejects")
@@ -171,6 +188,17 @@ def test_review_in_the_browser(tmp_path):
         page.locator('.caption-row[data-path="img3.png"] .add-tag').press("Enter")
         expect(flash).to_contain_text("edit caption of img3.png")
         assert (root / "img3.txt").read_text() == "ohwx, indoors, lamp, warm light\n"
+        row1 = page.locator('.caption-row[data-path="img1.png"]')
+        assert row1.locator('.chip[data-tag="blue sky"] .score').inner_text() == "0.91"
+        row1.locator('.chip[data-tag="blue sky"]').get_by_title("move right").click()
+        expect(flash).to_contain_text("edit caption of img1.png")
+        assert (root / "img1.txt").read_text() == "ohwx, outdoors, blue sky\n"
+        page.keyboard.press("u")  # undo from the keyboard
+        expect(flash).to_contain_text("undid: edit caption of img1.png")
+        assert (root / "img1.txt").read_text() == "ohwx, blue sky, outdoors\n"
+        page.keyboard.press("j")
+        page.keyboard.press("e")
+        expect(page.locator(".card.current textarea")).to_be_focused()
         page.locator("#bulk-op").select_option("remove")
         page.fill("#bulk-tag", "watermark")
         page.get_by_role("button", name="Apply to all kept images (or the selection)").click()
