@@ -17,6 +17,7 @@ VIEWS = ("dups", "rejects", "captions", "split", "buckets")
 
 
 def main() -> None:
+    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,7 +42,10 @@ def main() -> None:
                 if view == "rejects":  # show a preview line
                     page.fill('input.thr[data-threshold="min_sharpness"]', "40")
                     page.wait_for_function("document.getElementById('preview').textContent.includes('would')")
-                page.screenshot(path=str(OUT / f"{view}.png"), full_page=False)
+                shot = OUT / f"{view}.png"
+                page.screenshot(path=str(shot), full_page=False)
+                small = Image.open(shot).convert("RGB").quantize(128, dither=Image.Dither.NONE)
+                small.save(shot, optimize=True)  # a palette keeps the docs small
                 print(OUT / f"{view}.png")
             browser.close()
 

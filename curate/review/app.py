@@ -119,11 +119,15 @@ def _meta(rec: ImageRecord) -> str:
     return f'<span class="meta">{esc(", ".join(bits))}</span>'
 
 
+def _n_rejected(rv: Review) -> int:
+    """Files rejected by anything but dedupe (duplicates are counted on their own page)."""
+    return sum(1 for items in rv.rejected().values() if any(s != "dedupe" for s, _, _ in items))
+
+
 def _layout(rv: Review, view: str, title: str, body: str) -> HTMLResponse:
-    c = rv.counts()
     links = [
         ("dups", f"Duplicates ({len(rv.groups())})"),
-        ("rejects", f"Rejects ({c['rejected_files']})"),
+        ("rejects", f"Rejects ({_n_rejected(rv)})"),
         ("captions", f"Captions ({len(rv.kept())})"),
         ("split", "Train / val"),
         ("buckets", "Buckets"),
@@ -303,7 +307,7 @@ def view_rejects(rv: Review, req: Request) -> HTMLResponse:
             for p in kept[:200]
         ]
         out.append("</ul>")
-    return _layout(rv, "rejects", f"Rejects ({len(rows)})", "".join(out))
+    return _layout(rv, "rejects", f"Rejects ({_n_rejected(rv)} files)", "".join(out))
 
 
 def view_captions(rv: Review, req: Request) -> HTMLResponse:

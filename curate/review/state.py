@@ -134,9 +134,6 @@ class Review:
 
         return self._cached("trigger", lambda: trigger_word(self.reader))
 
-    def counts(self) -> dict[str, int]:
-        return self._cached("counts", self.reader.counts)
-
     def record(self, sha: str) -> ImageRecord:
         rec = self.by_sha().get(sha)
         if rec is None:
