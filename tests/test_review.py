@@ -234,6 +234,8 @@ def test_review_in_the_browser(tmp_path):
         assert _state(root)[3][first][0] == "reject"
         browser.close()
         assert errors == []
+    thumbs = list((root / ".curate" / "review_thumbs").glob("*.jpg"))
+    assert len(thumbs) >= 7  # made on first view, kept on disk for the next
 
     # -- the CLI sees the same state: export writes the new keeper and the edited caption
     out = tmp_path / "out"
@@ -293,8 +295,14 @@ def test_groups_split_merge_and_leak_free_move(tmp_path):
         rv.undo()
         recs, *_ = _state(root)
         assert recs["img0.png"].split == recs["img0_copy.png"].split == side
+        msg = rv.bulk("replace", "smile", "grin", paths=["img2.png", "img4.png"])
+        assert msg == "replace 'smile' by 'grin' over 2 selected: 2 captions written"
+        assert (root / "img2.txt").read_text() == "ohwx, grin, red hat\n"
+        assert (root / "img0.txt").read_text() == "ohwx, red hat, smile, outdoors\n"  # not selected
+        rv.undo()
+        assert (root / "img2.txt").read_text() == "ohwx, smile, red hat\n"
         history = rv.history()
-        assert [h[2] for h in history[:2]] == [True, False]  # the move undone, the keep not
+        assert [h[2] for h in history[:3]] == [True, True, False]  # replace and move undone, the keep not
         assert json.loads(rv.reader.get_meta("caption.trigger")) == ["ohwx"]
     finally:
         rv.close()
@@ -319,3 +327,32 @@ def test_review_command_errors(tmp_path):
     finally:
         s.close()
     assert res.exit_code == 2 and "pick another --port" in res.output, res.output
+
+
+def test_review_command_serves_until_interrupted(tmp_path):
+    """`curate review DS --no-open` prints the address with the token, serves it, stops on Ctrl-C."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    textured(600, 600, seed=1).save(root / "a.png")
+    assert runner.invoke(app, ["scan", str(root)]).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curate", "review", str(root), "--no-open"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line).group(0)
+        status, _ = _get(url.replace("/?", "/rejects?"))
+        assert status == 200
+        assert _get(url.split("?")[0] + "rejects")[0] == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "curate review stopped" in out and "Traceback" not in err

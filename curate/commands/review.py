@@ -34,4 +34,5 @@ def register(app: typer.Typer) -> None:
             port=port,
             open_browser=not no_open,
             say=lambda text: say(f"curate review: open {text}  (Ctrl-C stops it)"),
+            say_stopped=lambda: say("curate review stopped; every change is in the manifest"),
         )

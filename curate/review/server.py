@@ -52,6 +52,7 @@ def serve(
     port: int | None = None,
     open_browser: bool = True,
     say: Callable[[str], None] = print,
+    say_stopped: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve the review page until Ctrl-C (blocking)."""
     _need_web()
@@ -69,7 +70,10 @@ def serve(
             import webbrowser
 
             webbrowser.open(address)
-        _server(make_app(rv, token, real), sock).run(sockets=[sock])
+        try:
+            _server(make_app(rv, token, real), sock).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C is how the page is closed: every change is already written
+            say_stopped()
     finally:
         sock.close()
         rv.close()
