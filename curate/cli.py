@@ -40,6 +40,7 @@ PLUGINS: list[str] = [
     "curate.commands.train",
     "curate.commands.decide",
     "curate.commands.lora_tools",
+    "curate.commands.review",
 ]
 
 

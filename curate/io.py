@@ -223,6 +223,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def atomic_write_texts(files: dict[Path, str], workers: int = 16) -> None:
+    """Write many small files, each atomically (temporary sibling, fsync, rename), on a few threads: one
+    fsync after another costs a journal commit each, concurrent ones share commits. Raises the first error
+    after every other file is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[Path, str]) -> None:
+        atomic_write_text(item[0], item[1])
+
+    if not files:
+        return
+    with ThreadPoolExecutor(max(1, min(workers, len(files)))) as pool:
+        futures = [pool.submit(one, item) for item in files.items()]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_write(path, "wb") as fh:
         fh.write(data)

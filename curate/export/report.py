@@ -54,7 +54,7 @@ def _card(src: str, caption: str, cls: str = "", alt: str = "") -> str:
     return f'<figure class="{cls}">{img}<figcaption>{caption}</figcaption></figure>'
 
 
-def _dup_notes(explain: str) -> dict[str, str]:
+def dup_notes(explain: str) -> dict[str, str]:
     """Per path of a duplicate group: why it was dropped (the keeper rule) and the evidence of its link."""
     import re
 
@@ -87,7 +87,7 @@ METRICS = (
 )  # fmt: skip
 # what a reject's detail says, as "<score> <op> <threshold>" (filter.reasons_for writes these)
 _SCORE_RE = re.compile(r"(-?[\d.]+)(?:px| bits)?(?::1)? ([<>]) (-?[\d.]+)")
-_REASON_FIELD = {"blurry": "min_sharpness", "too-dark": "min_brightness", "too-bright": "max_brightness",
+REASON_FIELD = {"blurry": "min_sharpness", "too-dark": "min_brightness", "too-bright": "max_brightness",
                  "low-information": "min_entropy", "too-small": "min_side", "aspect": "max_aspect"}  # fmt: skip
 GALLERY_PAGE = 200  # kept images per page section (<details>), so a 10k set opens fast
 
@@ -98,19 +98,19 @@ def score_and_threshold(detail: str | None) -> tuple[str, str, str] | None:
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
-def _thresholds(rejected: dict, cfg: FilterConfig) -> dict[str, float]:
+def thresholds_in_effect(rejected: dict, cfg: FilterConfig) -> dict[str, float]:
     """FilterConfig field -> threshold in effect: what the recorded rejects say, else the config's."""
-    out = {k: float(getattr(cfg, k)) for k in set(_REASON_FIELD.values())}
+    out = {k: float(getattr(cfg, k)) for k in set(REASON_FIELD.values())}
     for items in rejected.values():
         for stage, reason, detail in items:
             for r, d in zip(reason.split(","), (detail or "").split("; "), strict=False):
                 st = score_and_threshold(d)
-                if stage == "filter" and st and r in _REASON_FIELD:
-                    out[_REASON_FIELD[r]] = float(st[2])
+                if stage == "filter" and st and r in REASON_FIELD:
+                    out[REASON_FIELD[r]] = float(st[2])
     return out
 
 
-def _trigger(manifest: Manifest) -> str | None:
+def trigger_word(manifest: Manifest) -> str | None:
     try:
         words = json.loads(manifest.get_meta("caption.trigger") or "[]")
     except ValueError:
@@ -157,7 +157,7 @@ def build_report(manifest: Manifest, out: Path | None = None, filter_cfg: Filter
     parts.append("</table>")
 
     # -- score histograms with the thresholds in effect
-    thr = _thresholds(rejected, filter_cfg or FilterConfig())
+    thr = thresholds_in_effect(rejected, filter_cfg or FilterConfig())
     parts.append('<h2 id="histograms">Score histograms</h2><p>All decoded images; dashed red lines are the '
                  "filter thresholds (from the recorded rejects, else the config).</p>")  # fmt: skip
     scored = [r for r in recs if not r.error]
@@ -168,7 +168,7 @@ def build_report(manifest: Manifest, out: Path | None = None, filter_cfg: Filter
                      f"({len(vals)} images)</figcaption>{histogram(name, vals, t)}</figure>")  # fmt: skip
 
     # -- kept gallery, in pages
-    trigger = _trigger(manifest)
+    trigger = trigger_word(manifest)
     parts.append(
         f'<h2 id="kept">Kept images ({len(kept)})</h2><p>Each caption is the text export writes.</p>'
     )
@@ -200,7 +200,7 @@ def build_report(manifest: Manifest, out: Path | None = None, filter_cfg: Filter
     for gid, members in sorted(groups.items()):
         parts.append(f'<div class="group"><b>group {gid}</b><br>')
         explain = next((m.dup_explain for m in members if m.dup_explain), "")
-        notes = _dup_notes(explain or "")
+        notes = dup_notes(explain or "")
         keepers = [p for m in members if m.dup_keeper for p in m.paths[:1]]
         keeper = keepers[0] if keepers else ""
         for m in sorted(members, key=lambda r: not r.dup_keeper):

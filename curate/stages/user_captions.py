@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CurateError
-from ..io import STATE_DIR, atomic_write_text
+from ..io import STATE_DIR, atomic_write_text, atomic_write_texts
 from ..manifest import Manifest
 from .captions import TABLES as CAPTION_TABLES
 from .captions import digest, reconcile_pending
@@ -310,29 +310,63 @@ def resolve_image(manifest: Manifest, path: str | os.PathLike) -> str:
     raise CurateError(f"{path} is not an image curate knows in {root}; run `curate scan {root}` first")
 
 
+def caption_target(manifest: Manifest, rel: str, srcs: dict, fmt: str | None = None) -> str:
+    """Where a person's caption of image ``rel`` goes: the caption of theirs it already has, else a new
+    sidecar (or metadata.jsonl entry) in ``fmt`` (default: the caption format curate last wrote)."""
+    from .captions import FORMATS, sidecar
+
+    src = srcs.get(rel)
+    if src is not None:
+        return src[0]
+    fmt = fmt or manifest.get_meta("caption.format") or "txt"
+    if fmt not in FORMATS:
+        raise CurateError(f"caption format {fmt!r} unknown; choose txt, caption or jsonl")
+    return f"{JSONL}::{rel}" if fmt == "jsonl" else sidecar(rel, fmt)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) if "\n" in str(text) else str(text).strip()
+
+
+def set_captions(manifest: Manifest, texts: dict[str, str], fmt: str | None = None) -> dict[str, str]:
+    """Write several people's captions at once (manifest paths -> text): the other text of theirs backed up
+    first, every file atomically (fsyncs shared), one manifest transaction and one refresh for all.
+    Returns path -> caption target."""
+    refresh(manifest)
+    root = manifest.root
+    srcs = sources(manifest)
+    stamp = new_stamp()
+    out: dict[str, str] = {}
+    writes: dict[Path, str] = {}
+    backups: dict[Path, str] = {}
+    jsonl: list[tuple[str, str]] = []
+    for rel, raw in texts.items():
+        text = _one_line(raw)
+        target = caption_target(manifest, rel, srcs, fmt)
+        out[rel] = target
+        if "::" in target:
+            jsonl.append((target, text))
+            continue
+        if rel in srcs:  # a person's text: back it up first (curate's own text it can write again)
+            cur = _read_text(root / target)
+            if cur is not None and _clean(cur) != text:
+                backups.setdefault(root / STATE_DIR / "caption_backups" / stamp / target, cur)
+        writes[root / target] = text + "\n"
+    atomic_write_texts(backups)
+    atomic_write_texts(writes)
+    with manifest.transaction():  # write_user_text's own transactions join this one
+        for target, text in jsonl:
+            write_user_text(manifest, target, text, stamp=stamp, update=False)
+        # A person's text at these targets from now on: curate's record of writing them no longer applies.
+        manifest.conn.executemany(
+            "DELETE FROM caption_files WHERE target=?", [(t,) for t in out.values() if "::" not in t]
+        )
+    refresh(manifest)
+    return out
+
+
 def set_caption(manifest: Manifest, path: str | os.PathLike, text: str, fmt: str | None = None) -> str:
     """Write ``text`` as the person's caption of image ``path`` (atomically; backup if it replaces other
     text of theirs) and record it. Returns the caption target written."""
-    from .captions import FORMATS, sidecar
-
     rel = resolve_image(manifest, path)
-    text = " ".join(str(text).split()) if "\n" in str(text) else str(text).strip()
-    refresh(manifest)
-    src = sources(manifest).get(rel)
-    if src is not None:
-        target = src[0]
-    else:
-        fmt = fmt or manifest.get_meta("caption.format") or "txt"
-        if fmt not in FORMATS:
-            raise CurateError(f"caption format {fmt!r} unknown; choose txt, caption or jsonl")
-        target = f"{JSONL}::{rel}" if fmt == "jsonl" else sidecar(rel, fmt)
-    if src is None and "::" not in target:
-        # Replacing curate's own text needs no backup: curate can write it again.
-        f = manifest.root / target
-        atomic_write_text(f, text + "\n")
-        with manifest.transaction():
-            manifest.conn.execute("DELETE FROM caption_files WHERE target=?", (target,))
-        refresh(manifest)
-    else:
-        write_user_text(manifest, target, text)
-    return target
+    return set_captions(manifest, {rel: text}, fmt)[rel]
