@@ -63,7 +63,9 @@ class TrainConfig:
     flip_aug: bool = False
     cache_latents: bool = True
     cache_text_encoder_outputs: bool = True  # only when the text encoders are frozen
-    cache_dir: str = ""  # default: <output_dir>/cache
+    cache_dir: str = ""  # default: <output_dir>/cache (text-encoder outputs in its te/ folder)
+    # images per VAE encode while caching latents; 0: by bucket area (16 at 512², 4 at 1024²)
+    latent_batch_size: int = 0
     # network
     network_dim: int = 32
     network_alpha: float = 16.0
