@@ -65,7 +65,9 @@ def test_batched_equals_one_at_a_time_and_caches(vae, tmp_path):
     vae.encode = spy
     try:
         stats: dict = {}
-        got = D.encode_latents(items, vae, "cpu", tmp_path / "cache", "vid1", flips, batch_size=2, stats=stats)
+        got = D.encode_latents(
+            items, vae, "cpu", tmp_path / "cache", "vid1", flips, batch_size=2, stats=stats
+        )
     finally:
         del vae.encode
     assert stats == {"latents_encoded": 7, "latents_cached": 0}

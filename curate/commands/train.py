@@ -97,17 +97,16 @@ def _training_data(
 def summary_table(t: dict):
     """Where the time of a training went: model load, latent and text-encoder caches, steps (steady img/s), total."""
 
-    def cache_row(key: str, what: str) -> str:
+    def cache_row(key: str, seconds: float, what: str) -> str:
         if f"{key}_encoded" not in t:
-            return f"{t.get(f'{key}_cache_s', 0.0):.1f} s (not cached)"
-        return (f"{t[f'{key}_cache_s']:.1f} s ({t[f'{key}_encoded']} {what} encoded, "
-                f"{t[f'{key}_cached']} from the cache)")  # fmt: skip
+            return f"{seconds:.1f} s (not cached)"
+        return f"{seconds:.1f} s ({t[f'{key}_encoded']} {what} encoded, {t[f'{key}_cached']} from the cache)"
 
     steady = t.get("steady_img_s")
     rows = [
         ("model load", f"{t.get('load_s', 0.0):.1f} s"),
-        ("latent cache", cache_row("latents", "images")),
-        ("text-encoder cache", cache_row("te", "captions")),
+        ("latent cache", cache_row("latents", t.get("latent_cache_s", 0.0), "images")),
+        ("text-encoder cache", cache_row("te", t.get("te_cache_s", 0.0), "captions")),
         ("training steps", f"{t.get('train_s', 0.0):.1f} s"),
         ("steady speed", f"{steady:.2f} img/s" if steady else "n/a (too few steps after the warm-up)"),
         ("total wall time", f"{t.get('total_s', 0.0):.1f} s"),
