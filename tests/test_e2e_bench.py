@@ -1,0 +1,26 @@
+"""bench/e2e_train.py runs end to end (--tiny: the tiny test models on the CPU) and reports what the lead reads on
+the GPU: cache times and counts, steady img/s, total wall, and the bench step's img/s beside it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def test_e2e_bench_tiny_runs_and_reports(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "e2e_train", Path(__file__).parents[1] / "bench" / "e2e_train.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.jsonl"
+    head, first, second, summary = bench.main(["--tiny", "--runs", "2", "--workdir", str(tmp_path / "w"),
+                                               "--out", str(out)])  # fmt: skip
+    assert head["images"] == 4 and head["steps"] == 4
+    # run 1 encodes 4 latents and 5 captions (4 + "" for caption dropout); run 2 reads both caches
+    assert (first["latents_encoded"], first["te_encoded"], first["steps"]) == (4, 5, 4)
+    assert (second["latents_encoded"], second["latents_cached"], second["te_cached"]) == (0, 4, 5)
+    for r in (first, second):
+        assert r["wall_s"] >= r["total_s"] > r["train_s"] > 0 and r["steady_img_s"] > 0
+    assert summary["bench_step_img_s"] > 0 and summary["ratio"] > 0
+    assert len(out.read_text().splitlines()) == 5  # setup, 2 runs, the bench step, the comparison
