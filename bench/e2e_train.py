@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.tiny:
         a.rank = min(a.rank, 4)
     t0 = time.perf_counter()
-    model = work / f"{a.family}{'-tiny' if a.tiny else ''}" / "model"
+    model = Path(a.base) if a.base else work / f"{a.family}{'-tiny' if a.tiny else ''}" / "model"
     if not (model / "model_index.json").is_file():
         if a.tiny:
             from tests.trainer_fixtures import tiny_sd15_pipeline, tiny_sdxl_pipeline

@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from tests.trainer_fixtures import sd15_dir  # noqa: F401  (pytest fixture)
 
-def test_e2e_bench_tiny_runs_and_reports(tmp_path):
+
+def test_e2e_bench_tiny_runs_and_reports(sd15_dir, tmp_path):  # noqa: F811
     spec = importlib.util.spec_from_file_location(
         "e2e_train", Path(__file__).parents[1] / "bench" / "e2e_train.py"
     )
@@ -15,7 +17,7 @@ def test_e2e_bench_tiny_runs_and_reports(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "e2e.jsonl"
     head, first, second, summary = bench.main(["--tiny", "--runs", "2", "--workdir", str(tmp_path / "w"),
-                                               "--out", str(out)])  # fmt: skip
+                                               "--base", str(sd15_dir), "--out", str(out)])  # fmt: skip
     assert head["images"] == 4 and head["steps"] == 4
     # run 1 encodes 4 latents and 5 captions (4 + "" for caption dropout); run 2 reads both caches
     assert (first["latents_encoded"], first["te_encoded"], first["steps"]) == (4, 5, 4)
