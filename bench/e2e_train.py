@@ -81,7 +81,9 @@ def build_model(folder: Path, family: str, device: str) -> None:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip_l, tokenizer=tok, unet=unet,
                                        scheduler=DDPMScheduler(**betas), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.to("cpu").save_pretrained(folder / "model")
+    pipe.to("cpu", torch.float16).save_pretrained(
+        folder / "model"
+    )  # fp16 files, as most published checkpoints
 
 
 def make_images(folder: Path, n: int, size: int) -> Path:
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], help="extra curate train --set options"
     )
+    ap.add_argument("--base", default="", help="train on this diffusers folder instead of a random one")
     ap.add_argument("--tiny", action="store_true", help="tiny test models on the CPU: checks the script runs")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = ap.parse_args(argv)

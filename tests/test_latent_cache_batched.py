@@ -139,3 +139,10 @@ def test_vae_id_changes_with_weights(vae):
     a = D.vae_id(vae, "base")
     other = _vae(5).eval()
     assert D.vae_id(other, "base") != a and D.vae_id(vae, "other") != a and D.vae_id(vae, "base") == a
+
+
+def test_bad_latent_batch_size_is_one_line():
+    from trainer_bridge import TrainConfig
+
+    with pytest.raises(TrainError, match="latent_batch_size must be >= 1"):
+        TrainConfig(latent_batch_size=-2)

@@ -202,6 +202,10 @@ class TrainConfig:
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be positive (or 0 for the default), got {getattr(self, name)}")
+        if self.latent_batch_size < 0:
+            raise TrainError(
+                f"latent_batch_size must be >= 1 (or 0: by bucket area), got {self.latent_batch_size}"
+            )
         if self.prior_loss_weight < 0:
             raise TrainError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         from trainer_bridge.lycoris_net import ALGOS, PRESETS
