@@ -16,13 +16,12 @@ def test_e2e_bench_tiny_runs_and_reports(sd15_dir, tmp_path):  # noqa: F811
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "e2e.jsonl"
-    head, first, second, summary = bench.main(["--tiny", "--runs", "2", "--workdir", str(tmp_path / "w"),
-                                               "--base", str(sd15_dir), "--out", str(out)])  # fmt: skip
+    head, first, summary = bench.main(["--tiny", "--workdir", str(tmp_path / "w"), "--base", str(sd15_dir),
+                                       "--out", str(out)])  # fmt: skip
     assert head["images"] == 4 and head["steps"] == 4
-    # run 1 encodes 4 latents and 5 captions (4 + "" for caption dropout); run 2 reads both caches
+    # 4 latents and 5 captions (4 + "" for caption dropout) encoded; a second run would read both caches
+    # (tests/test_te_cache.py); --runs 2 shows it on the GPU
     assert (first["latents_encoded"], first["te_encoded"], first["steps"]) == (4, 5, 4)
-    assert (second["latents_encoded"], second["latents_cached"], second["te_cached"]) == (0, 4, 5)
-    for r in (first, second):
-        assert r["wall_s"] >= r["total_s"] > r["train_s"] > 0 and r["steady_img_s"] > 0
+    assert first["wall_s"] >= first["total_s"] > first["train_s"] > 0 and first["steady_img_s"] > 0
     assert summary["bench_step_img_s"] > 0 and summary["ratio"] > 0
-    assert len(out.read_text().splitlines()) == 5  # setup, 2 runs, the bench step, the comparison
+    assert len(out.read_text().splitlines()) == 4  # setup, the run, the bench step, the comparison

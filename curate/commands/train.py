@@ -239,11 +239,12 @@ def register(app: typer.Typer) -> None:
             console.print(summary_table(result.timings))
         if result.interrupted:
             state = shlex.quote(str(Path(result.state_path).resolve()))
-            console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            with to_stderr:  # --json: stdout holds the document alone
+                console.print(
+                    f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             import signal
 
             # interrupted, as after Ctrl-C (130) or SIGTERM (143) anywhere else
