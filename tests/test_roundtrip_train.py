@@ -94,7 +94,9 @@ def test_set_resolution_beats_the_dataset_toml_and_caches_64px_latents(sd15_dir,
     # without --set the dataset TOML's resolution (and its buckets) hold: 256 px area -> 32x32 latents
     code, text = cli("train", str(toml), "--base", str(sd15_dir), "--output-dir", str(tmp_path / "o2"))
     assert code == 0 and "resolution 256 (from the dataset TOML), buckets 128-512 step 64" in text, text
-    shapes = {tuple(load_file(str(p))["latent"].shape) for p in (tmp_path / "o2" / "cache").glob("*")}
+    shapes = {
+        tuple(load_file(str(p))["latent"].shape) for p in (tmp_path / "o2" / "cache").glob("*.safetensors")
+    }
     assert (4, 32, 32) in shapes and len(shapes) == 3  # 256x256, 320x192 and 192x320 buckets
 
 

@@ -107,8 +107,9 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(one_process, two_ran
 def test_only_rank0_writes_and_latents_encoded_once(one_process, two_ranks):
     two, (r0, r1) = two_ranks
     out = two.lora_path.parent
-    # rank 0 encodes 4 train images (+ flipped copies) and 3 val images; rank 1 only reads the disk cache
-    assert (r0["load_image"], r1["load_image"]) == (4 * 2 + 3, 0)
+    # rank 0 decodes 4 train images (their flipped copies are the decoded images mirrored) and 3 val images once;
+    # rank 1 only reads the disk cache
+    assert (r0["load_image"], r1["load_image"]) == (4 + 3, 0)
     assert (r0["save_lora"], r1["save_lora"]) == (2, 0)  # epoch 1 + final
     assert r0["lora_path"] == str(out / "lora.safetensors") and r1["lora_path"] is None
     assert r1["losses"] == r0["losses"]  # logged values are all-reduced, but only rank 0 writes them

@@ -63,7 +63,9 @@ class TrainConfig:
     flip_aug: bool = False
     cache_latents: bool = True
     cache_text_encoder_outputs: bool = True  # only when the text encoders are frozen
-    cache_dir: str = ""  # default: <output_dir>/cache
+    cache_dir: str = ""  # default: <output_dir>/cache (text-encoder outputs in its te/ folder)
+    # images per VAE encode while caching latents; 0: by bucket area (16 at 512², 4 at 1024²)
+    latent_batch_size: int = 0
     # network
     network_dim: int = 32
     network_alpha: float = 16.0
@@ -200,6 +202,10 @@ class TrainConfig:
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be positive (or 0 for the default), got {getattr(self, name)}")
+        if self.latent_batch_size < 0:
+            raise TrainError(
+                f"latent_batch_size must be >= 1 (or 0: by bucket area), got {self.latent_batch_size}"
+            )
         if self.prior_loss_weight < 0:
             raise TrainError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         from trainer_bridge.lycoris_net import ALGOS, PRESETS

@@ -375,45 +375,150 @@ def content_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
 
 
+def latent_batch_size(bucket: tuple[int, int], setting: int = 0) -> int:
+    """Images per VAE encode for a bucket: `setting` when > 0, else 16 at 512², 4 at 1024² (the same pixels per
+    batch, so the encoder's peak memory stays about the same whatever the bucket), at most 64."""
+    if setting > 0:
+        return setting
+    return max(1, min(64, (16 * 512 * 512) // (bucket[0] * bucket[1])))
+
+
+def _prefetch(fn, args: list, window: int):
+    """fn(*a) for each a of args, in order, computed ahead by a small thread pool (PIL decodes and resizes
+    without the GIL); at most `window` results are held, so host memory stays bounded."""
+    import os
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+        pending: deque = deque()
+        todo = iter(args)
+        for a in todo:
+            pending.append(pool.submit(fn, *a))
+            if len(pending) >= window:
+                break
+        while pending:
+            res = pending.popleft().result()
+            for a in todo:
+                pending.append(pool.submit(fn, *a))
+                break
+            yield res
+
+
+def _cache_progress(console, description: str, total: int):
+    """A rich progress bar of images with their rate (images/s); hidden when console is None or nothing is to do."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None or total == 0,
+    )
+    return progress, progress.add_task(description, total=total, rate="")
+
+
+def _tick(progress, task, done: int, t0: float, unit: str = "images") -> None:
+    import time
+
+    dt = time.perf_counter() - t0
+    progress.update(task, completed=done, rate=f"{done / dt:.1f} {unit}/s" if dt > 0 else "")
+
+
 def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: str, flip: list[bool],
-                   read_only: bool = False):  # fmt: skip
+                   read_only: bool = False, batch_size: int = 0, console=None,
+                   stats: dict | None = None):  # fmt: skip
     """Per item: (latent, flipped latent or None, crop). Reads/writes the disk cache when cache_dir is set.
 
+    The images not in the cache are encoded in batches of one bucket (same h x w), latent_batch_size() images
+    per VAE call (batch_size > 0 overrides it), through pinned host memory, in the VAE's dtype under no_grad;
+    a flipped copy is the decoded image mirrored (no second decode). stats gets encoded / cached counts.
     read_only: every latent must come from the cache (DDP ranks > 0 read what rank 0 wrote; they never encode)."""
+    import time
+
     import torch
     from safetensors.torch import load_file, save_file
 
     sf = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
+    out: list = [None] * len(items)
+    files: list[Path | None] = [None] * len(items)
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    for it, want_flip in zip(items, flip, strict=True):
+    todo = []
+    for k, (it, want_flip) in enumerate(zip(items, flip, strict=True)):
         bw, bh = it.bucket
         f = cache_dir / f"{content_hash(it.path)}_{vid}_{bw}x{bh}.safetensors" if cache_dir else None
+        files[k] = f
         if f is not None and f.is_file():
             t = load_file(str(f))
             if not want_flip or "latent_flipped" in t:
                 crop = tuple(int(v) for v in t["crop"].tolist())
-                out.append((t["latent"], t.get("latent_flipped") if want_flip else None, crop))
+                out[k] = (t["latent"], t.get("latent_flipped") if want_flip else None, crop)
                 continue
         if read_only:
             raise TrainError(f"latent cache miss for {it.path} in {cache_dir}: rank 0 should have written it")
-        tensors = {}
-        for key, fl in (("latent", False), ("latent_flipped", True)) if want_flip else (("latent", False),):
-            x, crop = load_image(it.path, it.bucket, flip=fl)
+        todo.append(k)
+    if stats is not None:
+        stats.update(latents_encoded=len(todo), latents_cached=len(items) - len(todo))
+    if not todo:
+        return out
+    # jobs (item, flipped) grouped by bucket, then cut into batches of one shape
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for k in todo:
+        by_bucket.setdefault(items[k].bucket, []).append(k)
+    order = [k for b in sorted(by_bucket) for k in by_bucket[b]]
+    batches = []
+    for b in sorted(by_bucket):
+        jobs = [(k, fl) for k in by_bucket[b] for fl in ((False, True) if flip[k] else (False,))]
+        n = latent_batch_size(b, batch_size)
+        batches += [jobs[i : i + n] for i in range(0, len(jobs), n)]
+    biggest = max(len(b) for b in batches)
+    images = _prefetch(lambda k: load_image(items[k].path, items[k].bucket), [(k,) for k in order],
+                       window=2 * biggest + 8)  # fmt: skip
+    pin = device is not None and torch.device(device).type == "cuda"
+    dtype = vae.dtype
+    loaded: dict[int, tuple] = {}  # decoded images whose jobs are not all done yet
+    done: dict[int, dict] = {}
+    progress, task = _cache_progress(console, "caching latents", len(todo))
+    t0, n_done = time.perf_counter(), 0
+    with progress:
+        for jobs in batches:
+            xs = []
+            for k, fl in jobs:
+                if k not in loaded:
+                    loaded[k] = next(images)
+                x = loaded[k][0]
+                xs.append(torch.flip(x, dims=[-1]) if fl else x)
+            x = torch.stack(xs)
+            if pin:
+                x = x.pin_memory()
             with torch.no_grad():
-                lat = vae.encode(x[None].to(device, torch.float32)).latent_dist.mode()[0]
-            lat = ((lat - shift) * sf).float().cpu()
-            if not torch.isfinite(lat).all():
-                raise TrainError(f"VAE produced NaN/inf latents for {it.path}; use an fp32-safe VAE")
-            tensors[key] = lat
-        tensors["crop"] = torch.tensor(crop)
-        if f is not None:
-            tmp = f.with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(f)  # atomic
-        out.append((tensors["latent"], tensors.get("latent_flipped"), crop))
+                lat = vae.encode(x.to(device, dtype, non_blocking=pin)).latent_dist.mode()
+                lat = ((lat.float() - shift) * sf).cpu()
+            for (k, fl), one in zip(jobs, lat, strict=True):
+                if not torch.isfinite(one).all():
+                    raise TrainError(
+                        f"VAE produced NaN/inf latents for {items[k].path}; use an fp32-safe VAE"
+                    )
+                done.setdefault(k, {})["latent_flipped" if fl else "latent"] = one.clone(
+                    memory_format=torch.contiguous_format
+                )
+                if len(done[k]) < (2 if flip[k] else 1):
+                    continue
+                tensors = done.pop(k)
+                crop = loaded.pop(k)[1]
+                tensors["crop"] = torch.tensor(crop)
+                if files[k] is not None:
+                    tmp = files[k].with_suffix(".tmp")
+                    save_file(tensors, str(tmp))
+                    tmp.replace(files[k])  # atomic
+                out[k] = (tensors["latent"], tensors.get("latent_flipped"), crop)
+                n_done += 1
+                _tick(progress, task, n_done, t0)
     return out
 
 
@@ -438,6 +543,87 @@ def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], de
             if i == 1:
                 pooled = o.text_embeds
     return torch.cat(hs, dim=-1), pooled
+
+
+# ---------------------------------------------------------------- text-encoder output cache
+
+
+def te_id(tokenizers: list, text_encoders: list, base_name: str, clip_skip: int, dtype) -> str:
+    """A short id of what turns a caption into an embedding: tokenizers (class, length, vocab, a probe's ids),
+    text encoders (config + a slice of every weight), clip_skip and the output dtype; part of the TE cache key."""
+    import torch
+
+    h = hashlib.sha256(f"{base_name}|clip_skip={clip_skip}|{dtype}".encode())
+    for tok, te in zip(tokenizers, text_encoders, strict=True):
+        probe = tok(["a photo of sks, 1girl, red"], truncation=True).input_ids[0]
+        h.update(f"{type(tok).__name__}|{tok.model_max_length}|{len(tok)}|{probe}".encode())
+        clip = getattr(te, "module", te)
+        h.update(json.dumps(clip.config.to_dict(), sort_keys=True, default=str).encode())
+        with torch.no_grad():
+            for p in clip.parameters():
+                flat = p.detach().reshape(-1)
+                h.update(torch.cat([flat[:32], flat[-32:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str], device, clip_skip: int,
+                       cache_dir: Path | None, tid: str, dtype, autocast_dtype=None, batch_size: int = 32,
+                       read_only: bool = False, console=None, stats: dict | None = None):  # fmt: skip
+    """(embeddings [N, 77, D], pooled [N, 1280] or None) for the captions, in dtype on the device.
+
+    Each distinct caption is encoded once, in batches, and kept in cache_dir as <sha256(tid + caption)>.safetensors
+    (the caption text in its metadata), so a second run reads it and an edited caption gets a new key: its
+    embedding is recomputed, the others are reused. stats gets te_encoded / te_cached (distinct captions)."""
+    import time
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    unique = list(dict.fromkeys(captions))
+    found: dict[str, tuple] = {}
+    files = {}
+    if cache_dir:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for c in unique:
+            f = cache_dir / f"{hashlib.sha256(f'{tid}|{c}'.encode()).hexdigest()[:24]}.safetensors"
+            files[c] = f
+            if f.is_file():
+                with safe_open(str(f), "pt") as sf:
+                    if (sf.metadata() or {}).get("caption") == c:
+                        found[c] = (
+                            sf.get_tensor("emb"),
+                            sf.get_tensor("pooled") if "pooled" in sf.keys() else None,
+                        )
+    missing = [c for c in unique if c not in found]
+    if missing and read_only:
+        raise TrainError(f"text-encoder cache miss in {cache_dir}: rank 0 should have written it")
+    if stats is not None:
+        stats.update(te_encoded=len(missing), te_cached=len(unique) - len(missing))
+    progress, task = _cache_progress(console, "caching text embeddings", len(missing))
+    t0 = time.perf_counter()
+    with progress, torch.no_grad():
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i : i + batch_size]
+            with torch.autocast(torch.device(device).type, autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):  # fmt: skip
+                emb, pooled = encode_prompts(tokenizers, text_encoders, chunk, device, clip_skip)
+            emb = emb.to(dtype).cpu()
+            pooled = pooled.to(dtype).cpu() if pooled is not None else None
+            for j, c in enumerate(chunk):
+                t = {"emb": emb[j].contiguous().clone()}
+                if pooled is not None:
+                    t["pooled"] = pooled[j].contiguous().clone()
+                found[c] = (t["emb"], t.get("pooled"))
+                if c in files:
+                    tmp = files[c].with_suffix(".tmp")
+                    save_file(t, str(tmp), metadata={"caption": c, "te_id": tid})
+                    tmp.replace(files[c])  # atomic
+            _tick(progress, task, i + len(chunk), t0, "captions")
+    emb_all = torch.stack([found[c][0] for c in captions]).to(device)
+    has_pooled = found[captions[0]][1] is not None if captions else False
+    pooled_all = torch.stack([found[c][1] for c in captions]).to(device) if has_pooled else None
+    return emb_all, pooled_all
 
 
 # ---------------------------------------------------------------- sampler

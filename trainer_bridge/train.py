@@ -39,6 +39,9 @@ class TrainResult:
     val_losses: list[float] = field(default_factory=list)  # one per epoch, if there is a validation set
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 for stop_after_steps
+    # where the time went (seconds) and the steady-state speed: total_s, load_s, latent_cache_s, te_cache_s,
+    # latents_encoded / latents_cached, te_encoded / te_cached, steady_img_s (None: too few clean intervals)
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
@@ -175,23 +178,29 @@ def _train(cfg: TrainConfig) -> TrainResult:
     val_items = D.list_items(spec.val_subsets, spec) if spec.val_subsets else []
     if not any(not it.subset.is_reg for it in items):
         raise TrainError(f"no images found under {cfg.data}")
+    timings: dict[str, Any] = {}
+    t_phase = time.perf_counter()
     base = load_base(cfg.base, family, cfg.v_prediction)
     unet, vae, tes, toks = base.unet, base.vae, base.text_encoders, base.tokenizers
     v_pred = base.scheduler.config.prediction_type == "v_prediction"
     alphas_cumprod = base.scheduler.alphas_cumprod.to(dev, torch.float32)
+    timings["load_s"] = time.perf_counter() - t_phase
 
-    # latents: encoded once in fp32 (no NaN from fp16 VAEs), cached on disk, then kept on the device
+    # latents: encoded once in fp32 (no NaN from fp16 VAEs), batched by bucket, cached on disk, kept on the device
+    t_phase = time.perf_counter()
     vae.requires_grad_(False).to(dev, torch.float32).eval()
     cache_dir = Path(cfg.cache_dir or out_dir / "cache") if cfg.cache_latents or world > 1 else None
     vid = D.vae_id(vae, base.name)
     all_items = items + val_items
     flips = [it.subset.flip_aug for it in items] + [False] * len(val_items)
     if main:  # DDP: rank 0 encodes and writes the disk cache; the other ranks wait, then only read it
-        encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips)
+        encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips, batch_size=cfg.latent_batch_size,
+                                   console=say.console, stats=timings)  # fmt: skip
     dist.barrier()
     if not main:
         encoded = D.encode_latents(all_items, vae, dev, cache_dir, vid, flips, read_only=True)
     vae.to("cpu")  # only needed again for samples
+    timings["latent_cache_s"] = time.perf_counter() - t_phase
     buckets = sorted({it.bucket for it in all_items})
     bucket_of = [buckets.index(it.bucket) for it in all_items]
     row_of, lat, lat_flip = [], [], []
@@ -224,27 +233,28 @@ def _train(cfg: TrainConfig) -> TrainResult:
     train_te = cfg.text_encoder_lr > 0
     any_shuffle = any(s.shuffle_caption for s in spec.subsets)
     cache_te = cfg.cache_text_encoder_outputs and not train_te and not any_shuffle
+    t_phase = time.perf_counter()
+    tid = D.te_id(toks, tes, base.name, cfg.clip_skip, f"{weight_dtype}/{amp}") if cache_te else ""
     for te in tes:
         te.requires_grad_(False).to(dev, weight_dtype).eval()
     unet.requires_grad_(False).to(dev, weight_dtype)
     captions = [it.caption for it in all_items]
     if cache_te:
-        with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
-            embs, pooled = zip(
-                *(
-                    D.encode_prompts(toks, tes, captions[i : i + 32], dev, cfg.clip_skip)
-                    for i in range(0, len(captions), 32)
-                ),
-                strict=True,
-            )
-            emb_all = torch.cat(embs).to(weight_dtype)
-            pooled_all = torch.cat(pooled).to(weight_dtype) if sdxl else None
-            emb_empty, pooled_empty = D.encode_prompts(toks, tes, [""], dev, cfg.clip_skip)
-            emb_empty = emb_empty.to(weight_dtype)
-            pooled_empty = pooled_empty.to(weight_dtype) if sdxl else None
+        # every distinct caption (and "" for caption dropout) once, batched, kept on disk beside the latents
+        te_dir = Path(cfg.cache_dir or out_dir / "cache") / "te"
+        te_args = (toks, tes, captions + [""], dev, cfg.clip_skip, te_dir, tid, weight_dtype, amp)
+        if main:
+            emb_all, pooled_all = D.encode_text_cached(*te_args, console=say.console, stats=timings)
+        dist.barrier()
+        if not main:
+            emb_all, pooled_all = D.encode_text_cached(*te_args, read_only=True)
+        emb_all, emb_empty = emb_all[:-1], emb_all[-1:]
+        pooled_all, pooled_empty = (pooled_all[:-1], pooled_all[-1:]) if sdxl else (None, None)
         if cfg.sample_every_n_steps <= 0:
             for te in tes:
                 te.to("cpu")  # frees memory; sampling would need them back
+
+    timings["te_cache_s"] = time.perf_counter() - t_phase
 
     # LoRA (trainable weights in fp32; the frozen base in weight_dtype); LoHa/LoKr/DoRA/presets: lycoris_net.py
     from trainer_bridge import lycoris_net as LY
@@ -543,6 +553,19 @@ def _train(cfg: TrainConfig) -> TrainResult:
     loss_sum, loss_n, t_log, step_log = torch.zeros((), device=dev), 0, time.time(), global_step
     saved: list[str] = []
     epoch = start_epoch
+    # steady-state speed: images over the time between log points (each one syncs), leaving out the first interval
+    # and any interval with a batch shape not seen before (graph capture, compile, cuDNN autotune)
+    steady = {"img": 0, "s": 0.0, "iv_t": None, "iv_img": 0, "dirty": True, "shapes": set()}
+    t_loop = time.perf_counter()
+
+    def finish(r: TrainResult) -> TrainResult:
+        timings["train_s"] = time.perf_counter() - t_loop
+        timings["steady_img_s"] = steady["img"] / steady["s"] if steady["s"] > 0 else None
+        timings["steady_steps_s"] = steady["s"]
+        timings["total_s"] = time.time() - started
+        r.timings = timings
+        return r
+
     progress.start()
     try:
         for epoch in range(start_epoch, epochs):
@@ -568,6 +591,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     batch = batches[bi]
                     idx = flat[offsets[bi] : offsets[bi + 1]]
                     bucket = bucket_of[batch[0]]
+                    if (bucket, len(batch)) not in steady["shapes"]:
+                        steady["shapes"].add((bucket, len(batch)))
+                        steady["dirty"] = True
+                    steady["iv_img"] += len(batch) * world if real else 0
                     sync = a == len(mine) - 1
                     with contextlib.ExitStack() as no_sync:
                         for m in ddp_mods if not sync else []:  # DDP: all-reduce only on the last micro-step
@@ -610,6 +637,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         torch.stack([loss_sum, torch.tensor(float(loss_n), device=dev)])
                     )
                     avg = (sums[0] / sums[1]).item()  # the one host sync on 1 device, every log interval
+                    now = time.perf_counter()
+                    if steady["iv_t"] is not None and not steady["dirty"]:
+                        steady["img"] += steady["iv_img"]
+                        steady["s"] += now - steady["iv_t"]
+                    steady.update(iv_t=now, iv_img=0, dirty=False)
                     dt = time.time() - t_log
                     it_s = (global_step - step_log) / dt if dt else 0.0
                     vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
@@ -634,6 +666,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     and global_step % cfg.sample_every_n_steps == 0
                 ):
                     sample(global_step)
+                    steady.update(iv_t=time.perf_counter(), iv_img=0)  # the sample's time is not step time
                 done = global_step >= total_steps
                 stopping = stop["flag"]
                 if world > 1:  # DDP: a Ctrl-C seen by any rank stops all of them after the same step (1 sync)
@@ -647,7 +680,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     result.interrupted, result.steps, result.epoch = True, global_step, ep
                     result.signal = stop["signal"]
                     say(f"saved a resumable state at step {global_step} in {result.state_path}")
-                    return result
+                    return finish(result)
                 if done:
                     break
             start_batch = 0
@@ -668,11 +701,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     import shutil
 
                     shutil.rmtree(out_dir / f"{old}-state", ignore_errors=True)
+            if on_gpu:
+                torch.cuda.synchronize()  # once an epoch: what ran before is out of the next interval
+            steady.update(iv_t=time.perf_counter(), iv_img=0)  # validation and saves are not step time
             if global_step >= total_steps:
                 break
         result.lora_path, result.state_path = save(cfg.output_name, epoch + 1, global_step, 0, cfg.save_state)
         result.steps, result.epoch = global_step, epoch + 1
-        return result
+        return finish(result)
     finally:
         progress.stop()
         if writer:

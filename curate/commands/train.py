@@ -94,6 +94,26 @@ def _training_data(
     return str(target / "dataset.toml")
 
 
+def summary_table(t: dict):
+    """Where the time of a training went: model load, latent and text-encoder caches, steps (steady img/s), total."""
+
+    def cache_row(key: str, seconds: float, what: str) -> str:
+        if f"{key}_encoded" not in t:
+            return f"{seconds:.1f} s (not cached)"
+        return f"{seconds:.1f} s ({t[f'{key}_encoded']} {what} encoded, {t[f'{key}_cached']} from the cache)"
+
+    steady = t.get("steady_img_s")
+    rows = [
+        ("model load", f"{t.get('load_s', 0.0):.1f} s"),
+        ("latent cache", cache_row("latents", t.get("latent_cache_s", 0.0), "images")),
+        ("text-encoder cache", cache_row("te", t.get("te_cache_s", 0.0), "captions")),
+        ("training steps", f"{t.get('train_s', 0.0):.1f} s"),
+        ("steady speed", f"{steady:.2f} img/s" if steady else "n/a (too few steps after the warm-up)"),
+        ("total wall time", f"{t.get('total_s', 0.0):.1f} s"),
+    ]
+    return table("training time", ["", "value"], rows)
+
+
 def register(app: typer.Typer) -> None:
     """Add `train` and `lora-info` to the curate app."""
 
@@ -139,13 +159,22 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--set", help="Override any option: --set unet_lr=5e-5 (repeatable)."),
         ] = None,
+        as_json: Annotated[
+            bool,
+            typer.Option("--json", help="Print the result as one JSON document (progress goes to stderr)."),
+        ] = False,
     ) -> None:
         """Train a LoRA on a curated dataset (exported on the fly) or a kohya folder; Ctrl-C saves a resumable state."""
+        import contextlib
         import dataclasses
         import shlex
+        import sys
 
         from trainer_bridge import TrainConfig, train
         from trainer_bridge.config import FAMILY_RESOLUTION
+
+        # --json: notes and progress bars go to stderr, the JSON document alone to stdout
+        to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
         if source is not None and source.suffix == ".toml" and config is None and source.is_file():
             import tomllib
@@ -183,9 +212,10 @@ def register(app: typer.Typer) -> None:
         }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         if source is not None:
-            data = _training_data(
-                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
-            )
+            with to_stderr:
+                data = _training_data(
+                    source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
+                )
             if data != str(source) and not cfg.resolution:
                 # a curated dataset: the export's TOML does not choose the resolution (--set > plan > family)
                 from trainer_bridge.models import check_family
@@ -197,20 +227,30 @@ def register(app: typer.Typer) -> None:
             raise CurateError(
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
-        result = train(cfg)
+        with to_stderr:
+            result = train(cfg)
         if result.lora_path is None and result.state_path is None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
+        if as_json:
+            print_json({"lora": result.lora_path, "state": result.state_path, "steps": result.steps,
+                        "epoch": result.epoch, "interrupted": result.interrupted, "losses": result.losses,
+                        "val_losses": result.val_losses, "timings": result.timings})  # fmt: skip
+        else:
+            console.print(summary_table(result.timings))
         if result.interrupted:
             state = shlex.quote(str(Path(result.state_path).resolve()))
-            console.print(
-                f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            with to_stderr:  # --json: stdout holds the document alone
+                console.print(
+                    f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             import signal
 
             # interrupted, as after Ctrl-C (130) or SIGTERM (143) anywhere else
             raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
+        if as_json:
+            return
         console.print(
             f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
         )
