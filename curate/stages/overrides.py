@@ -174,11 +174,11 @@ def apply(
     ``{"applied": [...], "ignored": n, "ignored_ids": [...]}``."""
     applied: list[dict[str, Any]] = []
     ignored: list[int] = []
-    hand_keepers: dict[str, Override] = {}
+    hand_keepers: dict[str, list[Override]] = {}
     for ov in overrides:
         a = [s for s in ov.a if s in present]
         b = [s for s in ov.b if s in present]
-        if not a or (ov.kind != "keeper" and not b):
+        if not a or not b:
             ignored.append(ov.id)
             continue
         sa, sb = set(a), set(b)
@@ -226,22 +226,25 @@ def apply(
                 groups = [g for g in groups if g not in touching] + [merged]
                 what = f"merged {len(touching)} group(s)" + (f" and {len(loose)} image(s)" if loose else "")
         else:
-            hand_keepers[a[0]] = ov
+            hand_keepers.setdefault(a[0], []).append(ov)
             what = "keeper"
         applied.append({**ov.as_dict(), "result": what})
     # Keepers last: the latest hand choice among a group's images wins over the ranking rule.
+    won: dict[int, str] = {}
     for g in groups:
-        chosen = [hand_keepers[s] for s in g.shas if s in hand_keepers]
+        have = set(g.shas)
+        # Still in the group it was chosen in: it shares a group with one of the images it was chosen over.
+        chosen = [o for s in g.shas for o in hand_keepers.get(s, []) if have & set(o.b)]
         if chosen:
             latest = max(chosen, key=lambda o: (o.at, o.id))
+            won.update({o.id: "superseded by a later choice" for o in chosen})
+            won[latest.id] = "keeper"
             if g.keeper != latest.a[0] or not g.hand_keeper:
                 g.keeper, g.hand_keeper = latest.a[0], True
                 g.source = None
     for item in applied:
         if item["kind"] == "keeper":
-            sha = item["a"][0]
-            g = next((g for g in groups if sha in g.shas and len(g.shas) > 1), None)
-            item["result"] = "keeper" if g is not None and g.keeper == sha else "not in a group now"
+            item["result"] = won.get(item["id"], "not in its group now")
     for g in groups:
         if not g.keeper or g.keeper not in g.shas:
             g.keeper = best(g.shas)
