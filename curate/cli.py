@@ -308,11 +308,19 @@ def dedupe(
             "--num-gpus", help="--engine ray, clip/both: one CLIP actor per GPU (0: one CPU actor)."
         ),
     ] = 0,
+    clear_overrides: Annotated[
+        bool,
+        typer.Option(
+            "--clear-overrides",
+            help="Forget the keeper / split / merge choices made in `curate review` before grouping "
+            "(otherwise every run replays them).",
+        ),
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Group exact and near duplicates and keep the best copy of each group."""
+    """Group exact and near duplicates and keep the best copy of each group (hand choices replayed)."""
     from .errors import CurateError
 
     for name, v in (("--phash-threshold", phash_threshold), ("--dhash-threshold", dhash_threshold)):
@@ -331,6 +339,11 @@ def dedupe(
     if method is not None and method not in methods:
         raise CurateError(f"unknown --method {method!r}; choose {', '.join(methods)}")
     with _open(path, manifest, config, create=False) as ds:
+        cleared = None
+        if clear_overrides:
+            from .stages.overrides import clear
+
+            cleared = clear(ds.manifest)
         chosen = method or ds.config.dedupe.method
         uses_clip = chosen in ("clip", "both")
         label = "embed + verify" if chosen == "both" else "embed" if uses_clip else "dedupe"
@@ -348,6 +361,8 @@ def dedupe(
                 **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}
+        if cleared is not None:
+            out["dedupe"]["overrides_cleared"] = cleared
         if res.stats.get("notice"):
             from rich.markup import escape
 
@@ -365,6 +380,15 @@ def dedupe(
                     rows,
                 )
             )
+            if cleared is not None:
+                console.print(f"forgot {cleared} hand choice(s) made in curate review")
+            if res.overrides:
+                ov, n = res.overrides, len(res.overrides["applied"])
+                gone = f", {ov['ignored']} ignored (their images are gone)" if ov["ignored"] else ""
+                console.print(
+                    f"{n} hand choice(s) from curate review applied (keeper / split / merge){gone}; "
+                    "forget them with --clear-overrides"
+                )
             if res.stats:
                 st = res.stats
                 console.print(

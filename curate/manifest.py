@@ -751,4 +751,12 @@ class Manifest:
             "rejected_files": len(self.rejected_paths().keys() & ok),
             "manual_keep": sum(1 for p, (d, _) in decisions.items() if d == "keep" and p in ok),
             "manual_reject": sum(1 for p, (d, _) in decisions.items() if d == "reject" and p in ok),
+            "dedupe_overrides": self._count_overrides(),
         }
+
+    def _count_overrides(self) -> int:
+        """Duplicate-group choices made by hand (keeper / split / merge; curate/stages/overrides.py)."""
+        q = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='dedupe_overrides'"
+        if self.conn.execute(q).fetchone() is None:
+            return 0
+        return self.conn.execute("SELECT count(*) FROM dedupe_overrides").fetchone()[0]

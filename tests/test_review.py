@@ -356,3 +356,115 @@ def test_review_command_serves_until_interrupted(tmp_path):
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "curate review stopped" in out and "Traceback" not in err
+
+
+def _dedupe(root: Path, *args: str) -> dict:
+    res = runner.invoke(app, ["dedupe", str(root), "--json", *args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)["dedupe"]
+
+
+def _groups(out: dict) -> dict[str, tuple[str, ...]]:
+    """keeper -> other members, for every group dedupe reported."""
+    return {g["keeper"]: tuple(sorted(m for m in g["members"] if m != g["keeper"])) for g in out["groups"]}
+
+
+def _post(url: str, api: str, body: dict) -> dict:
+    u = urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    c.request("POST", f"/api/{api}?{u.query}", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    out = json.loads(r.read())
+    c.close()
+    assert r.status == 200 and out["ok"], out
+    return out
+
+
+def test_hand_choices_survive_dedupe_reruns_and_undo(tmp_path):
+    """Keeper, merge and split made on the page are replayed by every `curate dedupe` (any --method), export
+    keeps the hand-chosen copy, undo forgets a choice, and --clear-overrides forgets them all."""
+    from curate.review.server import running
+    from curate.review.state import Review
+
+    root = build_dataset(tmp_path / "ds")
+    auto = {"img0.png": ("img0_copy.png",), "img1.png": ("img1_small.png",)}
+    assert _groups(_dedupe(root)) == auto
+    recs, *_ = _state(root)
+    sha = {p: r.sha256 for p, r in recs.items()}
+    g0, g1 = recs["img0.png"].dup_group, recs["img1.png"].dup_group
+    with running(root) as url:  # the page's own endpoints, with this run's token
+        msg = _post(url, "keeper", {"sha": sha["img0_copy.png"]})["message"]
+        assert msg == f"group {g0}: keep img0_copy.png instead of img0.png"
+        _post(url, "merge", {"groups": [g0, g1]})
+    st = json.loads(runner.invoke(app, ["status", str(root), "--json"]).output)
+    assert st["dedupe_overrides"] == 2
+
+    merged = {"img0_copy.png": ("img0.png", "img1.png", "img1_small.png")}
+    for method in ("auto", "hash", "phash"):
+        out = _dedupe(root, "--method", method)
+        assert _groups(out) == merged, method
+        assert [(o["kind"], o["source"], o["result"]) for o in out["overrides"]["applied"]] == [
+            ("keeper", "review", "keeper"),
+            ("merge", "review", "merged 2 group(s)"),
+        ]
+        assert out["overrides"]["ignored"] == 0
+        (group,) = out["groups"]
+        assert group["explain"][0].endswith(": keeper chosen by hand")
+        assert "img0.png ~ img0_copy.png" in "\n".join(group["explain"])  # the automatic evidence stays
+    res = runner.invoke(app, ["dedupe", str(root)])
+    words = " ".join(res.output.split())  # rich wraps the summary line
+    assert res.exit_code == 0 and "2 hand choice(s) from curate review applied" in words, res.output
+
+    rv = Review(root)
+    try:  # split img1 and its copy back off the merged group, on the state layer
+        by = {r.path: r for r in rv.records()}
+        rv.split_group([by["img1.png"].sha256, by["img1_small.png"].sha256])
+    finally:
+        rv.close()
+    split = {"img0_copy.png": ("img0.png",), "img1.png": ("img1_small.png",)}
+    assert _groups(_dedupe(root, "--method", "dhash")) == split
+    assert _groups(_dedupe(root)) == split
+    _, kept, rejected, _ = _state(root)
+    assert rejected["img0.png"] == [
+        ("dedupe", "duplicate", "near-duplicate of img0_copy.png (auto; keeper chosen by hand; "
+         "groups merged by hand; group split by hand)")
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["export", str(root), str(out)])
+    assert res.exit_code == 0, res.output
+    exported = {i["source"] for i in json.loads((out / "curate_export.json").read_text())["images"]}
+    assert {"img0_copy.png", "img1.png"} <= exported and not {"img0.png", "img1_small.png"} & exported
+
+    rv = Review(root)
+    try:  # undo the split and the merge: the keeper choice alone is left
+        assert rv.undo().startswith("undid: group ")
+        assert rv.undo().startswith("undid: merge group")
+    finally:
+        rv.close()
+    out = _dedupe(root, "--method", "hash")
+    assert _groups(out) == {"img0_copy.png": ("img0.png",), "img1.png": ("img1_small.png",)}
+    assert [o["kind"] for o in out["overrides"]["applied"]] == ["keeper"]
+    with running(root) as url:
+        assert _post(url, "undo", {})["message"].startswith("undid: group")  # the keeper choice
+    out = _dedupe(root)
+    assert _groups(out) == auto and "overrides" not in out  # back to the automatic result
+    st = json.loads(runner.invoke(app, ["status", str(root), "--json"]).output)
+    assert st["dedupe_overrides"] == 0
+
+    # --clear-overrides forgets every choice; a choice whose images are gone is ignored and counted
+    rv = Review(root)
+    try:
+        by = {r.path: r for r in rv.records()}
+        rv.set_keeper(by["img0_copy.png"].sha256)
+        rv.split_group([by["img1_small.png"].sha256])
+    finally:
+        rv.close()
+    (root / "img1_small.png").unlink()  # a file of this test, made in tmp_path
+    assert runner.invoke(app, ["scan", str(root)]).exit_code == 0
+    out = _dedupe(root)
+    assert _groups(out) == {"img0_copy.png": ("img0.png",)}
+    assert out["overrides"]["ignored"] == 1 and len(out["overrides"]["applied"]) == 1
+    res = runner.invoke(app, ["dedupe", str(root)])
+    assert "1 ignored (their images are gone)" in " ".join(res.output.split()), res.output
+    out = _dedupe(root, "--clear-overrides")
+    assert out["overrides_cleared"] == 2 and _groups(out) == {"img0.png": ("img0_copy.png",)}

@@ -163,8 +163,8 @@ def view_dups(rv: Review, req: Request) -> HTMLResponse:
     out = [
         "<p>Each group keeps one copy (green, <b>KEEPER</b>); the others (red, <b>DROPPED</b>) are left out "
         "of the export. Evidence is what dedupe recorded for each link. Select copies to split them off; "
-        "tick two groups to merge them. Running <code>curate dedupe</code> again recomputes the groups and "
-        "replaces the choices made here.</p>",
+        "tick two groups to merge them. Each choice is kept: <code>curate dedupe</code> replays it on every "
+        "run (<code>--clear-overrides</code> forgets them; <i>Undo</i> takes one back).</p>",
         '<div class="toolbar"><button type="button" data-action="merge">Merge the two ticked groups</button></div>',
         _pager(req, len(items), PAGE["dups"]),
     ]

@@ -26,6 +26,7 @@ from ..dataset import Dataset
 from ..errors import CurateError
 from ..io import STATE_DIR, atomic_write_texts
 from ..manifest import ImageRecord, Manifest
+from ..stages.overrides import TABLE as OVERRIDES_TABLE
 
 UNDO_TABLE = """
 CREATE TABLE IF NOT EXISTS review_undo (
@@ -87,6 +88,7 @@ class Review:
 
         with self.writer() as m:
             m.ensure_table(UNDO_TABLE)
+            m.ensure_table(OVERRIDES_TABLE)
             refresh(m)  # captions edited by hand since the last scan count
 
     def close(self) -> None:
@@ -277,6 +279,8 @@ class Review:
                         (item["file"], item["file"] + "::%"),
                     )
                     c.executemany("INSERT INTO caption_files VALUES (?,?,?,?)", item["ours"])
+                for oid in before.get("overrides", []):  # the hand choice is no longer replayed by dedupe
+                    c.execute("DELETE FROM dedupe_overrides WHERE id=?", (oid,))
                 c.execute("UPDATE review_undo SET undone=? WHERE id=?", (time.time(), row["id"]))
             if before["captions"]:
                 refresh(m)
@@ -352,11 +356,18 @@ class Review:
         ]
         m.conn.executemany("INSERT OR REPLACE INTO rejects VALUES (?,?,?,?)", rows)
 
-    def _group_change(self, action: str, members: list[ImageRecord], write) -> None:
+    def _group_change(
+        self, action: str, members: list[ImageRecord], write, kind: str, a: list[str], b: list[str]
+    ) -> None:
+        """Write the group change and record it as a durable override (stages/overrides.py), so every later
+        `curate dedupe` replays it; undo removes the override with the rest."""
+        from ..stages import overrides
+
         paths = [p for r in members for p in r.paths]
         with self.writer() as m, m.transaction():
             before = self._snapshot(m, [r.sha256 for r in members], paths, ("dedupe",))
             write(m)
+            before["overrides"] = [overrides.add(m, kind, a, b, source="review")]
             self._journal(m, action, before)
 
     def _elsewhere(self, rec: ImageRecord) -> str:
@@ -380,6 +391,9 @@ class Review:
             lambda m: self._write_group(
                 m, rec.dup_group, rec, members, f"{BY_HAND} (curate kept {old})", rec.dup_explain or ""
             ),
+            "keeper",
+            [rec.sha256],
+            [r.sha256 for r in members if r.sha256 != rec.sha256],
         )
         return action + self._elsewhere(rec)
 
@@ -409,7 +423,7 @@ class Review:
 
         names = ", ".join(r.path for r in recs)
         action = f"group {gid}: split off {names}"
-        self._group_change(action, members, write)
+        self._group_change(action, members, write, "split", sorted(out), [r.sha256 for r in rest])
         return action
 
     def merge_groups(self, a: int, b: int) -> str:
@@ -426,6 +440,9 @@ class Review:
             lambda m: self._write_group(
                 m, a, keeper, ma + mb, f"groups {a} and {b} merged in curate review", explain
             ),
+            "merge",
+            [r.sha256 for r in ma],
+            [r.sha256 for r in mb],
         )
         return action
 

@@ -160,6 +160,7 @@ class DupGroup:
     method: str
     explain: list[str] = field(default_factory=list)
     edges: list[dict[str, Any]] = field(default_factory=list)  # pairs with their distances/similarity
+    by_hand: list[str] = field(default_factory=list)  # what a person changed (stages/overrides.py)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -287,9 +288,12 @@ class DedupeResult:
     rejected: int
     clip: dict[str, Any] = field(default_factory=dict)  # CLIP search stats: index, seconds, recall
     stats: dict[str, Any] = field(default_factory=dict)  # auto: candidates, verified pairs, timings
+    overrides: dict[str, Any] = field(default_factory=dict)  # hand choices replayed: applied, ignored
 
     def as_dict(self) -> dict[str, Any]:
         out = {"groups": [g.as_dict() for g in self.groups], "rejected": self.rejected}
+        if self.overrides:
+            out["overrides"] = self.overrides
         if self.clip:
             out["clip"] = self.clip
         if self.stats:
@@ -332,8 +336,14 @@ def find_duplicates(
     progress=None,
     stats: dict[str, Any] | None = None,
     mapper=None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[list[DupGroup], dict[str, tuple[str, str | None]], dict[str, dict[str, Any]]]:
-    """Compute duplicate groups, the paths to reject and per-image group columns, without writing."""
+    """Compute duplicate groups, the paths to reject and per-image group columns, without writing.
+
+    The hand choices recorded in the manifest (stages/overrides.py) are replayed on the automatic groups;
+    ``overrides`` receives what was applied and ignored."""
+    from .overrides import apply_to_groups
+
     rejected_elsewhere = frozenset(
         p for p, stages in manifest.rejected_paths().items() if any(s != "dedupe" for s, _, _ in stages)
     )
@@ -381,7 +391,10 @@ def find_duplicates(
         else:
             near = build_groups(records, pairs, cfg.keep, name, demote=demote)
     near, exact = _with_exact_copies(near, everything, root)
-    for k, g in enumerate(near + exact, start=1):
+    found, report = apply_to_groups(manifest, near + exact, everything, demote, tuple(cfg.keep))
+    if overrides is not None:
+        overrides.update(report)
+    for k, g in enumerate(found, start=1):
         g.id = k
     by_sha = {r.sha256: r for r in everything}
     sha_of = {p: r.sha256 for r in everything for p in r.paths}
@@ -390,7 +403,7 @@ def find_duplicates(
         r.sha256: {"dup_group": None, "dup_keeper": None, "dup_explain": None} for r in everything
     }
     keeper_sha = set()
-    for g in near + exact:
+    for g in found:
         ksha = sha_of[g.keeper]
         keeper_sha.add(ksha)
         for p in g.members:
@@ -405,9 +418,10 @@ def find_duplicates(
             if sha == ksha:
                 rejects[p] = ("duplicate", f"exact copy of {g.keeper}")
             else:
+                why = "; ".join([g.method, *g.by_hand])
                 for q in by_sha[sha].paths:
-                    rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({g.method})")
-    return near + exact, rejects, updates
+                    rejects[q] = ("duplicate", f"near-duplicate of {g.keeper} ({why})")
+    return found, rejects, updates
 
 
 def dedupe(
@@ -425,9 +439,12 @@ def dedupe(
     and pair verification elsewhere (curate.engine.ray_engine.task_mapper).
     """
     stats: dict[str, Any] = {}
+    hand: dict[str, Any] = {}
     groups, rejects, updates = find_duplicates(
-        manifest, cfg, extra_pairs=extra_pairs, progress=progress, stats=stats, mapper=mapper
+        manifest, cfg, extra_pairs=extra_pairs, progress=progress, stats=stats, mapper=mapper, overrides=hand
     )
-    manifest.update_images(updates.items())
-    manifest.set_rejects("dedupe", rejects)
-    return DedupeResult(groups, len(rejects), dict(getattr(extra_pairs, "stats", {}) or {}), stats)
+    with manifest.transaction():
+        manifest.update_images(updates.items())
+        manifest.set_rejects("dedupe", rejects)
+    clip = dict(getattr(extra_pairs, "stats", {}) or {})
+    return DedupeResult(groups, len(rejects), clip, stats, hand)
