@@ -208,6 +208,21 @@ class TrainConfig:
             )
         if self.prior_loss_weight < 0:
             raise TrainError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        # counts the loop divides by or steps with: 0 would crash mid-run or train nothing and save it
+        for name in ("batch_size", "grad_accum", "network_dim", "num_repeats", "log_every_n_steps",
+                     "sample_steps", "lr_scheduler_num_cycles"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "lr_warmup_steps", "save_every_n_epochs", "keep_last_n", "stop_after_steps",
+                     "sample_every_n_steps", "keep_tokens", "conv_dim", "unet_lr", "text_encoder_lr"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise TrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs < 1 and not (self.epochs == 0 and self.max_steps > 0):
+            raise TrainError(f"epochs must be >= 1 (or set max_steps to cap the run), got {self.epochs}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.save_precision not in ("fp16", "bf16", "fp32"):
+            raise TrainError(f"save_precision must be fp16, bf16 or fp32, got {self.save_precision!r}")
         from trainer_bridge.lycoris_net import ALGOS, PRESETS
 
         if self.network not in ALGOS:

@@ -1,0 +1,60 @@
+"""New-user journeys over the features merged on stop 21: what a person types, and the one line they get back.
+
+Folders are built in tmp_path; the CLI runs through typer's CliRunner. No model is loaded: every error here
+must come before the trainer touches the base model (tests/test_roundtrip_train.py's ``no_model_loads``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.test_roundtrip_train import no_model_loads, one_line_error, picture
+
+
+def kohya_folder(root: Path) -> Path:
+    """root/10_mychar/ with two pictures and hand-written captions, as a kohya user has it."""
+    for i in range(2):
+        picture(root / "10_mychar" / f"img{i}.png", 64, 64, i)
+        (root / "10_mychar" / f"img{i}.txt").write_text(f"mychar, handtag{i}")
+    return root
+
+
+# each --set value a person might mistype, and the words the one-line error must name
+BAD_SETS = [
+    ("batch_size=0", "batch_size must be >= 1"),
+    ("grad_accum=0", "grad_accum must be >= 1"),
+    ("network_dim=0", "network_dim must be >= 1"),
+    ("epochs=-1", "epochs must be >= 1"),
+    ("epochs=0", "epochs must be >= 1"),
+    ("max_steps=-5", "max_steps must be >= 0"),
+    ("num_repeats=0", "num_repeats must be >= 1"),
+    ("log_every_n_steps=0", "log_every_n_steps must be >= 1"),
+    ("unet_lr=-1e-4", "unet_lr must be >= 0"),
+    ("caption_dropout=1.5", "caption_dropout must be in [0, 1]"),
+    ("save_precision='fp64'", "save_precision must be fp16, bf16 or fp32"),
+]
+
+
+@pytest.mark.parametrize(("setting", "needle"), BAD_SETS, ids=[s for s, _ in BAD_SETS])
+def test_train_bad_set_value_is_one_line_before_the_model_loads(tmp_path, monkeypatch, setting, needle):
+    no_model_loads(monkeypatch)
+    ds = kohya_folder(tmp_path / "ds")
+    base = tmp_path / "base"  # looks like a diffusers SD1.5 folder; loading it fails the test
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    r = CliRunner().invoke(app, ["train", str(ds), "--base", str(base), "--output-dir",
+                                 str(tmp_path / "out"), "--set", setting])  # fmt: skip
+    assert r.exit_code == 2, (setting, r.output, r.exception)
+    one_line_error(r.output, needle)
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_train_epochs_zero_is_fine_when_max_steps_caps_the_run():
+    """max_steps > 0 decides the length; epochs is then not used, so 0 there is no mistake."""
+    from trainer_bridge import TrainConfig
+
+    assert TrainConfig(epochs=0, max_steps=3).max_steps == 3
