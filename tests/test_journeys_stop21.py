@@ -58,3 +58,38 @@ def test_train_epochs_zero_is_fine_when_max_steps_caps_the_run():
     from trainer_bridge import TrainConfig
 
     assert TrainConfig(epochs=0, max_steps=3).max_steps == 3
+
+
+def scanned(root: Path) -> Path:
+    ds = kohya_folder(root)
+    r = CliRunner().invoke(app, ["scan", str(ds)])
+    assert r.exit_code == 0, r.output
+    return ds
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_review_port_out_of_range_is_one_line(tmp_path, port):
+    ds = scanned(tmp_path / "ds")
+    r = CliRunner().invoke(app, ["review", str(ds), "--no-open", "--port", port])
+    assert r.exit_code == 2, (r.output, r.exception)
+    one_line_error(r.output, f"--port {port}", "0-65535")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
+def test_tag_unknown_device_is_one_line_with_the_onnx_tagger(tmp_path, device):
+    """The ONNX tagger used to take any --device and quietly run on the CPU."""
+    from tests import tiny_wd14
+
+    ds = scanned(tmp_path / "ds")
+    model = tiny_wd14.build(tmp_path / "wd14")
+    for extra in (["--explain-device"], []):
+        r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--device", device, *extra])
+        assert r.exit_code == 2, (extra, r.output, r.exception)
+        one_line_error(r.output, f"--device {device!r}", "auto, cpu, cuda or cuda:N")
+    # the same device in curate.toml is caught as well, and `cpu` there runs
+    (ds / "curate.toml").write_text(f'[tag]\ndevice = "{device}"\n')
+    r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    (ds / "curate.toml").write_text('[tag]\ndevice = "cpu"\n')
+    r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--json"])
+    assert r.exit_code == 0, r.output

@@ -24,6 +24,10 @@ def _need_web() -> None:
 
 def bind(port: int | None) -> socket.socket:
     """A listening socket on 127.0.0.1 only (never all interfaces); port 0 or None picks a free one."""
+    if port is not None and not 0 <= port <= 65535:
+        raise CurateError(
+            f"--port {port} is not a TCP port (0-65535); pick another or leave it out for a free one"
+        )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", port or 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -475,7 +476,10 @@ def tag_config(ds: Any, **flags: Any) -> TagConfig:
         or ds.manifest.get_meta("tag.model")
         or DEFAULT_TAGGER
     )
-    return override(cfg, model=model, **flags)
+    cfg = override(cfg, model=model, **flags)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise CurateError(f"--device {cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return cfg
 
 
 def tag_images(
