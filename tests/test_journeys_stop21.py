@@ -93,3 +93,21 @@ def test_tag_unknown_device_is_one_line_with_the_onnx_tagger(tmp_path, device):
     (ds / "curate.toml").write_text('[tag]\ndevice = "cpu"\n')
     r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--json"])
     assert r.exit_code == 0, r.output
+
+
+def test_train_output_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    """--output-dir naming an existing file: one line, before the export or the model; the file is untouched."""
+    no_model_loads(monkeypatch)
+    ds = kohya_folder(tmp_path / "ds")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    # a kohya folder, and a curated dataset exported on the fly
+    for src in (ds, scanned(tmp_path / "curated")):
+        r = CliRunner().invoke(
+            app, ["train", str(src), "--base", str(tmp_path / "base"), "--output-dir", str(taken)]
+        )
+        assert r.exit_code == 2, (r.output, r.exception)
+        one_line_error(r.output, f"output_dir {taken} is a file")
+    assert taken.read_text() == "mine"

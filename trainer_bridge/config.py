@@ -35,6 +35,16 @@ def check_output_name(name: str) -> None:
         )
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """output_dir is a folder (created when missing); an existing file there is a mistake, never replaced."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(
+            f"output_dir {out} is a file; pass a folder for the LoRA, states and logs (--output-dir)"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # model

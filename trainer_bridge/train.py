@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer_bridge.config import TrainConfig, TrainError
+from trainer_bridge.config import TrainConfig, TrainError, check_output_dir
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir).expanduser()
+    out_dir = check_output_dir(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
         import sys
 
         from trainer_bridge import TrainConfig, train
-        from trainer_bridge.config import FAMILY_RESOLUTION
+        from trainer_bridge.config import FAMILY_RESOLUTION, check_output_dir
 
         # --json: notes and progress bars go to stderr, the JSON document alone to stdout
         to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
@@ -211,6 +211,7 @@ def register(app: typer.Typer) -> None:
             "gpus": gpus,
         }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
+        check_output_dir(cfg.output_dir)  # before the on-the-fly export writes into it
         if source is not None:
             with to_stderr:
                 data = _training_data(
