@@ -111,3 +111,33 @@ def test_train_output_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
         assert r.exit_code == 2, (r.output, r.exception)
         one_line_error(r.output, f"output_dir {taken} is a file")
     assert taken.read_text() == "mine"
+
+
+def test_tag_trigger_stays_pinned_in_the_export_without_repeating_it(tmp_path):
+    """`curate tag --trigger mychar` then `curate export`: the captions start with mychar and shuffle, so the
+    dataset TOML must keep that first token (keep_tokens = 1), as `--trigger` on export does."""
+    import tomllib
+
+    from tests import tiny_wd14
+
+    ds = tmp_path / "ds"
+    for i in range(3):
+        picture(ds / f"p{i}.png", 64, 64, i)
+    model = tiny_wd14.build(tmp_path / "wd14")
+    run = CliRunner().invoke
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["tag", str(ds), "--model", str(model), "--trigger", "mychar", "--threshold", "0.05"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["export", str(ds), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    caps = [p.read_text().strip() for p in sorted((tmp_path / "out" / "img").rglob("*.txt"))]
+    assert len(caps) == 3 and all(c.split(", ")[0] == "mychar" and c.count(",") >= 1 for c in caps), caps
+    doc = tomllib.loads((tmp_path / "out" / "dataset.toml").read_text())
+    assert doc["general"]["shuffle_caption"] is True
+    assert doc["general"]["keep_tokens"] == 1
+    # a caption edited by hand so that it no longer starts with the trigger: nothing is pinned then
+    src = sorted(ds.glob("*.txt"))[0]
+    src.write_text("a hand caption, no trigger first")
+    r = run(app, ["export", str(ds), str(tmp_path / "out2")])
+    assert r.exit_code == 0, r.output
+    assert tomllib.loads((tmp_path / "out2" / "dataset.toml").read_text())["general"]["keep_tokens"] == 0

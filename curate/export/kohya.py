@@ -344,6 +344,18 @@ def _write_reg(r: RegImage, dest_dir: Path, mode: str) -> str:
     return place_file(r.source, dest_dir / r.name, mode)
 
 
+def _stored_trigger_tokens(manifest: Manifest, layout: Layout) -> int:
+    """keep_tokens for the trigger words `curate tag --trigger` put first, when every caption still starts
+    with them (so a shuffled caption keeps them first, as ``--trigger`` on export does); else 0."""
+    words = [str(w).strip() for w in json.loads(manifest.get_meta("caption.trigger") or "[]")]
+    caps = [it.caption for s in layout.subsets if not s.is_reg for it in s.items]
+    if not words or not caps:
+        return 0
+    n = len(words)
+    firsts = ([p.strip() for p in (c or "").split(",")][:n] for c in caps)
+    return n if all(f == words for f in firsts) else 0
+
+
 def export_kohya(
     manifest: Manifest,
     out: Path,
@@ -367,7 +379,7 @@ def export_kohya(
     warn = link_warning(opts["link"], manifest.root)
     if warn:
         res.warnings.append(warn)
-    keep_tokens = 1 if opts["trigger"] else 0
+    keep_tokens = 1 if opts["trigger"] else _stored_trigger_tokens(manifest, layout)
     records: list[dict[str, Any]] = []
     reg_records: list[dict[str, Any]] = []
     with staging(out, replace=replace) as tmp:
