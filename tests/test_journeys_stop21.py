@@ -6,13 +6,17 @@ must come before the trainer touches the base model (tests/test_roundtrip_train.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from curate.cli import app
-from tests.test_roundtrip_train import no_model_loads, one_line_error, picture
+from tests.test_roundtrip_train import TINY, no_model_loads, one_line_error, picture
+from tests.trainer_fixtures import sd15_dir  # noqa: F401  (pytest fixture)
+
+TINY_STEP = [*TINY, "max_steps=1"]  # one optimizer step: enough to write the LoRA and its metadata
 
 
 def kohya_folder(root: Path) -> Path:
@@ -141,3 +145,27 @@ def test_tag_trigger_stays_pinned_in_the_export_without_repeating_it(tmp_path):
     r = run(app, ["export", str(ds), str(tmp_path / "out2")])
     assert r.exit_code == 0, r.output
     assert tomllib.loads((tmp_path / "out2" / "dataset.toml").read_text())["general"]["keep_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_lora_metadata_says_how_captions_were_really_shuffled(tmp_path, sd15_dir):  # noqa: F811
+    """The dataset TOML shuffles and pins one token (what `curate export` writes after a tagged trigger); the
+    LoRA's ss_shuffle_caption / ss_keep_tokens / ss_flip_aug must say so, not the [train] defaults."""
+    from trainer_bridge.export import load_lora
+
+    img = tmp_path / "img" / "3_mychar"
+    for i in range(2):
+        picture(img / f"{i}.png", 64, 64, i)
+        (img / f"{i}.txt").write_text(f"mychar, tag{i}, red")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        '[general]\nshuffle_caption = true\nkeep_tokens = 1\nflip_aug = true\ncaption_extension = ".txt"\n'
+        f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{img}"\nnum_repeats = 3\n'
+    )
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["train", str(toml), "--base", str(sd15_dir), "--output-dir", str(out),
+                                 *(a for s in TINY_STEP for a in ("--set", s))])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    meta = load_lora(out / "lora.safetensors")[1]
+    assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_flip_aug"]) == ("True", "1", "True")
+    assert json.loads(meta["ss_tag_frequency"]) == {"3_mychar": {"mychar": 2, "tag0": 1, "tag1": 1, "red": 2}}

@@ -231,6 +231,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     # text encoders: trained with LoRA when text_encoder_lr > 0, else frozen and (optionally) cached
     train_te = cfg.text_encoder_lr > 0
+    # what the subsets (the dataset TOML's [general] / subset values, else [train]) really do, for the metadata
+    trained = [s for s in spec.subsets if not s.is_reg] or spec.subsets
     any_shuffle = any(s.shuffle_caption for s in spec.subsets)
     cache_te = cfg.cache_text_encoder_outputs and not train_te and not any_shuffle
     t_phase = time.perf_counter()
@@ -455,8 +457,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "ss_multires_noise_discount": cfg.multires_noise_discount, "ss_min_snr_gamma": cfg.min_snr_gamma,
             "ss_scale_weight_norms": cfg.scale_weight_norms, "ss_max_grad_norm": cfg.max_grad_norm,
             "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={cfg.weight_decay})",
-            "ss_caption_dropout_rate": cfg.caption_dropout, "ss_keep_tokens": cfg.keep_tokens,
-            "ss_shuffle_caption": cfg.shuffle_caption, "ss_flip_aug": cfg.flip_aug, "ss_min_timestep": cfg.min_timestep,
+            "ss_caption_dropout_rate": cfg.caption_dropout, "ss_keep_tokens": max((s.keep_tokens for s in trained), default=0),
+            "ss_shuffle_caption": any_shuffle, "ss_flip_aug": any(s.flip_aug for s in trained), "ss_min_timestep": cfg.min_timestep,
             "ss_max_timestep": cfg.max_timestep, "ss_training_comment": cfg.training_comment,
             "ss_resolution": f"({spec.resolution}, {spec.resolution})", "ss_enable_bucket": spec.enable_bucket,
             "ss_min_bucket_reso": spec.min_bucket_reso, "ss_max_bucket_reso": spec.max_bucket_reso,
