@@ -169,3 +169,22 @@ def test_lora_metadata_says_how_captions_were_really_shuffled(tmp_path, sd15_dir
     meta = load_lora(out / "lora.safetensors")[1]
     assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_flip_aug"]) == ("True", "1", "True")
     assert json.loads(meta["ss_tag_frequency"]) == {"3_mychar": {"mychar": 2, "tag0": 1, "tag1": 1, "red": 2}}
+
+
+def test_reg_folder_inside_the_dataset_is_named_in_a_warning(tmp_path):
+    """kohya users keep `reg/1_woman/` beside `10_mychar/`; inside the dataset those become training images,
+    so the export says so, with the fix (move it out, pass --reg), and --reg on the moved folder works."""
+    ds = kohya_folder(tmp_path / "ds")
+    for i in range(2):
+        picture(ds / "reg" / "1_woman" / f"r{i}.png", 64, 64, 10 + i)
+    run = CliRunner().invoke
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["export", str(ds), str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    warns = [w for w in json.loads(r.stdout)["warnings"] if "reg/" in w]
+    assert len(warns) == 1 and "2 image(s)" in warns[0] and "--reg" in warns[0], warns
+    # without reg/ inside, no such warning: a plain 10_mychar dataset
+    ds2 = kohya_folder(tmp_path / "ds2")
+    assert run(app, ["scan", str(ds2)]).exit_code == 0
+    r = run(app, ["export", str(ds2), str(tmp_path / "out2"), "--json"])
+    assert r.exit_code == 0 and not [w for w in json.loads(r.stdout)["warnings"] if "--reg" in w], r.output

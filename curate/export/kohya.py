@@ -51,6 +51,8 @@ from .fingerprint import EXPORT_VERSION, digest
 CAPTION_EXTENSION = ".txt"
 REG_CAPTION_EXTENSIONS = (".txt", ".caption")  # read beside regularization images
 CONCEPT_RE = re.compile(r"^(\d+)_(.+)$")
+# top folders that kohya users keep regularization images in (beside img/ or the concept folders)
+REG_FOLDER_NAMES = {"reg", "regs", "regularization", "reg_images", "regularisation"}
 TOML_HEADER = (
     "# Written by `curate export --format kohya`. Train with sd-scripts: train_network.py (SD1.5) or\n"
     "# sdxl_train_network.py (SDXL) --dataset_config {path}; or `curate train {path}`.\n"
@@ -312,6 +314,14 @@ def kohya_layout(
             key, tokens = f"{top}/{folder_name(n, trigger, class_word)}", plain_tokens
         sub = subsets.setdefault(key, Subset(top, key.split("/", 1)[1], n, tokens))
         sub.items.append(it)
+    inside = [it.rec.path for it in items if PurePosixPath(it.rec.path).parts[0].lower() in REG_FOLDER_NAMES
+              and len(PurePosixPath(it.rec.path).parts) > 1]  # fmt: skip
+    if inside:
+        top = PurePosixPath(inside[0]).parts[0]
+        warnings.append(
+            f"{len(inside)} image(s) under {top}/ in the dataset are exported as training images, not "
+            f"regularization (e.g. {inside[0]}); move {top}/ out of the dataset and pass --reg FOLDER"
+        )
     for r in reg_images:
         key = f"reg/{r.concept.folder if r.concept.tokens else '1_reg'}"
         sub = subsets.setdefault(
