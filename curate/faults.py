@@ -76,6 +76,23 @@ def os_error(exc: OSError) -> CurateError | None:
         )
     if code == errno.EIO:
         return CurateError(f"I/O error on {_name(exc)}; check the disk and rerun", exit_code=1)
+    if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
+        blocker = _file_in_path(str(exc.filename))  # e.g. --out notes.txt/plan.toml: a folder is needed there
+        if blocker is not None:
+            return CurateError(
+                f"{blocker} is a file where a folder is needed (for {exc.filename}); choose another path"
+            )
+    return None
+
+
+def _file_in_path(name: str) -> str | None:
+    """The first existing non-folder among ``name`` and its parents (what made a mkdir or open fail)."""
+    from pathlib import Path
+
+    path = Path(name)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else str(p)
     return None
 
 

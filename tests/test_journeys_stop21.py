@@ -188,3 +188,16 @@ def test_reg_folder_inside_the_dataset_is_named_in_a_warning(tmp_path):
     assert run(app, ["scan", str(ds2)]).exit_code == 0
     r = run(app, ["export", str(ds2), str(tmp_path / "out2"), "--json"])
     assert r.exit_code == 0 and not [w for w in json.loads(r.stdout)["warnings"] if "--reg" in w], r.output
+
+
+@pytest.mark.parametrize("cmd", ["plan", "report"])
+def test_out_path_through_a_file_is_one_line(tmp_path, cmd):
+    """--out under a path whose folder is really a file (a typo): one line naming it; the file stays."""
+    ds = scanned(tmp_path / "ds")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for out in (taken / "x.out", taken / "deeper" / "x.out"):
+        r = CliRunner().invoke(app, [cmd, str(ds), "--out", str(out)])
+        assert r.exit_code == 2, (out, r.output, r.exception)
+        one_line_error(r.output, str(taken), "is a file")
+    assert taken.read_text() == "mine"
