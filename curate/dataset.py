@@ -239,6 +239,11 @@ class Dataset:
         if engine == "ray":
             from .engine.ray_engine import tag_runner
 
+            if cfg.decode == "gpu":  # the actors decode on their CPUs; say so before Ray starts
+                raise CurateError(
+                    "--decode gpu (nvJPEG) runs with --engine local; Ray actors decode on their CPUs: "
+                    "drop --decode gpu or use --engine local"
+                )
             runner = tag_runner(address, num_gpus=num_gpus)
         elif engine != "local":
             raise CurateError(f"unknown engine {engine!r}; choose local or ray")

@@ -201,3 +201,20 @@ def test_out_path_through_a_file_is_one_line(tmp_path, cmd):
         assert r.exit_code == 2, (out, r.output, r.exception)
         one_line_error(r.output, str(taken), "is a file")
     assert taken.read_text() == "mine"
+
+
+def test_tag_decode_gpu_on_ray_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """--engine ray decodes on the actors' CPUs: --decode gpu there was ignored without a word."""
+    from curate.engine import ray_engine
+    from tests import tiny_wd14
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started before the error")
+
+    monkeypatch.setattr(ray_engine, "tag_runner", no_ray)
+    ds = scanned(tmp_path / "ds")
+    model = tiny_wd14.build(tmp_path / "wd14")
+    r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--engine", "ray", "--decode", "gpu"])
+    assert r.exit_code == 2, (r.output, r.exception)
+    one_line_error(r.output, "--decode gpu", "--engine local")
+

@@ -212,6 +212,7 @@ def test_cli_tag_engine_ray_and_errors(tag_pair, local_ray):
     assert r.exit_code == 0, r.output
     run = json.loads(r.stdout)["run"]
     assert run["inferred"] == 10 and run["decode"] == "ray actors x 1"
+    assert run["decode_why"] == "--engine ray: the actors decode on their CPUs"  # was "" (printed as "()")
     r = runner.invoke(app, ["tag", str(b), "--model", model, "--engine", "ray", "--num-gpus", "2", "--force"])
     assert r.exit_code != 0 and "the Ray cluster has 0 GPU(s)" in r.output
     r = runner.invoke(app, ["tag", str(b), "--model", str(b / "nope"), "--engine", "ray", "--force"])

@@ -630,6 +630,10 @@ def _store_scores(
         )
 
 
+# how the Ray engine decodes, whatever --decode auto / cpu / threads asked (gpu is refused before Ray starts)
+RAY_DECODE_WHY = "--engine ray: the actors decode on their CPUs"
+
+
 def _tag_remote(
     manifest: Manifest,
     cfg: TagConfig,
@@ -646,7 +650,7 @@ def _tag_remote(
     batch_size = cfg.batch_size or meta["default_batch"]
     info |= {"backend": meta["backend"], "device": meta["device"], "runtime": meta["runtime"],
              "why": meta["why"], "batch_size": batch_size, "notices": meta["notices"],
-             "decode": f"ray actors x {len(session.actors)}"}  # fmt: skip
+             "decode": f"ray actors x {len(session.actors)}", "decode_why": RAY_DECODE_WHY}  # fmt: skip
     _store_labels(manifest, key, meta["names"], meta["categories"])
     names = np.array(meta["names"], dtype=object)
     rating = np.array(meta["categories"]) == 9
