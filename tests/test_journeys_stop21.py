@@ -217,4 +217,3 @@ def test_tag_decode_gpu_on_ray_is_refused_before_ray_starts(tmp_path, monkeypatc
     r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--engine", "ray", "--decode", "gpu"])
     assert r.exit_code == 2, (r.output, r.exception)
     one_line_error(r.output, "--decode gpu", "--engine local")
-
