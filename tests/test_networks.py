@@ -179,8 +179,7 @@ def test_clip_skip_matches_diffusers_penultimate_layer(pipe):
 def test_diffusers_refuses_loha_lokr_and_full_files(network, pipe, tmp_path):
     """diffusers (0.42) converts kohya files with lora_down/lora_up keys only (its LoKr converters are for
     Flux2 and Z-Image): `load_lora_weights` raises on hada_* / lokr_* / diff keys. When this test fails, diffusers
-    loads them: check
-    the output against ours and update docs/networks.md."""
+    loads them: check the output against ours and update docs/networks.md."""
     cfg = TrainConfig(network=network, network_dim=4, network_alpha=2)
     net, _, _ = _randomised_net(pipe, cfg, seed=1)
     path = save_lora(
