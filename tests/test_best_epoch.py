@@ -144,9 +144,10 @@ def test_keep_files_rule():
     assert E.keep_files(rows, 0, final="x") == []
 
 
-def test_overfitting_warning_reaches_the_table_json_and_log(sd15_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_overfitting_warning_and_the_table_survive_a_resume(sd15_dir, tmp_path, monkeypatch):  # noqa: F811
     """A real overfit is not reproducible in seconds on CPU (the per-epoch train loss is noisy), so the recorded
-    val losses are replaced by a rising sequence here; the rule itself is tested on numbers above."""
+    losses are replaced by a rising val / falling train sequence here; the rule itself is tested on numbers above.
+    The run stops mid-epoch 2 and resumes: the epochs table continues from the state."""
     real = E.overfitting
 
     def rising(records):
@@ -157,11 +158,14 @@ def test_overfitting_warning_reaches_the_table_json_and_log(sd15_dir, tmp_path, 
 
     monkeypatch.setattr(E, "overfitting", rising)
     out = tmp_path / "o"
-    r = cli("train", str(data(tmp_path)), "--base", str(sd15_dir), "--output-dir", str(out), "--json",
-            sets=["epochs=3"])  # fmt: skip
+    r = cli("train", str(data(tmp_path)), "--base", str(sd15_dir), "--output-dir", str(out),
+            sets=["epochs=3", "stop_after_steps=3"])  # fmt: skip
+    assert r.exit_code == 130, r.output
+    r = CliRunner().invoke(app, ["train", "--resume", str(out / "lora-state"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # stdout holds the JSON alone; progress went to stderr
-    assert [e["epoch"] for e in doc["epochs"]] == [1, 2, 3] and doc["lora"].endswith("lora.safetensors")
+    assert [(e["epoch"], e["step"]) for e in doc["epochs"]] == [(1, 2), (2, 4), (3, 6)]
+    assert doc["lora"].endswith("lora.safetensors") and doc["steps"] == 6
     (w,) = doc["warnings"]
     assert w.startswith(
         "overfitting: val loss rose for two epochs in a row (epoch 1 0.5000 -> 2 0.6000 -> 3 0.7"
