@@ -535,6 +535,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
                     writer.add_image(f"sample/{k}", np.asarray(img), step, dataformats="HWC")
         vae.to("cpu")
+        for te in tes if cache_te and cfg.sample_every_n_steps <= 0 else []:
+            te.to("cpu")  # only the per-epoch samples need them: free the memory again
         for m in all_mods:
             m.train()
         sampled[step] = names
