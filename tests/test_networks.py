@@ -173,3 +173,31 @@ def test_clip_skip_matches_diffusers_penultimate_layer(pipe):
         )[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours - last).norm() / last.norm() > 0.05
+
+
+@pytest.mark.parametrize("network", ["loha", "lokr", "full"])
+def test_diffusers_refuses_loha_lokr_and_full_files(network, pipe, tmp_path):
+    """diffusers (0.42) converts kohya files with lora_down/lora_up keys only (its LoKr converters are for
+    Flux2 and Z-Image): `load_lora_weights` raises on hada_* / lokr_* / diff keys. When this test fails, diffusers
+    loads them: check the output against ours and update docs/networks.md."""
+    cfg = TrainConfig(network=network, network_dim=4, network_alpha=2)
+    net, _, _ = _randomised_net(pipe, cfg, seed=1)
+    path = save_lora(
+        tmp_path / "n.safetensors", net.state_dict(torch.float32), {"ss_network_module": "lycoris.kohya"}
+    )
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        copy.deepcopy(pipe).load_lora_weights(str(path))
+
+
+def test_diffusers_loads_dora_files_but_not_as_lycoris_applies_them(pipe, tmp_path):
+    """DoRA files load in diffusers (dora_scale becomes peft's magnitude vector), but its UNet output is not the one
+    lycoris (and so ComfyUI / A1111) computes from the same file: measured 0.80 relative to the LoRA's effect."""
+    cfg = TrainConfig(network="dora", network_dim=4, network_alpha=2)
+    net, unet, _ = _randomised_net(pipe, cfg, seed=1)
+    path = save_lora(
+        tmp_path / "n.safetensors", net.state_dict(torch.float32), {"ss_network_module": "lycoris.kohya"}
+    )
+    p = copy.deepcopy(pipe)
+    p.load_lora_weights(str(path))
+    ours, base = _unet_out(unet), _unet_out(pipe.unet)
+    assert float((_unet_out(p.unet) - ours).norm() / (ours - base).norm()) > 0.1
