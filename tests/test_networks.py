@@ -112,6 +112,10 @@ def test_each_network_trains(network, sd15_dir, dataset, tmp_path):  # noqa: F81
     args = info["network_args"]
     assert args["algo"] == ("lora" if network == "dora" else network) and args["rank_dropout"] == "0.1"
     assert args.get("dora_wd") == ("True" if network == "dora" else None)
+    if network == "dora":  # the trained file: dora_scale per input column, as ComfyUI and A1111 read it
+        scales = [v for k, v in load_lora(r.lora_path)[0].items() if k.endswith(".dora_scale")]
+        assert scales and all(v.shape[0] == 1 and v.shape[1] > 1 for v in scales)
+        assert args["wd_on_output"] == "False"
     if network == "loha":  # attn-mlp: transformer layers only, no resnet convs
         assert args["preset"] == "attn-mlp"
         assert not any("resnets" in k for k in load_lora(r.lora_path)[0])
