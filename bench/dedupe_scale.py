@@ -150,8 +150,48 @@ def fit(points: list[dict], key: str = "cpu_seconds") -> dict:
     }
 
 
-def run(args) -> dict:
+def timed(root: Path, out: dict, planted: dict[str, str]) -> tuple[list, dict]:
+    """Scan + dedupe auto on the set, timed; fills ``out``; returns the records and their light features."""
     from curate import Dataset
+    from curate.stages import features as F
+
+    with Dataset.open(root) as ds:
+        t, c = time.perf_counter(), _cpu()
+        ds.scan()
+        out["scan"] = {"seconds": round(time.perf_counter() - t, 1), "cpu_seconds": round(_cpu() - c, 1)}
+        out["scan"].update(_rss())
+        out["uptime_after_scan"] = _uptime()
+        t, c = time.perf_counter(), _cpu()
+        res = ds.dedupe(method="auto")
+        out["dedupe"] = {
+            "seconds": round(time.perf_counter() - t, 1),
+            "cpu_seconds": round(_cpu() - c, 1),
+            "stats": res.stats,
+        }
+        out["dedupe"].update(_rss())
+        out["uptime_after_dedupe"] = _uptime()
+        group_of = {p: k for k, g in enumerate(res.groups) for p in g.members}
+        found = sum(1 for c_, o in planted.items() if c_ in group_of and group_of.get(o) == group_of[c_])
+        per_kind: dict[str, list[int]] = {}
+        for c_, o in planted.items():
+            kind = Path(c_).stem.split("_", 1)[1]
+            per_kind.setdefault(kind, [0, 0])
+            per_kind[kind][1] += 1
+            per_kind[kind][0] += int(c_ in group_of and group_of.get(o) == group_of[c_])
+        false_groups = sum(1 for g in res.groups if len({planted.get(p, p) for p in g.members}) > 1)
+        out["quality"] = {
+            "copies_found": found,
+            "recall": round(found / max(1, len(planted)), 4),
+            "recall_per_kind": {k: round(a / b, 3) for k, (a, b) in sorted(per_kind.items())},
+            "groups": len(res.groups),
+            "groups_joining_distinct_images": false_groups,
+        }
+        records = sorted(ds.manifest.images(), key=lambda r: r.path)
+        light = F.load_light(ds.manifest, [r.sha256 for r in records])
+    return records, light
+
+
+def run(args) -> dict:
     from curate.stages import features as F
 
     root = Path(args.root or tempfile.mkdtemp()) / "scale"
@@ -165,40 +205,15 @@ def run(args) -> dict:
         return {"build_seconds": round(build_s, 1)}
     out: dict = {"images": args.n, "planted_copies": len(planted), "build_seconds": round(build_s, 1)}
     out["uptime_before"] = _uptime()
-    with Dataset.open(root) as ds:
-        t, c = time.perf_counter(), _cpu()
-        ds.scan()
-        out["scan"] = {"seconds": round(time.perf_counter() - t, 1), "cpu_seconds": round(_cpu() - c, 1)}
-        out["scan"].update(_rss())
-        out["uptime_after_scan"] = _uptime()
-        if not args.curve_only:
-            t, c = time.perf_counter(), _cpu()
-            res = ds.dedupe(method="auto")
-            out["dedupe"] = {
-                "seconds": round(time.perf_counter() - t, 1),
-                "cpu_seconds": round(_cpu() - c, 1),
-                "stats": res.stats,
-            }
-            out["dedupe"].update(_rss())
-            out["uptime_after_dedupe"] = _uptime()
-            group_of = {p: k for k, g in enumerate(res.groups) for p in g.members}
-            found = sum(1 for c_, o in planted.items() if c_ in group_of and group_of.get(o) == group_of[c_])
-            per_kind: dict[str, list[int]] = {}
-            for c_, o in planted.items():
-                kind = Path(c_).stem.split("_", 1)[1]
-                per_kind.setdefault(kind, [0, 0])
-                per_kind[kind][1] += 1
-                per_kind[kind][0] += int(c_ in group_of and group_of.get(o) == group_of[c_])
-            false_groups = sum(1 for g in res.groups if len({planted.get(p, p) for p in g.members}) > 1)
-            out["quality"] = {
-                "copies_found": found,
-                "recall": round(found / max(1, len(planted)), 4),
-                "recall_per_kind": {k: round(a / b, 3) for k, (a, b) in sorted(per_kind.items())},
-                "groups": len(res.groups),
-                "groups_joining_distinct_images": false_groups,
-            }
-        records = sorted(ds.manifest.images(), key=lambda r: r.path)
-        light = F.load_light(ds.manifest, [r.sha256 for r in records])
+    if args.curve_only:  # features of an already scanned set, read only (a timed run may hold the lock)
+        from curate.manifest import Manifest
+
+        man = Manifest(root, root / ".curate" / "manifest.db", create=False, write=False)
+        records = sorted(man.images(), key=lambda r: r.path)
+        light = F.load_light(man, [r.sha256 for r in records])
+        man.close()
+    else:
+        records, light = timed(root, out, planted)
     recs = [r for r in records if r.sha256 in light]
     codes = np.stack([light[r.sha256].codes for r in recs])
     descs = [light[r.sha256].desc for r in recs]

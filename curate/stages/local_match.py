@@ -87,7 +87,7 @@ def _hamming_knn_numpy(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
     return dist_out, lab_out
 
 
-FLAT_MAX = 400_000  # descriptors: up to here an exact flat index (about 4000 images)
+FLAT_MAX = 50_000  # descriptors: up to here an exact flat index (about 500 images; its cost grows with N)
 IVF_LIST = 512  # descriptors per inverted list on average: fixed, so a query's cost does not grow with N
 IVF_NPROBE = 8
 
