@@ -4,7 +4,8 @@ The set (curate.eval.build_set) is every photo bundled in scikit-image, scikit-l
 one scraper-style copy per transform, plus hard negatives (disjoint crops of other photos; different
 photos under one caption bar). Scored pairwise over groups (curate.eval.score).
 
-    python bench/dedupe_quality.py                 # hash, auto, auto-thorough (SIFT), imagededup PHash
+    python bench/dedupe_quality.py                 # hash, auto, auto-thorough (SIFT) and the peers
+    PYTHONPATH=/tmp/peers python bench/dedupe_quality.py   # peers installed apart (pip --no-deps --target)
     python bench/dedupe_quality.py --scale 5000    # + timed 5k-image run, extrapolated to 50k
 
 Writes bench/results/dedupe_quality.json and prints the per-transform table (markdown).
@@ -13,6 +14,7 @@ Writes bench/results/dedupe_quality.json and prints the per-transform table (mar
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import resource
@@ -39,14 +41,8 @@ def curate_groups(root: Path, method: str) -> tuple[list[list[str]], dict[int, s
     return groups, keepers, res.stats
 
 
-def imagededup_groups(root: Path) -> list[list[str]] | None:
-    try:
-        from imagededup.methods import PHash
-    except ImportError:
-        return None
-    import logging
-
-    logging.disable(logging.WARNING)
+def _flat_dir(root: Path) -> tuple[Path, dict[str, str]]:
+    """Symlink the set's images into one flat folder (the peers read one folder); name -> set path."""
     files = sorted(p for p in root.rglob("*") if p.suffix in (".png", ".jpg") and ".curate" not in p.parts)
     flat = Path(tempfile.mkdtemp())
     names = {}
@@ -54,8 +50,11 @@ def imagededup_groups(root: Path) -> list[list[str]] | None:
         name = f"{k:05d}{p.suffix}"
         os.symlink(p, flat / name)
         names[name] = p.relative_to(root).as_posix()
-    dup = PHash(verbose=False).find_duplicates(image_dir=str(flat))  # default max_distance_threshold=10
-    # connected components, as a dedupe tool would remove them
+    return flat, names
+
+
+def _components(names: dict[str, str], links: list[tuple[str, str]]) -> list[list[str]]:
+    """Connected components over a peer's links, as a dedupe tool would remove them."""
     parent = {n: n for n in names}
 
     def find(x):
@@ -64,13 +63,52 @@ def imagededup_groups(root: Path) -> list[list[str]] | None:
             x = parent[x]
         return x
 
-    for a, bs in dup.items():
-        for b in bs:
-            parent[find(a)] = find(b)
+    for a, b in links:
+        parent[find(a)] = find(b)
     comps: dict[str, list[str]] = {}
     for n in names:
         comps.setdefault(find(n), []).append(names[n])
     return [g for g in comps.values() if len(g) > 1]
+
+
+def imagededup_groups(root: Path, method: str) -> list[list[str]]:
+    """imagededup's hashing method at its defaults (max_distance_threshold=10)."""
+    import logging
+
+    from imagededup import methods
+
+    logging.disable(logging.WARNING)
+    flat, names = _flat_dir(root)
+    dup = getattr(methods, method)(verbose=False).find_duplicates(image_dir=str(flat))
+    return _components(names, [(a, b) for a, bs in dup.items() for b in bs])
+
+
+def cleanvision_groups(root: Path) -> list[list[str]]:
+    """cleanvision's exact and near duplicate sets at their defaults."""
+    import contextlib
+    import io
+
+    from cleanvision import Imagelab
+
+    flat, names = _flat_dir(root)
+    lab = Imagelab(data_path=str(flat))
+    with contextlib.redirect_stdout(io.StringIO()):
+        lab.find_issues({"exact_duplicates": {}, "near_duplicates": {}})
+    links = []
+    for kind in ("exact_duplicates", "near_duplicates"):
+        for s in lab.info[kind]["sets"]:
+            s = [Path(x).name for x in s]
+            links += [(s[0], x) for x in s[1:]]
+    return _components(names, links)
+
+
+PEERS = {
+    "imagededup PHash": lambda root: imagededup_groups(root, "PHash"),
+    "imagededup DHash": lambda root: imagededup_groups(root, "DHash"),
+    "imagededup WHash": lambda root: imagededup_groups(root, "WHash"),
+    "imagededup AHash": lambda root: imagededup_groups(root, "AHash"),
+    "cleanvision": cleanvision_groups,
+}
 
 
 def quality(args) -> dict:
@@ -108,13 +146,20 @@ def quality(args) -> dict:
             "stats": stats,
         }
     if not args.no_peers:
-        t = time.perf_counter()
-        g = imagededup_groups(root)
-        if g is not None:
-            out["methods"]["imagededup PHash"] = {
-                **score(g, truth),
-                "seconds": round(time.perf_counter() - t, 2),
-            }
+        out["peers_not_run"], out["peer_versions"] = {}, {}
+        for mod in ("imagededup", "cleanvision"):
+            try:
+                out["peer_versions"][mod] = importlib.metadata.version(mod)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        for name, fn in PEERS.items():
+            t = time.perf_counter()
+            try:
+                g = fn(root)
+            except ImportError as e:  # not installed: say why in the JSON
+                out["peers_not_run"][name] = f"not importable: {e}"
+                continue
+            out["methods"][name] = {**score(g, truth), "seconds": round(time.perf_counter() - t, 2)}
     return out
 
 

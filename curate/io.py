@@ -244,3 +244,23 @@ def atomic_write_texts(files: dict[Path, str], workers: int = 16) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_write(path, "wb") as fh:
         fh.write(data)
+
+
+def write_thumbnail(root: Path, rel: str, out: Path, size: int) -> bool:
+    """A JPEG thumbnail (longest side ``size``) of ``root/rel``, or of its quarantined copy once decisions were
+    applied, written atomically to ``out`` unless it is there already; False when the image cannot be decoded."""
+    if out.exists():
+        return True
+    src = root / rel
+    if not src.exists():  # applied decisions live in the quarantine
+        src = root / STATE_DIR / "quarantine" / rel
+    try:
+        img = open_rgb(src, max_side=size * 2)
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        img.save(tmp, "JPEG", quality=85)
+        tmp.replace(out)
+    except Exception:
+        return False
+    return True

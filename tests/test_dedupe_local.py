@@ -212,3 +212,34 @@ def test_thorough_verifies_with_sift_and_finds_the_same_groups(deduped):
     common = [k for k in inl if k in orb_inl and inl[k] and orb_inl[k]]
     assert common and any(inl[k] != orb_inl[k] for k in common)
     cli("dedupe", str(root), "--json")  # back to the default decisions
+
+
+def test_vote_index_ivf_finds_the_same_planted_pairs_as_the_exact_index():
+    """The large-set IVF (fixed list size, HNSW over the centroids) must keep the votes of real copies."""
+    pytest.importorskip("faiss")
+    import numpy as np
+
+    from curate.stages.local_match import vote_candidates
+
+    rng = np.random.default_rng(3)
+    n, k = 160, 100
+    descs = [rng.integers(0, 256, (k, 32), dtype=np.uint8) for _ in range(n)]
+    mdescs = [rng.integers(0, 256, (k, 32), dtype=np.uint8) for _ in range(n)]
+    planted = set()
+    for i in range(0, 40, 2):  # image i+1 is a copy of image i: 70 of its descriptors, ~12 bits changed
+        d = descs[i][:70].copy()
+        flips = rng.integers(0, 256, (70, 12))
+        for row, bits in enumerate(flips):
+            for b in bits:
+                d[row, b // 8] ^= np.uint8(1 << (b % 8))
+        descs[i + 1][:70] = d
+        planted.add((i, i + 1))
+    exact, kind_exact = vote_candidates(descs, mdescs)
+    ivf, kind_ivf = vote_candidates(descs, mdescs, flat_max=0)
+    assert kind_exact == "faiss-flat"
+    assert kind_ivf == "faiss-ivf31-hnsw"  # 16000 descriptors / 512 per list
+    assert set(exact) == planted  # random descriptors are > 64 bits apart: no vote between others
+    assert set(ivf) == planted
+    # nearly every planted descriptor still votes through the inverted lists
+    assert min(ivf[p] for p in planted) >= 0.9 * min(exact[p] for p in planted)
+    assert min(exact[p] for p in planted) >= 60

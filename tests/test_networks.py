@@ -16,6 +16,7 @@ from trainer_bridge import lycoris_net as LY
 from trainer_bridge.export import load_lora, lora_info, save_lora
 
 NETWORKS = ["loha", "lokr", "dora", "full"]
+KINDS = ("lora_up.weight", "lora_down.weight", "alpha", "dora_scale")  # a DoRA module's tensors
 
 
 def _unet_out(unet, seed: int = 0) -> torch.Tensor:
@@ -111,6 +112,10 @@ def test_each_network_trains(network, sd15_dir, dataset, tmp_path):  # noqa: F81
     args = info["network_args"]
     assert args["algo"] == ("lora" if network == "dora" else network) and args["rank_dropout"] == "0.1"
     assert args.get("dora_wd") == ("True" if network == "dora" else None)
+    if network == "dora":  # the trained file: dora_scale per input column, as ComfyUI and A1111 read it
+        scales = [v for k, v in load_lora(r.lora_path)[0].items() if k.endswith(".dora_scale")]
+        assert scales and all(v.shape[0] == 1 and v.shape[1] > 1 for v in scales)
+        assert args["wd_on_output"] == "False"
     if network == "loha":  # attn-mlp: transformer layers only, no resnet convs
         assert args["preset"] == "attn-mlp"
         assert not any("resnets" in k for k in load_lora(r.lora_path)[0])
@@ -173,3 +178,122 @@ def test_clip_skip_matches_diffusers_penultimate_layer(pipe):
         )[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours - last).norm() / last.norm() > 0.05
+
+
+@pytest.mark.parametrize("network", ["loha", "lokr", "full"])
+def test_diffusers_refuses_loha_lokr_and_full_files(network, pipe, tmp_path):
+    """diffusers (0.42) converts kohya files with lora_down/lora_up keys only (its LoKr converters are for
+    Flux2 and Z-Image): `load_lora_weights` raises on hada_* / lokr_* / diff keys. When this test fails, diffusers
+    loads them: check the output against ours and update docs/networks.md."""
+    cfg = TrainConfig(network=network, network_dim=4, network_alpha=2)
+    net, _, _ = _randomised_net(pipe, cfg, seed=1)
+    path = save_lora(
+        tmp_path / "n.safetensors", net.state_dict(torch.float32), {"ss_network_module": "lycoris.kohya"}
+    )
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        copy.deepcopy(pipe).load_lora_weights(str(path))
+
+
+def _dora_file(pipe, tmp_path, conv_dim: int = 0):
+    cfg = TrainConfig(network="dora", network_dim=4, network_alpha=2, conv_dim=conv_dim, conv_alpha=4)
+    net, unet, te = _randomised_net(pipe, cfg, seed=1)
+    path = save_lora(tmp_path / "d.safetensors", net.state_dict(torch.float32),
+                     {"ss_network_module": "lycoris.kohya", "ss_network_args": LY.network_args(cfg)})  # fmt: skip
+    return net, unet, te, path
+
+
+def _merged_by(formula, tensors: dict, model, prefix: str):
+    """A copy of `model` with every module of the file merged by `formula` (a UI's DoRA rule), and the names."""
+    model, done = copy.deepcopy(model), []
+    for path, mod in model.named_modules():
+        name = prefix + ("text_model." + path if prefix == "lora_te_" and not path.startswith("text_model.")
+                         else path).replace(".", "_")  # fmt: skip
+        if f"{name}.dora_scale" in tensors:
+            t = {k: tensors[f"{name}.{k}"] for k in KINDS}
+            with torch.no_grad():
+                mod.weight.copy_(formula(mod.weight.float(), t["lora_up.weight"], t["lora_down.weight"],
+                                         float(t["alpha"]), t["dora_scale"]))  # fmt: skip
+            done.append(path)
+    return model, done
+
+
+@pytest.mark.parametrize("ui", ["comfyui", "a1111"])
+def test_dora_file_merges_in_comfyui_and_a1111_as_lycoris_applies_it(ui, pipe, tmp_path):
+    """dora_scale is written per input column ([1, in], lycoris wd_on_out=False), the one orientation ComfyUI
+    (old and new) and A1111/Forge read as lycoris computes it: every merged weight equals lycoris' own to 1e-4."""
+    from tests.keymaps.loaders import a1111_dora_weight, comfyui_dora_weight
+
+    formula = {"comfyui": comfyui_dora_weight, "a1111": a1111_dora_weight}[ui]
+    net, unet, te, path = _dora_file(pipe, tmp_path, conv_dim=4)
+    tensors, meta = load_lora(path)
+    assert json.loads(meta["ss_network_args"])["wd_on_output"] == "False"
+    worst, n = 0.0, 0
+    for m in net.modules:
+        name = net.names[m.lora_name]
+        base = m.org_weight.float()
+        assert tensors[f"{name}.dora_scale"].shape == (1, base.shape[1], *[1] * (base.dim() - 2))
+        t = [tensors[f"{name}.{k}"] for k in KINDS]
+        with torch.no_grad():
+            ours = m.get_merged_weight()[0].reshape(base.shape)
+            theirs = formula(base, t[0], t[1], float(t[2]), t[3])
+        worst, n = max(worst, float((theirs - ours).abs().max() / (ours - base).abs().max())), n + 1
+    # n: the linears, 1x1 and 3x3 convs of the UNet, CLIP attention / MLP
+    assert n > 50 and worst < 1e-4, (n, worst)
+    # the whole UNet, merged by the UI's rule, gives lycoris' output
+    merged, done = _merged_by(formula, tensors, pipe.unet, "lora_unet_")
+    assert any("resnets" in p and p.endswith("conv1") for p in done)
+    ours, base = _unet_out(unet), _unet_out(pipe.unet)
+    assert float((_unet_out(merged) - ours).norm() / (ours - base).norm()) < 1e-4
+
+
+def test_dora_state_in_the_old_orientation_is_refused(pipe, tmp_path):
+    net, _, _, path = _dora_file(pipe, tmp_path)
+    tensors, _ = load_lora(path)
+    old = {k: v.transpose(0, 1) if k.endswith(".dora_scale") else v for k, v in tensors.items()}  # [out, 1]
+    with pytest.raises(ValueError, match="DoRA per output row"):
+        net.load_state_dict(old)
+
+
+def test_lycoris_default_dora_orientation_is_misread_by_the_uis():
+    """Why curate sets wd_on_out=False: with lycoris' default (dora_scale [out, 1], per output row) ComfyUI divides
+    by the norm of the original weight and A1111/Forge broadcast [out, 1] / [1, in]; both miss lycoris' weight."""
+    from lycoris.modules.locon import LoConModule
+
+    from tests.keymaps.loaders import a1111_dora_weight, comfyui_dora_weight
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16)
+    rel = {}
+    for wd_on_out in (True, False):
+        m = LoConModule("x", lin, 1.0, 4, 2, weight_decompose=True, wd_on_out=wd_on_out)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape) * 0.1)
+            ours = m.get_merged_weight()[0]
+            up, down, ds = m.lora_up.weight, m.lora_down.weight, m.dora_scale
+            for ui, f in (("comfyui", comfyui_dora_weight), ("a1111", a1111_dora_weight)):
+                theirs = f(lin.weight, up, down, 2.0, ds)
+                rel[ui, wd_on_out] = float((theirs - ours).norm() / (ours - lin.weight).norm())
+    assert rel["comfyui", False] < 1e-5 and rel["a1111", False] < 1e-5, rel
+    assert rel["comfyui", True] > 0.02 and rel["a1111", True] > 0.3, rel
+
+
+def test_diffusers_drops_dora_scale_and_applies_a_plain_lora(pipe, tmp_path):
+    """diffusers 0.42's StableDiffusion(XL)LoraLoaderMixin.lora_state_dict filters out every `dora_scale` key
+    ("not compatible in Diffusers at the moment") before converting: a DoRA file loads as the plain LoRA of its
+    lora_up/lora_down/alpha, whatever dora_scale's orientation. When this test fails, diffusers applies DoRA."""
+    net, unet, _, path = _dora_file(pipe, tmp_path)
+    tensors, _ = load_lora(path)
+    plain = save_lora(tmp_path / "plain.safetensors", {k: v for k, v in tensors.items() if "dora_scale" not in k},
+                      {"ss_network_module": "networks.lora"})  # fmt: skip
+    outs = {}
+    for name, f in (("dora", path), ("plain", plain)):
+        p = copy.deepcopy(pipe)
+        p.load_lora_weights(str(f))
+        outs[name] = _unet_out(p.unet)
+        layer = p.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        assert "default_0" in layer.lora_A and not layer.lora_magnitude_vector  # a LoRA, no DoRA magnitude
+    ours, base = _unet_out(unet), _unet_out(pipe.unet)
+    assert torch.allclose(outs["dora"], outs["plain"], atol=1e-6)
+    # so not lycoris' (and ComfyUI's) output
+    assert float((outs["dora"] - ours).norm() / (ours - base).norm()) > 0.1

@@ -132,7 +132,10 @@ def test_resume_from_two_ranks_on_one_process(one_process, two_ranks, sd15_dir, 
     info = json.loads((state / "state.json").read_text())["info"]
     assert (info["step"], info["epoch"], info["batch"], info["per_step"], info["world"]) == (4, 1, 0, 2, 2)
     rest = train(tiny_config(sd15_dir, data, tmp_path, grad_accum=2, resume=str(state), **KW))
-    assert rest.steps == 8 and len(rest.val_losses) == 1
+    # the val losses and the epochs table continue from the state: epoch 1 from the 2-rank run, epoch 2 from this one
+    assert rest.steps == 8 and len(rest.val_losses) == 2
+    assert [(r.epoch, r.step) for r in rest.epochs] == [(1, 4), (2, 8)]
+    assert rest.val_losses == pytest.approx(one_process.val_losses, abs=1e-6)
     diff = _max_diff(
         load_file(str(one_process.state_path / "lora.safetensors")),
         load_file(str(rest.state_path / "lora.safetensors")),

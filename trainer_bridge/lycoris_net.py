@@ -101,6 +101,12 @@ class LycorisNet:
                 want.add(f"{name}.{k}")
                 if f"{name}.{k}" not in sd:
                     raise KeyError(f"LoRA file lacks {name}.{k}")
+                if k == "dora_scale" and sd[f"{name}.{k}"].shape != own[k].shape:
+                    raise ValueError(
+                        f"{name}.dora_scale has shape {list(sd[f'{name}.{k}'].shape)}, this network "
+                        f"{list(own[k].shape)}: the file was written with DoRA per output row (curate before "
+                        "wd_on_output=False); train it again"
+                    )
             m.load_state_dict({k: sd[f"{name}.{k}"] for k in own}, strict=False)
         extra = set(sd) - want
         if extra:
@@ -142,8 +148,11 @@ def _make(model: nn.Module, cfg, part: str, dim: int, alpha: float, conv_dim: in
         dropout=cfg.network_dropout, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
         use_tucker=cfg.use_tucker, use_scalar=cfg.use_scalar, network_module=algo, train_norm=cfg.train_norm,
         weight_decompose=cfg.network == "dora" or cfg.dora_wd, full_matrix=cfg.full_matrix,
-        factor=cfg.lokr_factor, warn_on_unmatched=False,
+        factor=cfg.lokr_factor, warn_on_unmatched=False, wd_on_out=False,
     )  # fmt: skip
+    # wd_on_out=False: DoRA's magnitude per input column, dora_scale [1, in, (1, 1)]. A1111/Forge and ComfyUI before
+    # its orientation check read dora_scale only so; ComfyUI's [out, 1] branch divides by the norm of the original
+    # weight instead of the merged one. lycoris' default [out, 1] files come out wrong in all three (docs/networks.md)
     return net
 
 
@@ -254,7 +263,8 @@ def network_args(cfg) -> dict[str, str]:
     if cfg.network_dropout:
         args["dropout"] = f"{cfg.network_dropout:g}"
     if cfg.network == "dora" or cfg.dora_wd:
-        args["dora_wd"] = "True"
+        # wd_on_output: lycoris' kohya wrapper (sd-scripts) then rebuilds our [1, in] dora_scale
+        args |= {"dora_wd": "True", "wd_on_output": "False"}
     for k in ("train_norm", "use_tucker", "use_scalar", "full_matrix"):
         if getattr(cfg, k):
             args[k] = "True"

@@ -1,7 +1,10 @@
 """SVD resize of a kohya-format LoRA/LoCon file: fixed rank or a dynamic rule per module.
 
-Each module's effective delta W = up @ down * alpha / rank is factored by SVD and truncated; the new pair is
-written with alpha = scale * new rank (the input's alpha/rank is kept), so the effective weight is the truncated W. A rank is never raised.
+Each module's effective delta W = up @ down * alpha / rank is factored by SVD and truncated to rank k. Every module
+of the output gets the same alpha A (the input's most common alpha/rank times the largest new rank) and its factors
+carry W * k / A, so up @ down * A / k is the truncated W. One alpha matters: diffusers (0.42) drops the per-module
+alpha of attention modules (its alpha_pattern keys say `processor.to_q_lora`, which match no module) and gives them
+the most common alpha, so per-module alphas (sd-scripts writes scale * k) scale them wrongly. A rank is never raised.
 Dynamic rules follow the names of sd-scripts' resize_lora.py: sv_ratio, sv_fro, sv_cumulative, plus threshold.
 """
 
@@ -77,7 +80,9 @@ def resize_lora(
     names = sorted(k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight"))
     if not names:
         raise ResizeError(f"{src.name}: no lora_down/lora_up keys; lora-resize supports LoRA/LoCon only")
-    result, new = {}, dict(tensors)
+    from collections import Counter
+
+    result, new, factored = {}, dict(tensors), {}
     for name in names:
         down = tensors[f"{name}.lora_down.weight"].float()
         up = tensors[f"{name}.lora_up.weight"].float()
@@ -88,28 +93,36 @@ def resize_lora(
         w = up.reshape(up.shape[0], r) @ down.reshape(r, -1) * (alpha / r)
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         k = min(choose_rank(s, method, param, rank), r)  # never upscale
-        scale = alpha / r  # kept: the new alpha is scale * k, the factors carry W / scale
+        factored[name] = (u, s, vh, k, alpha / r)
+    # one alpha for the whole file (see the module docstring): the common input scale at the largest new rank
+    common = Counter(round(f[4], 6) for f in factored.values()).most_common(1)[0][0]
+    new_alpha = float(
+        torch.tensor(common * max(f[3] for f in factored.values())).bfloat16()
+    )  # exact in fp16 too
+    for name, (u, s, vh, k, _) in factored.items():
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        r = down.shape[0]
+        scale = new_alpha / k  # what every loader applies: alpha / rank; the factors carry W / scale
         sq = torch.sqrt(s[:k] / scale)
         new_up = (u[:, :k] * sq).reshape(up.shape[0], k, *up.shape[2:])
         new_down = (sq[:, None] * vh[:k]).reshape(k, *down.shape[1:])
         dtype = tensors[f"{name}.lora_down.weight"].dtype
         new[f"{name}.lora_down.weight"] = new_down.to(dtype).contiguous()
         new[f"{name}.lora_up.weight"] = new_up.to(dtype).contiguous()
-        new[f"{name}.alpha"] = torch.tensor(scale * k).to(dtype)
+        new[f"{name}.alpha"] = torch.tensor(new_alpha).to(dtype)
         total = float((s**2).sum())
         kept = float((s[:k] ** 2).sum())
         err = ((total - kept) / total) ** 0.5 if total > 0 else 0.0
         result[name] = {
             "rank_in": r,
             "rank": k,
-            "alpha": scale * k,
+            "alpha": new_alpha,
             "rel_fro_error": err,
             "retained": kept / total if total else 1.0,
         }
     ranks = [m["rank"] for m in result.values()]
     meta["ss_network_dim"] = str(max(ranks))
-    scale = max(m["alpha"] / m["rank"] for m in result.values())
-    meta["ss_network_alpha"] = f"{scale * int(meta['ss_network_dim']):g}"
+    meta["ss_network_alpha"] = f"{new_alpha:g}"
     note = {"method": method or "rank", "param": param if method else rank, "modules": result}
     meta["curate_resize"] = json.dumps(note)
     out.parent.mkdir(parents=True, exist_ok=True)

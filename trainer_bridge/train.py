@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_bridge.config import TrainConfig, TrainError, check_output_dir
+from trainer_bridge.epochs import EpochRecord
 
 
 @dataclass
@@ -42,6 +43,10 @@ class TrainResult:
     # where the time went (seconds) and the steady-state speed: total_s, load_s, latent_cache_s, te_cache_s,
     # latents_encoded / latents_cached, te_encoded / te_cached, steady_img_s (None: too few clean intervals)
     timings: dict[str, Any] = field(default_factory=dict)
+    epochs: list[EpochRecord] = field(default_factory=list)  # one per saved epoch (and the final file)
+    warnings: list[str] = field(default_factory=list)  # the overfitting warning (epochs.py)
+    epochs_grid: Path | None = None  # sample/epochs.png: a row per sample prompt, a column per saved epoch
+    epochs_log: Path | None = None  # logs/epochs.json: the epochs table, best epoch and warnings
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
@@ -110,10 +115,13 @@ def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
 
 def _printer(main: bool):
     """say(msg): print on rank 0, markup-escaped (messages carry paths); say.console also draws the progress bar."""
+    import os
+
     from rich.console import Console
     from rich.markup import escape
 
-    console = Console(highlight=False, soft_wrap=True)
+    # curate train --json keeps stdout for the result: progress and messages go to stderr (DDP ranks inherit it)
+    console = Console(highlight=False, soft_wrap=True, stderr=os.environ.get("CURATE_TRAIN_LOG") == "stderr")
 
     def say(msg: str) -> None:
         if main:
@@ -138,6 +146,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     from trainer_bridge import data as D
     from trainer_bridge import dist
+    from trainer_bridge import epochs as E
     from trainer_bridge import lora as L
     from trainer_bridge.export import BASE_MODEL_VERSION, save_lora
     from trainer_bridge.loss import diffusion_loss
@@ -474,6 +483,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "modelspec.prediction_type": "v" if v_pred else "epsilon",
             # curate's own keys: the per-epoch validation loss (fixed noise and timesteps), the last one first
             **({"curate_val_loss": result.val_losses[-1], "curate_val_losses": result.val_losses} if result.val_losses else {}),
+            # this epoch's mean train loss, and the epochs table so far (the final file's is the whole run's)
+            **({"curate_train_loss": result.epochs[-1].train_loss, "curate_epochs": E.summary(result.epochs)}
+               if result.epochs and result.epochs[-1].step == step else {}),
         }  # fmt: skip
 
     def save(
@@ -492,13 +504,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 "per_step": per_step,
                 "world": world,
                 "host_rng": host_rng.getstate(),
+                "epochs": [r.to_dict() for r in result.epochs],  # the epochs table continues after a resume
+                "val_losses": result.val_losses,
                 "config": _recorded(cfg),  # `curate train --resume STATE` alone continues from this
             }
             state = save_state(out_dir / (state_name or f"{name}-state"), net_sd(torch.float32), optimizer,
                                scheduler, json.loads(json.dumps(info, default=str)), {"noise": gen})  # fmt: skip
         return path, state
 
-    def sample(step: int) -> None:
+    def sample(step: int) -> list[str]:
+        """One image per sample prompt with the LoRA as it is now; returns their names inside output_dir."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         for m in all_mods:
@@ -519,19 +534,49 @@ def _train(cfg: TrainConfig) -> TrainResult:
         skip = (
             {"clip_skip": cfg.clip_skip - 1} if cfg.clip_skip > 1 and not sdxl else {}
         )  # diffusers: 1 = penultimate
+        names = []
         with torch.no_grad(), torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
             for k, prompt in enumerate(cfg.sample_prompts):
                 g = torch.Generator(dev).manual_seed(cfg.seed + k)
                 img = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=spec.resolution,
                            width=spec.resolution, **skip).images[0]  # fmt: skip
                 img.save(sample_dir / f"{cfg.output_name}_{step:06d}_{k:02d}.png")
+                names.append(f"sample/{cfg.output_name}_{step:06d}_{k:02d}.png")
                 if writer:
                     import numpy as np
 
                     writer.add_image(f"sample/{k}", np.asarray(img), step, dataformats="HWC")
         vae.to("cpu")
+        for te in tes if cache_te and cfg.sample_every_n_steps <= 0 else []:
+            te.to("cpu")  # only the per-epoch samples need them: free the memory again
         for m in all_mods:
             m.train()
+        sampled[step] = names
+        return names
+
+    sampled: dict[int, list[str]] = {}  # step -> sample images written at it
+
+    def record_epoch(ep: int, file: str, train_loss: float | None) -> None:
+        """The epochs-table row of a saved epoch (rank 0 samples it when sample_prompts are set)."""
+        names = sampled.get(global_step) or (sample(global_step) if main and cfg.sample_prompts else [])
+        val = result.val_losses[-1] if val_idx else None
+        result.epochs.append(EpochRecord(ep, global_step, train_loss, val, file, samples=names))
+        warning = E.overfitting(result.epochs)
+        if warning and warning not in result.warnings:
+            result.warnings.append(warning)
+            say(f"warning: {warning}")
+            if writer:
+                writer.add_text("warnings", warning, global_step)
+
+    def prune() -> None:
+        """keep_last_n: delete older epoch files (and their states), never the best epoch's."""
+        import shutil
+
+        final = f"{cfg.output_name}.safetensors"
+        for r in E.keep_files(result.epochs, cfg.keep_last_n, final) if main else []:
+            (out_dir / r.file).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / (r.file.removesuffix(".safetensors") + "-state"), ignore_errors=True)
+            r.removed = True
 
     stop = {"flag": False, "signal": 0}  # Ctrl-C and SIGTERM both stop after the step and save a state
     old_handlers = {}
@@ -543,6 +588,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     result = TrainResult(None, None, global_step, start_epoch)
+    if resumed:  # the epochs table and val losses of the run so far
+        result.epochs = [EpochRecord.from_dict(d) for d in resumed[3].get("epochs", [])]
+        result.val_losses = list(resumed[3].get("val_losses", []))
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -553,7 +601,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     )
     task = progress.add_task("training", total=total_steps, completed=global_step)
     loss_sum, loss_n, t_log, step_log = torch.zeros((), device=dev), 0, time.time(), global_step
-    saved: list[str] = []
+    ep_sum, ep_n = torch.zeros((), device=dev), 0  # this epoch's train loss (for the epochs table)
     epoch = start_epoch
     # steady-state speed: images over the time between log points (each one syncs), leaving out the first interval
     # and any interval with a batch shape not seen before (graph capture, compile, cuDNN autotune)
@@ -613,6 +661,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     if real:
                         loss_sum += loss.detach()
                         loss_n += 1
+                        ep_sum += loss.detach()
+                        ep_n += 1
                 # optimizer step
                 if fast is not None:  # speed: clip + AdamW + zero grads = one graph replay
                     fast.optimizer_step()
@@ -692,24 +742,28 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 say(f"epoch {epoch + 1}: val loss {v:.4f} ({len(val_idx)} images)")
                 if writer:
                     writer.add_scalar("loss/val", v, global_step)
+            sums = dist.all_reduce_sum(torch.stack([ep_sum, torch.tensor(float(ep_n), device=dev)]))  # DDP
+            train_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else None  # one host sync per epoch
+            ep_sum, ep_n = torch.zeros((), device=dev), 0
             last = global_step >= total_steps or epoch == epochs - 1
             if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
                 name = f"{cfg.output_name}-{epoch + 1:06d}"
+                record_epoch(epoch + 1, f"{name}.safetensors", train_loss)
                 save(name, epoch + 1, global_step, 0, cfg.save_state)
-                saved.append(name)
-                if main and cfg.keep_last_n and len(saved) > cfg.keep_last_n:
-                    old = saved.pop(0)
-                    (out_dir / f"{old}.safetensors").unlink(missing_ok=True)
-                    import shutil
-
-                    shutil.rmtree(out_dir / f"{old}-state", ignore_errors=True)
+                prune()
             if on_gpu:
                 torch.cuda.synchronize()  # once an epoch: what ran before is out of the next interval
             steady.update(iv_t=time.perf_counter(), iv_img=0)  # validation and saves are not step time
-            if global_step >= total_steps:
+            if last:
+                record_epoch(epoch + 1, f"{cfg.output_name}.safetensors", train_loss)
                 break
         result.lora_path, result.state_path = save(cfg.output_name, epoch + 1, global_step, 0, cfg.save_state)
         result.steps, result.epoch = global_step, epoch + 1
+        if main:  # the epochs table beside the tensorboard log, and the prompt x epoch grid
+            result.epochs_grid = E.epochs_grid(result.epochs, out_dir, out_dir / "sample" / "epochs.png")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            result.epochs_log = log_dir / "epochs.json"
+            result.epochs_log.write_text(json.dumps(E.summary(result.epochs), indent=2) + "\n")
         return finish(result)
     finally:
         progress.stop()

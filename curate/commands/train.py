@@ -161,20 +161,59 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: Annotated[
             bool,
-            typer.Option("--json", help="Print the result as one JSON document (progress goes to stderr)."),
+            typer.Option(
+                "--json",
+                help="Print the result (files, steps, epochs table) as JSON; progress goes to stderr.",
+            ),
         ] = False,
     ) -> None:
         """Train a LoRA on a curated dataset (exported on the fly) or a kohya folder; Ctrl-C saves a resumable state."""
         import contextlib
-        import dataclasses
         import shlex
         import sys
 
+        if as_json:  # stdout is for the JSON alone: messages and progress (also of DDP ranks) go to stderr
+            was = os.environ.get("CURATE_TRAIN_LOG")
+            os.environ["CURATE_TRAIN_LOG"] = "stderr"
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    result = _run(source, config, base, family, output_dir, resume, trigger, class_word, reg,
+                                  gpus, set_)  # fmt: skip
+            finally:
+                os.environ.pop("CURATE_TRAIN_LOG") if was is None else os.environ.update(CURATE_TRAIN_LOG=was)
+            if result is not None:
+                print_json(_result_json(result))
+            if result is not None and result.interrupted:
+                import signal
+
+                raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
+            return
+        result = _run(source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_)
+        if result is None:
+            return  # a torchrun / accelerate rank other than 0: rank 0 reports
+        console.print(summary_table(result.timings))
+        if result.interrupted:
+            state = shlex.quote(str(Path(result.state_path).resolve()))
+            console.print(
+                f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            import signal
+
+            # interrupted, as after Ctrl-C (130) or SIGTERM (143) anywhere else
+            raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
+        _print_epochs(result)
+        console.print(
+            f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
+        )
+
+    def _run(source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_):
+        """Build the config from the arguments, export a curated dataset if need be, train; None on ranks > 0."""
+        import dataclasses
+
         from trainer_bridge import TrainConfig, train
         from trainer_bridge.config import FAMILY_RESOLUTION, check_output_dir
-
-        # --json: notes and progress bars go to stderr, the JSON document alone to stdout
-        to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
         if source is not None and source.suffix == ".toml" and config is None and source.is_file():
             import tomllib
@@ -213,10 +252,9 @@ def register(app: typer.Typer) -> None:
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         check_output_dir(cfg.output_dir)  # before the on-the-fly export writes into it
         if source is not None:
-            with to_stderr:
-                data = _training_data(
-                    source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
-                )
+            data = _training_data(
+                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
+            )
             if data != str(source) and not cfg.resolution:
                 # a curated dataset: the export's TOML does not choose the resolution (--set > plan > family)
                 from trainer_bridge.models import check_family
@@ -228,33 +266,51 @@ def register(app: typer.Typer) -> None:
             raise CurateError(
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
-        with to_stderr:
-            result = train(cfg)
+        result = train(cfg)
         if result.lora_path is None and result.state_path is None:
-            return  # a torchrun / accelerate rank other than 0: rank 0 reports
-        if as_json:
-            print_json({"lora": result.lora_path, "state": result.state_path, "steps": result.steps,
-                        "epoch": result.epoch, "interrupted": result.interrupted, "losses": result.losses,
-                        "val_losses": result.val_losses, "timings": result.timings})  # fmt: skip
-        else:
-            console.print(summary_table(result.timings))
-        if result.interrupted:
-            state = shlex.quote(str(Path(result.state_path).resolve()))
-            with to_stderr:  # --json: stdout holds the document alone
-                console.print(
-                    f"stopped at step {result.steps}; resume with: curate train --resume {escape(state)}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            import signal
+            return None
+        return result
 
-            # interrupted, as after Ctrl-C (130) or SIGTERM (143) anywhere else
-            raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
-        if as_json:
+    def _print_epochs(result) -> None:
+        """The epochs table (best marked), the overfitting warning and where the sample grid is."""
+        from trainer_bridge import epochs as E
+
+        if not result.epochs:
             return
-        console.print(
-            f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
-        )
+        rows = E.table_rows(result.epochs)
+        console.print(table("epochs", ["epoch", "step", "train loss", "val loss", "file", ""], rows))
+        if any(r.removed for r in result.epochs):
+            console.print(
+                "removed: deleted by keep_last_n (the best epoch's file is always kept)", highlight=False
+            )
+        if E.best_index(result.epochs) is None:
+            console.print(
+                "no validation set: the best epoch is not chosen (add a val split)", highlight=False
+            )
+        for w in result.warnings:
+            warn(w, stderr=False)
+        if result.epochs_grid:
+            console.print(
+                f"samples per epoch: {escape(str(result.epochs_grid))}", highlight=False, soft_wrap=True
+            )
+
+    def _result_json(result) -> dict:
+        from trainer_bridge import epochs as E
+
+        return {
+            "lora": str(result.lora_path) if result.lora_path else None,
+            "state": str(result.state_path) if result.state_path else None,
+            "steps": result.steps,
+            "epoch": result.epoch,
+            "interrupted": result.interrupted,
+            "losses": result.losses,
+            "val_losses": result.val_losses,
+            "timings": result.timings,
+            **E.summary(result.epochs),
+            "warnings": result.warnings,
+            "epochs_grid": str(result.epochs_grid) if result.epochs_grid else None,
+            "epochs_log": str(result.epochs_log) if result.epochs_log else None,
+        }
 
     @app.command("lora-info")
     @handle_errors

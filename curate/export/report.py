@@ -10,10 +10,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from PIL import Image
-
 from ..config import FilterConfig
-from ..io import STATE_DIR, atomic_write_text, open_rgb
+from ..io import atomic_write_text, write_thumbnail
 from ..manifest import ImageRecord, Manifest
 from .common import make_caption
 from .report_svg import histogram
@@ -29,19 +27,8 @@ def _thumb(manifest: Manifest, rec: ImageRecord, path: str, tdir: Path | None = 
     or '' if undecodable."""
     tdir = tdir or manifest.state_dir / "thumbs"  # beside the manifest when the dataset is read-only
     out = tdir / f"{rec.sha256[:20]}.jpg"
-    if not out.exists():
-        src = manifest.root / path
-        if not src.exists():  # applied decisions live in the quarantine
-            src = manifest.root / STATE_DIR / "quarantine" / path
-        try:
-            img = open_rgb(src, max_side=THUMB * 2)
-            img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-            tdir.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            img.save(tmp, "JPEG", quality=85)
-            tmp.replace(out)
-        except Exception:
-            return ""
+    if not write_thumbnail(manifest.root, path, out, THUMB):
+        return ""
     return f"thumbs/{out.name}"
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
@@ -23,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import CurateError
-from ..io import STATE_DIR, open_rgb
+from ..io import write_thumbnail
 from ..manifest import ImageRecord
 from .state import THRESHOLDS, Review, link_evidence
 
@@ -472,19 +471,8 @@ def make_app(rv: Review, token: str, port: int) -> Starlette:
         if rec is None or not rec.paths:
             return PlainTextResponse("no such image", 404)
         out = thumbs / f"{sha[:24]}.jpg"
-        if not out.exists():
-            src = rv.root / rec.paths[0]
-            if not src.exists():
-                src = rv.root / STATE_DIR / "quarantine" / rec.paths[0]
-            try:
-                img = open_rgb(src, max_side=THUMB * 2)
-                img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-                thumbs.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                img.save(tmp, "JPEG", quality=85)
-                tmp.replace(out)
-            except Exception:
-                return PlainTextResponse("cannot decode", 404)
+        if not write_thumbnail(rv.root, rec.paths[0], out, THUMB):
+            return PlainTextResponse("cannot decode", 404)
         return FileResponse(out, headers={"Cache-Control": "private, max-age=86400"})
 
     def api(fn):

@@ -78,3 +78,30 @@ def ignored_keys(tensors: dict, names: set[str]) -> list[str]:
             continue
         ignored += [f"{mod}.{s}" for s in suffixes - ADAPTERS[kinds[0]] - COMMON]
     return sorted(ignored)
+
+
+def _norm_per(w, axis: int):
+    """L2 norm of w over every axis but `axis`, kept broadcastable against w."""
+    shape = [1] * w.dim()
+    shape[axis] = w.shape[axis]
+    return w.transpose(0, axis).reshape(w.shape[axis], -1).norm(dim=1).reshape(shape)
+
+
+def comfyui_dora_weight(w0, up, down, alpha: float, dora_scale, strength: float = 1.0):
+    """The weight ComfyUI merges from a LoRA + dora_scale (comfy/weight_adapter/base.py weight_decompose, read
+    2025): W = W0 + alpha/rank * up @ down; dora_scale with shape[0] == out is a magnitude per output row, divided by
+    the row norm of the ORIGINAL W0; otherwise per input column, divided by the column norm of W; then
+    W0 + strength * (W * m / norm - W0). Older ComfyUI had only the input-column branch (as a1111_dora_weight)."""
+    import torch
+
+    w = w0 + alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(w0.shape)
+    norm = _norm_per(w0, 0) if dora_scale.shape[0] == w.shape[0] else _norm_per(w, 1)
+    merged = w * (dora_scale / (norm + torch.finfo(w0.dtype).eps))
+    return w0 + strength * (merged - w0)
+
+
+def a1111_dora_weight(w0, up, down, alpha: float, dora_scale, strength: float = 1.0):
+    """A1111/Forge's extensions-builtin/Lora network.py: the scaled LoRA delta is added to W0, then rescaled by
+    dora_scale over the per-input-column norm (whatever dora_scale's shape; [out, 1] broadcasts to [out, in])."""
+    w = w0 + alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(w0.shape)
+    return w0 + strength * (w * (dora_scale / _norm_per(w, 1)) - w0)
