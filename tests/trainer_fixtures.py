@@ -45,7 +45,9 @@ def _vae(seed: int):
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
 
 
-def tiny_sd15_pipeline(tok_dir: Path, seed: int = 0):
+def tiny_sd15_pipeline(tok_dir: Path, seed: int = 0, vae_scaling_factor: float | None = None):
+    """vae_scaling_factor: the random VAE's latents have std ~0.33, so SD's 0.18215 leaves them at ~0.06 and every
+    image looks alike under the noise; 3.0 brings them to ~1, as a real VAE's scaled latents (images then differ)."""
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -56,7 +58,10 @@ def tiny_sd15_pipeline(tok_dir: Path, seed: int = 0):
                                 attention_head_dim=4)  # fmt: skip
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     tok = make_tokenizer(tok_dir)
-    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_te(32, None, seed + 2), tokenizer=tok, unet=unet,
+    vae = _vae(seed + 1)
+    if vae_scaling_factor:
+        vae.register_to_config(scaling_factor=vae_scaling_factor)
+    return StableDiffusionPipeline(vae=vae, text_encoder=_te(32, None, seed + 2), tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
 
