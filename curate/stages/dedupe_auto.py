@@ -353,14 +353,16 @@ def verify_many(
 class PairChecker:
     """Keeper checks in batches on a worker pool started on first need (``with PairChecker(...) as c``).
 
-    Batches smaller than ``4 * chunk`` pairs, or with one worker, run here."""
+    Batches smaller than ``min_batch`` pairs, or with one worker, run here."""
 
-    def __init__(self, manifest: Manifest, cfg: DedupeConfig, workers: int = 0, chunk: int = 16):
+    def __init__(
+        self, manifest: Manifest, cfg: DedupeConfig, workers: int = 0, chunk: int = 16, min_batch: int = 4
+    ):
         import os
 
         self.args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc, cfg.thorough)
         self.workers = workers or os.cpu_count() or 1
-        self.chunk = chunk
+        self.chunk, self.min_batch = chunk, min_batch
         self.pool = None
 
     def __enter__(self) -> PairChecker:
@@ -373,8 +375,10 @@ class PairChecker:
         _W.clear()
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
-        chunks = [pairs[k : k + self.chunk] for k in range(0, len(pairs), self.chunk)]
-        if self.workers <= 1 or len(pairs) < 4 * self.chunk:
+        # a check costs 5-50 ms: small batches are worth spreading once the pool runs
+        size = max(1, min(self.chunk, -(-len(pairs) // (2 * self.workers))))
+        chunks = [pairs[k : k + size] for k in range(0, len(pairs), size)]
+        if self.workers <= 1 or len(pairs) < self.min_batch:
             if "cache" not in _W:
                 _init_verifier(*self.args)
             return [ev for c in chunks for ev in _verify_chunk(c)]
