@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def main() -> None:
         if check is not None:
             kw["check"] = check
         t, c = time.perf_counter(), time.process_time()
+        c_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         if args.profile:
             import cProfile
             import pstats
@@ -111,8 +113,10 @@ def main() -> None:
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         if check is not None:
             check.__exit__()
+        k2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_workers = k2.ru_utime + k2.ru_stime - c_kids.ru_utime - c_kids.ru_stime
         planted_file = Path(args.root).parent / "planted.json"
-        recall = None
+        recall = mixed = None
         if planted_file.exists():
             have = {r.path for r in records}
             planted = {
@@ -121,6 +125,7 @@ def main() -> None:
             group_of = {p: k for k, g in enumerate(groups) for p in g.members}
             found = sum(1 for c_, o in planted.items() if c_ in group_of and group_of.get(o) == group_of[c_])
             recall = round(found / max(1, len(planted)), 4)
+            mixed = sum(1 for g in groups if len({planted.get(p, p) for p in g.members}) > 1)
         digest = hashlib.sha256(json.dumps([[g.keeper, g.members] for g in groups]).encode()).hexdigest()[:16]
         sizes = sorted((len(g.members) for g in groups), reverse=True)
         print(
@@ -130,10 +135,12 @@ def main() -> None:
                     "accepted_pairs": len(pairs),
                     "seconds_group": round(wall, 2),
                     "cpu_seconds_main": round(cpu, 2),
+                    "cpu_seconds_workers": round(cpu_workers, 2),
                     "groups": len(groups),
                     "largest": sizes[:5],
                     "groups_digest": digest,
                     "planted_recall": recall,
+                    "groups_joining_distinct_images": mixed,
                     "workers": args.workers,
                     **stats,
                     "load": os.getloadavg()[0],
