@@ -243,3 +243,32 @@ def test_vote_index_ivf_finds_the_same_planted_pairs_as_the_exact_index():
     # nearly every planted descriptor still votes through the inverted lists
     assert min(ivf[p] for p in planted) >= 0.9 * min(exact[p] for p in planted)
     assert min(exact[p] for p in planted) >= 60
+
+
+def test_keeper_checks_on_the_pool_and_bounded_find_the_same_groups(deduped, monkeypatch):
+    """Keeper checks in pool batches, with the two-link bound on every component of more than 3 images,
+    give the groups and keepers of the default run."""
+    from functools import partial
+
+    from curate.stages import dedupe_auto
+
+    root, info, out = deduped
+    monkeypatch.setattr(dedupe_auto, "SMALL_COMPONENT", 3)
+    monkeypatch.setattr(dedupe_auto, "PairChecker", partial(dedupe_auto.PairChecker, workers=2, min_batch=1))
+    with Dataset.open(root) as ds:
+        res = ds.dedupe(method="auto")
+    got = sorted((g.keeper, sorted(g.members)) for g in res.groups)
+    want = sorted((g["keeper"], sorted(g["members"])) for g in out["groups"])
+    assert got == want
+    assert any(len(m) > 3 for _, m in got)  # the bound applied to at least one component
+    assert res.stats["keeper_checks"] > 0  # and some members were checked against the keeper, on the pool
+    cli("dedupe", str(root), "--json")  # back to the default decisions
+
+
+def test_near_keeper_is_two_links_inside_the_component():
+    from curate.stages.dedupe_auto import _near_keeper
+
+    adj = {0: {1}, 1: {0, 2, 9}, 2: {1, 3}, 3: {2}, 9: {1}}  # chain 0-1-2-3, and 9 outside the component
+    assert _near_keeper(0, [0, 1, 2, 3], adj) == {1, 2}
+    assert _near_keeper(2, [0, 1, 2, 3], adj) == {0, 1, 3}
+    assert _near_keeper(3, [3], adj) == set()

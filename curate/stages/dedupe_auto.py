@@ -78,8 +78,16 @@ def star_groups(
     min_inliers: int = 10,
     min_ncc: float = 0.5,
     thorough: bool = False,
+    check: Callable[[list[tuple[str, str]]], list[dict[str, Any] | None]] | None = None,
 ) -> list[DupGroup]:
-    """Groups where every member has a (verified) link to the group's keeper."""
+    """Groups where every member has a (verified) link to the group's keeper.
+
+    ``check(sha_pairs)`` verifies a batch of pairs (evidence or None each), e.g. on the worker pool
+    (:class:`PairChecker`); without it the keeper checks run here, one at a time. In a component larger
+    than ``SMALL_COMPONENT`` only members within two verified links of the keeper are checked against it
+    (the others cannot join this star; they form stars of their own), so the work per component is
+    bounded by its keeper's neighbourhood instead of its size.
+    """
     from .dedupe import connected_groups
 
     if not pairs:
@@ -92,6 +100,7 @@ def star_groups(
     copies = [Copy(r, signals.get(r.sha256, {}), r.path in demote) for r in records]
     index_of = {id(c): n for n, c in enumerate(copies)}
     rejected_links = 0
+    batch_checked: set[tuple[int, int]] = set()  # checked in a batch, not yet counted by linked()
 
     measured: dict[tuple[int, int], dict[str, Any] | None] = {}
     small_comp: set[int] = set()  # members of components small enough to measure every pair
@@ -124,6 +133,10 @@ def star_groups(
         nonlocal rejected_links
         key = (min(a, b), max(a, b))
         if key in link:
+            if key in batch_checked:
+                batch_checked.discard(key)
+                if link[key] is None:
+                    rejected_links += 1
             return link[key]
         if not verify or cache is None:
             return None
@@ -137,11 +150,17 @@ def star_groups(
             stats["keeper_checks"] = stats.get("keeper_checks", 0) + 1
         if v.ok:
             link[key] = {**v.evidence(), "via": "check against the keeper"}
+            adj.setdefault(a, set()).add(b)
+            adj.setdefault(b, set()).add(a)
             return link[key]
         rejected_links += 1
         link[key] = None  # type: ignore[assignment]
         return None
 
+    adj: dict[int, set[int]] = {}
+    for a, b in link:
+        adj.setdefault(a, set()).add(b)
+        adj.setdefault(b, set()).add(a)
     i = np.array([a for a, _ in link], np.int64)
     j = np.array([b for _, b in link], np.int64)
     groups: list[DupGroup] = []
@@ -153,11 +172,14 @@ def star_groups(
             small_comp.update(comp)
         keeper, _ = choose([copies[m] for m in comp], evidence)
         k = next(m for m in comp if copies[m] is keeper)
+        reach = _near_keeper(k, comp, adj) if len(comp) > SMALL_COMPONENT else None
+        if check is not None and verify and cache is not None:
+            batch_checked |= _check_batch(k, comp, reach, link, records, check, stats, adj)
         members, edges, rest = [k], [], []
         for m in comp:
             if m == k:
                 continue
-            info = linked(k, m)
+            info = linked(k, m) if reach is None or m in reach else None
             if info is None:
                 rest.append(m)
             else:
@@ -176,6 +198,45 @@ def star_groups(
         stats["not_linked_to_keeper"] = rejected_links
     groups.sort(key=lambda g: g.keeper)
     return groups
+
+
+def _near_keeper(k: int, comp: list[int], adj: dict[int, set[int]]) -> set[int]:
+    """Members of the component within two links of the keeper (links made so far)."""
+    inside = set(comp)
+    near = {m for m in adj.get(k, ()) if m in inside}
+    for m in list(near):
+        near |= {x for x in adj.get(m, ()) if x in inside}
+    near.discard(k)
+    return near
+
+
+def _check_batch(
+    k: int,
+    comp: list[int],
+    reach: set[int] | None,
+    link: dict[tuple[int, int], dict[str, Any] | None],
+    records: list[ImageRecord],
+    check: Callable[[list[tuple[str, str]]], list[dict[str, Any] | None]],
+    stats: dict[str, Any] | None,
+    adj: dict[int, set[int]],
+) -> set[tuple[int, int]]:
+    """Verify, in one batch, every pair (keeper, member) the star needs and no link decided yet."""
+    keys = [
+        (min(k, m), max(k, m))
+        for m in comp
+        if m != k and (reach is None or m in reach) and (min(k, m), max(k, m)) not in link
+    ]
+    if not keys:
+        return set()
+    res = check([(records[a].sha256, records[b].sha256) for a, b in keys])
+    for key, ev in zip(keys, res, strict=True):
+        link[key] = {**ev, "via": "check against the keeper"} if ev is not None else None
+        if ev is not None:
+            adj.setdefault(key[0], set()).add(key[1])
+            adj.setdefault(key[1], set()).add(key[0])
+    if stats is not None:
+        stats["keeper_checks"] = stats.get("keeper_checks", 0) + len(keys)
+    return set(keys)
 
 
 def _make_group(copies: list[Copy], members: list[int], edges: list[dict], method: str, evidence) -> DupGroup:
@@ -289,6 +350,45 @@ def verify_many(
         _W.clear()
 
 
+class PairChecker:
+    """Keeper checks in batches on a worker pool started on first need (``with PairChecker(...) as c``).
+
+    Batches smaller than ``min_batch`` pairs, or with one worker, run here."""
+
+    def __init__(
+        self, manifest: Manifest, cfg: DedupeConfig, workers: int = 0, chunk: int = 16, min_batch: int = 4
+    ):
+        import os
+
+        self.args = (str(manifest.root), str(manifest.path), cfg.min_inliers, cfg.min_ncc, cfg.thorough)
+        self.workers = workers or os.cpu_count() or 1
+        self.chunk, self.min_batch = chunk, min_batch
+        self.pool = None
+
+    def __enter__(self) -> PairChecker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        _W.clear()
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+        # a check costs 5-50 ms: small batches are worth spreading once the pool runs
+        size = max(1, min(self.chunk, -(-len(pairs) // (2 * self.workers))))
+        chunks = [pairs[k : k + size] for k in range(0, len(pairs), size)]
+        if self.workers <= 1 or len(pairs) < self.min_batch:
+            if "cache" not in _W:
+                _init_verifier(*self.args)
+            return [ev for c in chunks for ev in _verify_chunk(c)]
+        if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, initializer=_init_verifier, initargs=self.args)
+        return [ev for res in self.pool.map(_verify_chunk, chunks) for ev in res]
+
+
 def auto_groups(
     manifest: Manifest,
     records: list[ImageRecord],
@@ -372,20 +472,22 @@ def auto_groups(
     # 4. star groups around the keeper
     t = time.perf_counter()
     pairs = [(a, b, info) for (a, b), info in sorted(accepted.items())]
-    groups = star_groups(
-        manifest,
-        records,
-        pairs,
-        cfg.method,
-        demote,
-        verify=True,
-        signals={s: lt.signals for s, lt in light.items()},
-        cache=cache,
-        stats=stats,
-        min_inliers=cfg.min_inliers,
-        min_ncc=cfg.min_ncc,
-        thorough=cfg.thorough,
-    )
+    with PairChecker(manifest, cfg) as check:
+        groups = star_groups(
+            manifest,
+            records,
+            pairs,
+            cfg.method,
+            demote,
+            verify=True,
+            signals={s: lt.signals for s, lt in light.items()},
+            cache=cache,
+            stats=stats,
+            min_inliers=cfg.min_inliers,
+            min_ncc=cfg.min_ncc,
+            thorough=cfg.thorough,
+            check=check if mapper is None else None,
+        )
     stats["seconds_group"] = round(time.perf_counter() - t, 3)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return groups, stats
