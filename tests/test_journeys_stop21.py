@@ -139,6 +139,20 @@ def test_tag_trigger_stays_pinned_in_the_export_without_repeating_it(tmp_path):
     doc = tomllib.loads((tmp_path / "out" / "dataset.toml").read_text())
     assert doc["general"]["shuffle_caption"] is True
     assert doc["general"]["keep_tokens"] == 1
+    # the pin is part of the export's fingerprint: with the same captions but no tagged trigger recorded,
+    # `curate train` must not reuse an export that pins a token
+    from curate import Dataset
+    from curate.export.fingerprint import export_fingerprint
+
+    with Dataset.open(ds) as d:
+        pinned = export_fingerprint(d.manifest)
+        was = d.manifest.get_meta("caption.trigger")
+        d.manifest.set_meta("caption.trigger", "[]")
+        d.manifest.commit()
+        assert export_fingerprint(d.manifest) != pinned
+        d.manifest.set_meta("caption.trigger", was)
+        d.manifest.commit()
+        assert export_fingerprint(d.manifest) == pinned
     # a caption edited by hand so that it no longer starts with the trigger: nothing is pinned then
     src = sorted(ds.glob("*.txt"))[0]
     src.write_text("a hand caption, no trigger first")

@@ -140,6 +140,8 @@ class Layout:
     settings: BucketSettings
     options: dict[str, Any]
     warnings: list[str]
+    # the dataset TOML's keep_tokens: 1 with the export's --trigger, else the trigger words curate tag put first
+    keep_tokens: int = 0
 
     def fingerprint(self) -> str:
         """SHA-256 over what reaches the trainer: files, captions, splits, folders, options, format version."""
@@ -151,9 +153,10 @@ class Layout:
                                   list(it.rec.bucket) if it.rec.bucket else None] for it in s.items),
                 "reg": sorted([r.rel, r.sha256, r.caption] for r in s.reg),
             })  # fmt: skip
-        return digest(
-            {"version": EXPORT_VERSION, "format": "kohya", "options": self.options, "subsets": subs}
-        )
+        return digest({
+            "version": EXPORT_VERSION, "format": "kohya", "options": self.options, "subsets": subs,
+            "keep_tokens": self.keep_tokens,
+        })  # fmt: skip
 
 
 # sha256 of reg files by (path, size, mtime_ns): a fingerprint and the export that follows read them once
@@ -335,7 +338,9 @@ def kohya_layout(
         "resize": resize, "link": mode, "flip_aug": flip_aug, "shuffle_caption": shuffle_caption,
         "reg": str(Path(reg).expanduser().resolve()) if reg else None,
     }  # fmt: skip
-    return Layout(ordered, settings, options, warnings)
+    layout = Layout(ordered, settings, options, warnings)
+    layout.keep_tokens = 1 if trigger else _stored_trigger_tokens(manifest, layout)
+    return layout
 
 
 def _subset_entry(out: Path, sub: Subset) -> dict[str, Any]:
@@ -389,7 +394,7 @@ def export_kohya(
     warn = link_warning(opts["link"], manifest.root)
     if warn:
         res.warnings.append(warn)
-    keep_tokens = 1 if opts["trigger"] else _stored_trigger_tokens(manifest, layout)
+    keep_tokens = layout.keep_tokens
     records: list[dict[str, Any]] = []
     reg_records: list[dict[str, Any]] = []
     with staging(out, replace=replace) as tmp:
