@@ -231,3 +231,11 @@ def test_tag_decode_gpu_on_ray_is_refused_before_ray_starts(tmp_path, monkeypatc
     r = CliRunner().invoke(app, ["tag", str(ds), "--model", str(model), "--engine", "ray", "--decode", "gpu"])
     assert r.exit_code == 2, (r.output, r.exception)
     one_line_error(r.output, "--decode gpu", "--engine local")
+
+
+def test_negative_max_tags_is_refused(tmp_path):
+    """--max-tags -1 used to be taken as 'no cap' without a word; a count below 0 is a usage error."""
+    ds = tmp_path / "ds"
+    picture(ds / "a.png", 64, 64, 0)
+    r = CliRunner().invoke(app, ["edit", str(ds), "--max-tags", "-1"])
+    assert r.exit_code == 2 and "--max-tags" in r.output and "Traceback" not in r.output, r.output

@@ -37,7 +37,9 @@ Overwrite = Annotated[
 DropCommon = Annotated[
     float | None, typer.Option(help="Drop tags present in more than this fraction of images (0 = off).")
 ]
-MaxTags = Annotated[int | None, typer.Option(help="At most this many general tags per caption (0 = no cap).")]
+MaxTags = Annotated[
+    int | None, typer.Option(min=0, help="At most this many general tags per caption (0 = no cap).")
+]
 
 
 def _triggers(values: list[str] | None) -> tuple[str, ...] | None:
