@@ -12,6 +12,7 @@ from rich.markup import escape
 from .dataset import Dataset
 from .stages.bucket import DEFAULT_FAMILY
 from .ui import (
+    AddressOpt,
     ConfigOpt,
     DatasetArg,
     JsonOpt,
@@ -151,10 +152,7 @@ def scan(
             help="local (process pool) or ray (Ray Data tasks; needs the ray extra: pip install curate\\[ray]).",
         ),
     ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
-    ] = None,
+    address: AddressOpt = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -298,10 +296,7 @@ def dedupe(
             "(needs the ray extra: pip install curate\\[ray]).",
         ),
     ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
-    ] = None,
+    address: AddressOpt = None,
     num_gpus: Annotated[
         float,
         typer.Option(

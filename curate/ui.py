@@ -37,6 +37,9 @@ ConfigOpt = Annotated[
     str | None, typer.Option("--config", help="TOML options (default: <dataset>/curate.toml).")
 ]
 DatasetArg = Annotated[str, typer.Argument(help="Dataset folder.")]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray.")
+]
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -10,6 +10,7 @@ from rich.markup import escape
 from ..dataset import Dataset
 from ..errors import CurateError
 from ..ui import (
+    AddressOpt,
     ConfigOpt,
     DatasetArg,
     JsonOpt,
@@ -203,10 +204,7 @@ def register(app: typer.Typer) -> None:
                 help="local, or ray: the tagger on Ray actors that each load it once (needs the ray extra: pip install curate\\[ray]).",
             ),
         ] = "local",
-        address: Annotated[
-            str | None,
-            typer.Option("--address", help="Ray cluster to join (e.g. auto); default starts a local Ray."),
-        ] = None,
+        address: AddressOpt = None,
         num_gpus: Annotated[
             float,
             typer.Option(
