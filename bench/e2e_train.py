@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--set", dest="sets", action="append", default=[], help="extra curate train --set options"
     )
     ap.add_argument("--base", default="", help="train on this diffusers folder instead of a random one")
+    ap.add_argument(
+        "--data", default="", help="train on this kohya folder as it is (e.g. sd-scripts' bench data) instead"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny test models on the CPU: checks the script runs")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = ap.parse_args(argv)
@@ -216,9 +219,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             build_model(model.parent, a.family, "cuda" if on_gpu else "cpu")
     build_s = time.perf_counter() - t0
-    data = work / f"data-{n_img}-{res}"
-    if not data.is_dir():
-        make_images(data, n_img, res)
+    if a.data:
+        data = Path(a.data)
+        n_img = sum(1 for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        if not n_img:
+            raise SystemExit(f"--data {data}: no images there")
+    else:
+        data = work / f"data-{n_img}-{res}"
+        if not data.is_dir():
+            make_images(data, n_img, res)
     head = dict(case="setup", family=a.family, tiny=a.tiny, images=n_img, resolution=res, batch=a.batch,
                 steps=steps, rank=a.rank, model_build_s=round(build_s, 1), data=str(data), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if on_gpu else "cpu")  # fmt: skip
