@@ -306,6 +306,20 @@ def dataset_dirs(items: list[Item], reg: bool) -> dict[str, dict[str, int]]:
     return out
 
 
+def subsets_metadata(items: list[Item]) -> list[dict]:
+    """Per subset, what its captions really got (keep_tokens, shuffle, flip), as sd-scripts' ss_datasets subsets."""
+    out: dict[int, dict] = {}
+    for it in items:
+        s = it.subset
+        entry = out.setdefault(id(s), {
+            "img_count": 0, "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": s.flip_aug,
+            "random_crop": False, "shuffle_caption": s.shuffle_caption, "keep_tokens": s.keep_tokens,
+            "image_dir": s.image_dir.name, "class_tokens": s.class_tokens, "is_reg": s.is_reg,
+        })  # fmt: skip
+        entry["img_count"] += 1
+    return list(out.values())
+
+
 # ---------------------------------------------------------------- captions
 
 
