@@ -235,3 +235,61 @@ def test_dedupe_overrides_from_the_command_line(tmp_path):
     out = dedupe_json(ds, "--clear-overrides")
     assert out["overrides_cleared"] == 4 and groups(out) == auto and "overrides" not in out
     assert overrides_count(ds) == 0
+
+
+def test_text_encoder_cache_drops_the_entry_of_an_edited_caption(tmp_path, sd15_dir):  # noqa: F811
+    """train, edit one caption, train again: the second run encodes only the edited caption, its old entry is
+    removed and the new one written; files the cache did not write (or wrote for another model) stay."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ds = tmp_path / "ds"
+    for i, color in enumerate(["red", "green", "blue"]):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(
+            f"a photo of sks with a {color} ball"
+        )  # sentences: not shuffled, cached
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    out = tmp_path / "out"
+    sets = [*TINY, "batch_size=1", "resolution=64"]
+
+    def train() -> dict:
+        r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out), "--json",
+                      *(a for s in sets for a in ("--set", s))])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["timings"]
+
+    def entries() -> dict[str, str]:
+        got = {}
+        for f in (out / "cache" / "te").glob("*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                got[f.name] = (sf.metadata() or {}).get("caption")
+        return got
+
+    t = train()
+    assert (t["te_encoded"], t["te_cached"], t["te_pruned"]) == (4, 0, 0), t  # 3 captions + "" (dropout)
+    te = out / "cache" / "te"
+    # beside the cache's files: an entry for another text encoder, and files it never wrote
+    other = te / ("ab" * 12 + ".safetensors")
+    save_file({"emb": torch.zeros(2)}, str(other), metadata={"caption": "x", "te_id": "another-model"})
+    (te / "notes.txt").write_text("mine")
+    save_file({"w": torch.zeros(1)}, str(te / "mine.safetensors"), metadata={"te_id": "whatever"})
+    first = entries()
+    green = next(n for n, c in first.items() if c == "a photo of sks with a green ball")
+
+    (ds / "p1.txt").write_text("a photo of sks with a yellow ball")
+    t = train()
+    assert (t["te_encoded"], t["te_cached"], t["te_pruned"]) == (1, 3, 1), t
+    second = entries()
+    assert green not in second and "a photo of sks with a green ball" not in second.values()
+    assert list(second.values()).count("a photo of sks with a yellow ball") == 1
+    assert {n: c for n, c in first.items() if n != green}.items() <= second.items()
+    assert (
+        other.is_file() and (te / "notes.txt").read_text() == "mine" and (te / "mine.safetensors").is_file()
+    )
+    assert len(second) == len(first)  # one out, one in: nothing accumulates
+
+    # a third run with nothing changed encodes nothing and removes nothing
+    t = train()
+    assert (t["te_encoded"], t["te_cached"], t["te_pruned"]) == (0, 4, 0), t

@@ -580,6 +580,30 @@ def te_id(tokenizers: list, text_encoders: list, base_name: str, clip_skip: int,
     return h.hexdigest()[:12]
 
 
+TE_CACHE_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")  # what encode_text_cached names its files
+
+
+def prune_text_cache(cache_dir: Path, tid: str, keep: set[Path]) -> int:
+    """Remove the cache's own entries for this text-encoder id (tid) that this run did not use: captions edited
+    or gone since they were encoded. Files of another tid (another base model, clip_skip or dtype), files
+    named otherwise and files without the cache's metadata are left alone. Returns how many were removed."""
+    from safetensors import SafetensorError, safe_open
+
+    removed = 0
+    for f in sorted(cache_dir.iterdir()):
+        if f in keep or not TE_CACHE_NAME.fullmatch(f.name) or not f.is_file():
+            continue
+        try:
+            with safe_open(str(f), "pt") as sf:
+                meta = sf.metadata() or {}
+        except (SafetensorError, OSError):
+            continue  # not readable as the cache writes them: not ours to judge
+        if meta.get("te_id") == tid:
+            f.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str], device, clip_skip: int,
                        cache_dir: Path | None, tid: str, dtype, autocast_dtype=None, batch_size: int = 32,
                        read_only: bool = False, console=None, stats: dict | None = None):  # fmt: skip
@@ -587,7 +611,8 @@ def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str
 
     Each distinct caption is encoded once, in batches, and kept in cache_dir as <sha256(tid + caption)>.safetensors
     (the caption text in its metadata), so a second run reads it and an edited caption gets a new key: its
-    embedding is recomputed, the others are reused. stats gets te_encoded / te_cached (distinct captions)."""
+    embedding is recomputed, the others are reused; entries of this tid for captions no longer here are then
+    removed (prune_text_cache). stats gets te_encoded / te_cached (distinct captions) and te_pruned."""
     import time
 
     import torch
@@ -634,6 +659,10 @@ def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str
                     save_file(t, str(tmp), metadata={"caption": c, "te_id": tid})
                     tmp.replace(files[c])  # atomic
             _tick(progress, task, i + len(chunk), t0, "captions")
+    if cache_dir and not read_only:
+        pruned = prune_text_cache(cache_dir, tid, set(files.values()))
+        if stats is not None:
+            stats["te_pruned"] = pruned
     emb_all = torch.stack([found[c][0] for c in captions]).to(device)
     has_pooled = found[captions[0]][1] is not None if captions else False
     pooled_all = torch.stack([found[c][1] for c in captions]).to(device) if has_pooled else None
