@@ -125,27 +125,42 @@ def test_trainer_keeps_the_pinned_class_token_first_and_says_so(tmp_path, sd15_d
         return out
 
     monkeypatch.setattr(D, "process_caption", spy)
-    assert run(app, ["scan", str(ds)]).exit_code == 0  # a curated dataset: `curate train` exports it first
-    out = tmp_path / "out"
     sets = [*TINY, "batch_size=4", "max_steps=6", "resolution=64"]
+
+    def check(out: Path) -> None:
+        mine = [s for s in seen if s[0].startswith("mychar")]
+        other = [s for s in seen if "otherchar" in s[0]]
+        assert len(mine) >= 6 and len(other) >= 3, seen
+        assert all(k == 1 and sh and o.split(", ")[0] == "mychar" for _, k, sh, o in mine)
+        assert all(k == 0 and sh for _, k, sh, _ in other)
+        meta = load_lora(out / "lora.safetensors")[1]
+        subsets = {s["image_dir"]: s for s in json.loads(meta["ss_datasets"])[0]["subsets"]}
+        assert {k: (s["keep_tokens"], s["shuffle_caption"]) for k, s in subsets.items()} == {
+            "10_mychar": (1, True),
+            "5_otherchar": (0, True),
+        }
+        assert (subsets["10_mychar"]["img_count"], subsets["10_mychar"]["num_repeats"]) == (2, 10)
+        assert meta["ss_shuffle_caption"] == "True"
+        assert {p: p.read_bytes() for p in ds.rglob("*.txt")} == originals
+        seen.clear()
+
+    # the folder trained as it is (no manifest), shuffling as [train] says: the same pin, said in a note
+    r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(tmp_path / "raw"),
+                  *(a for s in [*sets, "shuffle_caption=true"] for a in ("--set", s))])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    words = " ".join(r.output.split())
+    assert "10_mychar: every caption starts with 'mychar': keep_tokens = 1 there" in words, r.output
+    assert "5_otherchar: 1 of 3 caption(s) do not start with 'otherchar'" in words, r.output
+    check(tmp_path / "raw")
+
+    # curated: `curate train` exports it first, and the dataset TOML's subset keep_tokens is what trains
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    out = tmp_path / "out"
     r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out),
                   *(a for s in sets for a in ("--set", s))])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "img/5_otherchar: 1 of 3 caption(s)" in r.output
-    mine = [s for s in seen if s[0].startswith("mychar")]
-    other = [s for s in seen if "otherchar" in s[0]]
-    assert len(mine) >= 6 and len(other) >= 3, seen
-    assert all(k == 1 and sh and o.split(", ")[0] == "mychar" for _, k, sh, o in mine)
-    assert all(k == 0 and sh for _, k, sh, _ in other)
-    meta = load_lora(out / "lora.safetensors")[1]
-    subsets = {s["image_dir"]: s for s in json.loads(meta["ss_datasets"])[0]["subsets"]}
-    assert {k: (s["keep_tokens"], s["shuffle_caption"]) for k, s in subsets.items()} == {
-        "10_mychar": (1, True),
-        "5_otherchar": (0, True),
-    }
-    assert (subsets["10_mychar"]["img_count"], subsets["10_mychar"]["num_repeats"]) == (2, 10)
-    assert meta["ss_shuffle_caption"] == "True"
-    assert {p: p.read_bytes() for p in ds.rglob("*.txt")} == originals
+    assert "img/5_otherchar: 1 of 3 caption(s)" in " ".join(r.output.split())
+    check(out)
 
 
 def dup_dataset(root: Path) -> Path:

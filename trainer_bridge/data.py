@@ -82,6 +82,27 @@ def _folder_subsets(root: Path, cfg: TrainConfig) -> list[Subset]:
     return subs
 
 
+def _pin_class_tokens(s: Subset) -> str:
+    """A <N>_<class tokens>/ folder trained as is, with shuffle_caption and keep_tokens = 0: when every caption
+    there starts with the class tokens (kohya's own captions for the folder), pin them (keep_tokens = 1), as
+    `curate export` does per subset; else leave it and say how many captions lack them. A note, or ""."""
+    if not (s.shuffle_caption and s.keep_tokens == 0 and s.class_tokens):
+        return ""
+    caps = [c for p in sorted(s.image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS
+            if (c := read_caption(p, s.caption_extension)) is not None]  # fmt: skip
+    want = s.class_tokens.strip().lower()
+    lacking = sum(c.split(",")[0].strip().lower() != want for c in caps)
+    if caps and not lacking:
+        s.keep_tokens = 1
+        return f"{s.image_dir.name}: every caption starts with {s.class_tokens!r}: keep_tokens = 1 there"
+    if caps:
+        return (
+            f"warning: {s.image_dir.name}: {lacking} of {len(caps)} caption(s) do not start with "
+            f"{s.class_tokens!r}, so keep_tokens = 0 there and shuffle_caption moves it"
+        )
+    return ""
+
+
 def _read_toml(path: Path) -> dict:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -192,6 +213,7 @@ def read_dataset(cfg: TrainConfig, family: str = "") -> DatasetSpec:
             (spec.val_subsets if is_val else spec.subsets).append(sub)
     else:
         spec.subsets = _folder_subsets(data, cfg)
+        spec.notes += [n for s in spec.subsets if (n := _pin_class_tokens(s))]
     bucket_settings(cfg, family or cfg.model_family, opt, spec)
     if not spec.subsets:
         raise TrainError(
