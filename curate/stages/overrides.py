@@ -1,7 +1,8 @@
 """Duplicate-group choices made by hand (keeper, split, merge), kept in the manifest and applied by every dedupe.
 
 `curate review` records each choice in the ``dedupe_overrides`` table, by content hash, in the same
-transaction as the change itself. Every ``curate dedupe`` groups automatically, whatever the method, then
+transaction as the change itself; ``curate dedupe --keeper / --same / --not-duplicate`` records the same
+kinds (source ``cli``, :func:`record_cli`). Every ``curate dedupe`` groups automatically, whatever the method, then
 replays the overrides oldest first on the groups:
 
 - ``split`` (a, b): no image of a shares a group with an image of b. The links between the two sides are
