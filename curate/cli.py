@@ -307,10 +307,37 @@ def dedupe(
         bool,
         typer.Option(
             "--clear-overrides",
-            help="Forget the keeper / split / merge choices made in `curate review` before grouping "
-            "(otherwise every run replays them).",
+            help="Forget the keeper / split / merge choices (made in `curate review` or with --keeper, "
+            "--same, --not-duplicate) before grouping (otherwise every run replays them).",
         ),
     ] = False,
+    keeper: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keeper",
+            metavar="FILE",
+            help="Make FILE the keeper of its duplicate group; recorded, so every later dedupe replays it "
+            "(repeatable).",
+        ),
+    ] = None,
+    same: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--same",
+            metavar="FILE",
+            help="These files are copies of one image: their groups merge (twice or more: "
+            "--same a.png --same b.png); recorded like --keeper.",
+        ),
+    ] = None,
+    not_duplicate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--not-duplicate",
+            metavar="FILE",
+            help="No two of these files are duplicates: their group is split (twice or more: "
+            "--not-duplicate a.png --not-duplicate b.png); recorded like --keeper.",
+        ),
+    ] = None,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -339,6 +366,13 @@ def dedupe(
             from .stages.overrides import clear
 
             cleared = clear(ds.manifest)
+        recorded = None
+        if keeper or same or not_duplicate:
+            from .stages.overrides import record_cli
+
+            recorded = record_cli(
+                ds.manifest, keepers=keeper or [], same=same or [], apart=not_duplicate or []
+            )
         chosen = method or ds.config.dedupe.method
         uses_clip = chosen in ("clip", "both")
         label = "embed + verify" if chosen == "both" else "embed" if uses_clip else "dedupe"
@@ -358,9 +392,9 @@ def dedupe(
         out = {"dedupe": res.as_dict()}
         if cleared is not None:
             out["dedupe"]["overrides_cleared"] = cleared
+        if recorded is not None:
+            out["dedupe"]["overrides_recorded"] = recorded
         if res.stats.get("notice"):
-            from rich.markup import escape
-
             from .ui import err_console
 
             err_console.print(f"notice: {escape(res.stats['notice'])}")
@@ -376,13 +410,21 @@ def dedupe(
                 )
             )
             if cleared is not None:
-                console.print(f"forgot {cleared} hand choice(s) made in curate review")
+                console.print(
+                    f"forgot {cleared} hand choice(s) (curate review, --keeper, --same, --not-duplicate)"
+                )
+            for r in recorded or []:
+                console.print(f"recorded: {r['kind']} {escape(r['files'])}", highlight=False)
             if res.overrides:
-                ov, n = res.overrides, len(res.overrides["applied"])
+                ov = res.overrides
+                labels = {"review": "from curate review", "cli": "from the command line"}
+                parts = [(sum(o["source"] == k for o in ov["applied"]), v) for k, v in labels.items()]
+                parts = [p for p in parts if p[0]] or [(0, "")]
+                where = f"{parts[0][0]} hand choice(s) {parts[0][1]}".rstrip()
+                where += "".join(f" and {n} {label}" for n, label in parts[1:])
                 gone = f", {ov['ignored']} ignored (their images are gone)" if ov["ignored"] else ""
                 console.print(
-                    f"{n} hand choice(s) from curate review applied (keeper / split / merge){gone}; "
-                    "forget them with --clear-overrides"
+                    f"{where} applied (keeper / split / merge){gone}; forget them with --clear-overrides"
                 )
             if res.stats:
                 st = res.stats

@@ -101,7 +101,7 @@ def test_sdxl_both_encoders_and_pooled_cached_and_keyed(tmp_path):
     stats: dict = {}
     emb, pooled = D.encode_text_cached(toks, tes, caps, "cpu", 0, tmp_path / "te", tid, torch.float32,
                                        batch_size=2, stats=stats)  # fmt: skip
-    assert stats == {"te_encoded": 3, "te_cached": 0}  # the repeated caption once
+    assert stats == {"te_encoded": 3, "te_cached": 0, "te_pruned": 0}  # the repeated caption once
     assert emb.shape == (4, 77, 64) and pooled.shape == (
         4,
         32,

@@ -82,6 +82,27 @@ def _folder_subsets(root: Path, cfg: TrainConfig) -> list[Subset]:
     return subs
 
 
+def _pin_class_tokens(s: Subset) -> str:
+    """A <N>_<class tokens>/ folder trained as is, with shuffle_caption and keep_tokens = 0: when every caption
+    there starts with the class tokens (kohya's own captions for the folder), pin them (keep_tokens = 1), as
+    `curate export` does per subset; else leave it and say how many captions lack them. A note, or ""."""
+    if not (s.shuffle_caption and s.keep_tokens == 0 and s.class_tokens):
+        return ""
+    caps = [c for p in sorted(s.image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS
+            if (c := read_caption(p, s.caption_extension)) is not None]  # fmt: skip
+    want = s.class_tokens.strip().lower()
+    lacking = sum(c.split(",")[0].strip().lower() != want for c in caps)
+    if caps and not lacking:
+        s.keep_tokens = 1
+        return f"{s.image_dir.name}: every caption starts with {s.class_tokens!r}: keep_tokens = 1 there"
+    if caps:
+        return (
+            f"warning: {s.image_dir.name}: {lacking} of {len(caps)} caption(s) do not start with "
+            f"{s.class_tokens!r}, so keep_tokens = 0 there and shuffle_caption moves it"
+        )
+    return ""
+
+
 def _read_toml(path: Path) -> dict:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -192,6 +213,7 @@ def read_dataset(cfg: TrainConfig, family: str = "") -> DatasetSpec:
             (spec.val_subsets if is_val else spec.subsets).append(sub)
     else:
         spec.subsets = _folder_subsets(data, cfg)
+        spec.notes += [n for s in spec.subsets if (n := _pin_class_tokens(s))]
     bucket_settings(cfg, family or cfg.model_family, opt, spec)
     if not spec.subsets:
         raise TrainError(
@@ -304,6 +326,20 @@ def dataset_dirs(items: list[Item], reg: bool) -> dict[str, dict[str, int]]:
             out[key] = {"n_repeats": it.subset.num_repeats, "img_count": 0}
         out[key]["img_count"] += 1
     return out
+
+
+def subsets_metadata(items: list[Item]) -> list[dict]:
+    """Per subset, what its captions really got (keep_tokens, shuffle, flip), as sd-scripts' ss_datasets subsets."""
+    out: dict[int, dict] = {}
+    for it in items:
+        s = it.subset
+        entry = out.setdefault(id(s), {
+            "img_count": 0, "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": s.flip_aug,
+            "random_crop": False, "shuffle_caption": s.shuffle_caption, "keep_tokens": s.keep_tokens,
+            "image_dir": s.image_dir.name, "class_tokens": s.class_tokens, "is_reg": s.is_reg,
+        })  # fmt: skip
+        entry["img_count"] += 1
+    return list(out.values())
 
 
 # ---------------------------------------------------------------- captions
@@ -566,6 +602,30 @@ def te_id(tokenizers: list, text_encoders: list, base_name: str, clip_skip: int,
     return h.hexdigest()[:12]
 
 
+TE_CACHE_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")  # what encode_text_cached names its files
+
+
+def prune_text_cache(cache_dir: Path, tid: str, keep: set[Path]) -> int:
+    """Remove the cache's own entries for this text-encoder id (tid) that this run did not use: captions edited
+    or gone since they were encoded. Files of another tid (another base model, clip_skip or dtype), files
+    named otherwise and files without the cache's metadata are left alone. Returns how many were removed."""
+    from safetensors import SafetensorError, safe_open
+
+    removed = 0
+    for f in sorted(cache_dir.iterdir()):
+        if f in keep or not TE_CACHE_NAME.fullmatch(f.name) or not f.is_file():
+            continue
+        try:
+            with safe_open(str(f), "pt") as sf:
+                meta = sf.metadata() or {}
+        except (SafetensorError, OSError):
+            continue  # not readable as the cache writes them: not ours to judge
+        if meta.get("te_id") == tid:
+            f.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str], device, clip_skip: int,
                        cache_dir: Path | None, tid: str, dtype, autocast_dtype=None, batch_size: int = 32,
                        read_only: bool = False, console=None, stats: dict | None = None):  # fmt: skip
@@ -573,7 +633,8 @@ def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str
 
     Each distinct caption is encoded once, in batches, and kept in cache_dir as <sha256(tid + caption)>.safetensors
     (the caption text in its metadata), so a second run reads it and an edited caption gets a new key: its
-    embedding is recomputed, the others are reused. stats gets te_encoded / te_cached (distinct captions)."""
+    embedding is recomputed, the others are reused; entries of this tid for captions no longer here are then
+    removed (prune_text_cache). stats gets te_encoded / te_cached (distinct captions) and te_pruned."""
     import time
 
     import torch
@@ -620,6 +681,10 @@ def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str
                     save_file(t, str(tmp), metadata={"caption": c, "te_id": tid})
                     tmp.replace(files[c])  # atomic
             _tick(progress, task, i + len(chunk), t0, "captions")
+    if cache_dir and not read_only:
+        pruned = prune_text_cache(cache_dir, tid, set(files.values()))
+        if stats is not None:
+            stats["te_pruned"] = pruned
     emb_all = torch.stack([found[c][0] for c in captions]).to(device)
     has_pooled = found[captions[0]][1] is not None if captions else False
     pooled_all = torch.stack([found[c][1] for c in captions]).to(device) if has_pooled else None

@@ -41,7 +41,7 @@ class TrainResult:
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 for stop_after_steps
     # where the time went (seconds) and the steady-state speed: total_s, load_s, latent_cache_s, te_cache_s,
-    # latents_encoded / latents_cached, te_encoded / te_cached, steady_img_s (None: too few clean intervals)
+    # latents_encoded / latents_cached, te_encoded / te_cached / te_pruned, steady_img_s (None: too few clean intervals)
     timings: dict[str, Any] = field(default_factory=dict)
     epochs: list[EpochRecord] = field(default_factory=list)  # one per saved epoch (and the final file)
     warnings: list[str] = field(default_factory=list)  # the overfitting warning (epochs.py)
@@ -475,6 +475,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                            for i, (b, n) in enumerate(sorted(bucket_counts.items()))}, "mean_img_ar_error": 0.0},
             "ss_tag_frequency": D.tag_frequency(all_listed), "ss_dataset_dirs": D.dataset_dirs(all_listed, reg=False),
             "ss_reg_dataset_dirs": D.dataset_dirs(all_listed, reg=True),
+            # per subset (a dataset TOML may pin keep_tokens in one subset and not another), as sd-scripts writes
+            "ss_datasets": [{"is_dreambooth": True, "batch_size_per_device": spec.batch_size,
+                             "num_train_images": num_train, "num_reg_images": num_reg,
+                             "resolution": [spec.resolution, spec.resolution], "enable_bucket": spec.enable_bucket,
+                             "min_bucket_reso": spec.min_bucket_reso, "max_bucket_reso": spec.max_bucket_reso,
+                             "subsets": D.subsets_metadata(all_listed)}],
             "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash, "ss_new_sd_model_hash": base.new_model_hash,
             "ss_vae_name": "None",
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,

@@ -100,7 +100,9 @@ def summary_table(t: dict):
     def cache_row(key: str, seconds: float, what: str) -> str:
         if f"{key}_encoded" not in t:
             return f"{seconds:.1f} s (not cached)"
-        return f"{seconds:.1f} s ({t[f'{key}_encoded']} {what} encoded, {t[f'{key}_cached']} from the cache)"
+        pruned = t.get(f"{key}_pruned")
+        gone = f", {pruned} stale removed" if pruned else ""
+        return f"{seconds:.1f} s ({t[f'{key}_encoded']} {what} encoded, {t[f'{key}_cached']} from the cache{gone})"
 
     steady = t.get("steady_img_s")
     rows = [

@@ -18,7 +18,7 @@ from ..errors import CurateError
 from ..manifest import Manifest
 
 # Bump when the layout or the TOML an export writes changes: older exports are then re-exported.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: keep_tokens per subset
 
 
 def digest(payload: Any) -> str:

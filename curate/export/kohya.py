@@ -122,6 +122,8 @@ class Subset:
     class_tokens: str | None
     items: list[ExportItem] = field(default_factory=list)
     reg: list[RegImage] = field(default_factory=list)
+    # leading comma-separated tokens every caption here starts with (trigger / class tokens): pinned when shuffling
+    keep_tokens: int = 0
 
     @property
     def rel(self) -> str:
@@ -148,7 +150,7 @@ class Layout:
         subs = []
         for s in self.subsets:
             subs.append({
-                "dir": s.rel, "repeats": s.repeats, "class_tokens": s.class_tokens,
+                "dir": s.rel, "repeats": s.repeats, "class_tokens": s.class_tokens, "keep_tokens": s.keep_tokens,
                 "images": sorted([it.rec.path, it.rec.sha256, it.caption, sorted(it.rec.flags),
                                   list(it.rec.bucket) if it.rec.bucket else None] for it in s.items),
                 "reg": sorted([r.rel, r.sha256, r.caption] for r in s.reg),
@@ -304,6 +306,7 @@ def kohya_layout(
         captioned = [it.caption for it in items if it.caption]
         shuffle_caption = sum(map(looks_like_tags, captioned)) > len(captioned) / 2 if captioned else True
     subsets: dict[str, Subset] = {}
+    concept_folders: dict[str, bool] = {}  # subset -> its class tokens come from a <N>_<tokens> folder
     plain_tokens = " ".join(w for w in (trigger, class_word) if w) or None
     for it in items:
         concept = concept_of(it.rec.path)
@@ -317,6 +320,7 @@ def kohya_layout(
             key, tokens = f"{top}/{folder_name(n, trigger, class_word)}", plain_tokens
         sub = subsets.setdefault(key, Subset(top, key.split("/", 1)[1], n, tokens))
         sub.items.append(it)
+        concept_folders[key] = concept is not None
     inside = [it.rec.path for it in items if PurePosixPath(it.rec.path).parts[0].lower() in REG_FOLDER_NAMES
               and len(PurePosixPath(it.rec.path).parts) > 1]  # fmt: skip
     if inside:
@@ -340,13 +344,22 @@ def kohya_layout(
     }  # fmt: skip
     layout = Layout(ordered, settings, options, warnings)
     layout.keep_tokens = 1 if trigger else _stored_trigger_tokens(manifest, layout)
+    words = [trigger] if trigger else _stored_trigger_words(manifest)
+    for sub in ordered:
+        if sub.items:
+            warn = _pin_subset(sub, words, from_folder=concept_folders.get(sub.rel, False),
+                               shuffled=shuffle_caption and sub.top == "img")  # fmt: skip
+            if warn:
+                warnings.append(warn)
     return layout
 
 
-def _subset_entry(out: Path, sub: Subset) -> dict[str, Any]:
+def _subset_entry(out: Path, sub: Subset, keep_tokens: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"image_dir": str(out / sub.top / sub.folder), "num_repeats": sub.repeats}
     if sub.class_tokens:
         entry["class_tokens"] = sub.class_tokens
+    if not sub.is_reg and sub.keep_tokens != keep_tokens:  # sd-scripts reads keep_tokens per subset too
+        entry["keep_tokens"] = sub.keep_tokens
     if sub.is_reg:
         entry["is_reg"] = True
     return entry
@@ -359,10 +372,50 @@ def _write_reg(r: RegImage, dest_dir: Path, mode: str) -> str:
     return place_file(r.source, dest_dir / r.name, mode)
 
 
+def _stored_trigger_words(manifest: Manifest) -> list[str]:
+    """The trigger words `curate tag --trigger` put first in every caption it built (none if it was not run)."""
+    return [str(w).strip() for w in json.loads(manifest.get_meta("caption.trigger") or "[]")]
+
+
+def _leading(caption: str | None, n: int) -> list[str]:
+    """The first ``n`` comma-separated tokens, lower-cased (a folder ``10_MyChar`` pins ``mychar, ...``)."""
+    return [p.strip().lower() for p in (caption or "").split(",")][:n]
+
+
+def _pin_subset(sub: Subset, trigger: list[str], *, from_folder: bool, shuffled: bool) -> str | None:
+    """Set ``sub.keep_tokens`` to the longest pin every caption of the subset starts with: the trigger words
+    then the class tokens, the trigger words, or the class tokens (as kohya counts: comma-separated tokens).
+
+    None, or (when captions shuffle and some caption lacks the pin a person would expect: a concept folder's
+    class tokens or the trigger) one warning line naming the subset and how many captions lack it."""
+    caps = [it.caption for it in sub.items]
+    cls = [sub.class_tokens] if sub.class_tokens else []
+    candidates = []
+    for pin in (trigger + [w for w in cls if w not in trigger], trigger, cls):
+        if pin and pin not in candidates:
+            candidates.append(pin)
+    best, best_n = None, -1
+    for pin in candidates:
+        want = [w.lower() for w in pin]
+        n = sum(_leading(c, len(pin)) == want for c in caps)
+        if n == len(caps):
+            sub.keep_tokens = len(pin)
+            return None
+        if n > best_n:
+            best, best_n = pin, n
+    sub.keep_tokens = 0
+    if not shuffled or best is None or not (trigger or from_folder):
+        return None
+    return (
+        f"{sub.rel}: {len(caps) - best_n} of {len(caps)} caption(s) do not start with {', '.join(best)!r}, so "
+        "keep_tokens = 0 there and shuffle_caption moves it; put it first in those captions to pin it"
+    )
+
+
 def _stored_trigger_tokens(manifest: Manifest, layout: Layout) -> int:
     """keep_tokens for the trigger words `curate tag --trigger` put first, when every caption still starts
     with them (so a shuffled caption keeps them first, as ``--trigger`` on export does); else 0."""
-    words = [str(w).strip() for w in json.loads(manifest.get_meta("caption.trigger") or "[]")]
+    words = _stored_trigger_words(manifest)
     caps = [it.caption for s in layout.subsets if not s.is_reg for it in s.items]
     if not words or not caps:
         return 0
@@ -429,7 +482,7 @@ def export_kohya(
             if not any(s.items for s in chosen):
                 continue  # reg images alone are no training set
             cfg = dataset_config(
-                [_subset_entry(res.out, s) for s in chosen],
+                [_subset_entry(res.out, s, keep_tokens) for s in chosen],
                 settings,
                 keep_tokens=keep_tokens,
                 shuffle_caption=opts["shuffle_caption"] if split == "train" else False,
@@ -446,7 +499,7 @@ def export_kohya(
             "dataset": str(manifest.root),
             "options": opts,
             "subsets": [{"dir": s.rel, "num_repeats": s.repeats, "class_tokens": s.class_tokens,
-                         "is_reg": s.is_reg, "images": len(s.items) + len(s.reg)} for s in layout.subsets],
+                         "keep_tokens": s.keep_tokens, "is_reg": s.is_reg, "images": len(s.items) + len(s.reg)} for s in layout.subsets],
             "images": records,
             "reg": reg_records,
         }  # fmt: skip

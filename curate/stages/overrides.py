@@ -1,7 +1,8 @@
 """Duplicate-group choices made by hand (keeper, split, merge), kept in the manifest and applied by every dedupe.
 
 `curate review` records each choice in the ``dedupe_overrides`` table, by content hash, in the same
-transaction as the change itself. Every ``curate dedupe`` groups automatically, whatever the method, then
+transaction as the change itself; ``curate dedupe --keeper / --same / --not-duplicate`` records the same
+kinds (source ``cli``, :func:`record_cli`). Every ``curate dedupe`` groups automatically, whatever the method, then
 replays the overrides oldest first on the groups:
 
 - ``split`` (a, b): no image of a shares a group with an image of b. The links between the two sides are
@@ -83,6 +84,72 @@ def clear(m: Manifest) -> int:
         return 0
     with m.transaction():
         return m.conn.execute("DELETE FROM dedupe_overrides").rowcount
+
+
+def record_cli(
+    m: Manifest, *, keepers: list[str] = (), same: list[str] = (), apart: list[str] = ()
+) -> list[dict[str, Any]]:
+    """Record choices typed on the command line (``curate dedupe --keeper / --same / --not-duplicate``) as
+    overrides with source ``cli``, in one transaction, exactly as the review page records its own.
+
+    ``same``: the files are copies of one image (their groups merge; the first one's keeper stays).
+    ``apart``: no two of the files are duplicates (one split per pair). ``keepers``: each file becomes the
+    keeper of its group (the group it has now, or the one ``same`` makes). Returns what was recorded."""
+    from .user_captions import resolve_image
+
+    records = {r.sha256: r for r in m.images(include_errors=True)}
+    by_path = {p: r for r in records.values() for p in r.paths}
+
+    def sha_of(flag: str, path: str) -> str:
+        rel = resolve_image(m, path)
+        rec = by_path.get(rel)
+        if rec is None or rec.error:
+            why = f"unreadable ({rec.error})" if rec is not None else "not a current image"
+            raise CurateError(f"{flag} {path}: {rel} is {why}; pick an image `curate status` counts")
+        return rec.sha256
+
+    def group_of(sha: str) -> set[str]:
+        g = records[sha].dup_group
+        return {s for s, r in records.items() if g is not None and r.dup_group == g}
+
+    def distinct(flag: str, paths: list[str]) -> list[str]:
+        shas = [sha_of(flag, p) for p in paths]
+        if len(set(shas)) < 2:
+            raise CurateError(
+                f"{flag} needs two or more different images (e.g. {flag} a.png {flag} b.png); "
+                + ("the files given have identical bytes" if len(shas) > 1 else f"got {len(shas)}")
+            )
+        return list(dict.fromkeys(shas))
+
+    plan: list[tuple[str, list[str], list[str], str]] = []
+    joined: set[str] = set()
+    same_shas: list[str] = []
+    if same:
+        same_shas = distinct("--same", list(same))
+        joined = set().union(*(group_of(s) | {s} for s in same_shas))
+        plan.append(("merge", same_shas[:1], same_shas[1:], " = ".join(same)))
+    if apart:
+        shas = distinct("--not-duplicate", list(apart))
+        if len(set(shas) & set(same_shas)) >= 2:
+            raise CurateError("--same and --not-duplicate name the same two images; keep one of them")
+        name = {sha_of("--not-duplicate", p): p for p in reversed(list(apart))}
+        for i, x in enumerate(shas):
+            plan += [("split", [x], [y], f"{name[x]} != {name[y]}") for y in shas[i + 1 :]]
+    for path in keepers:
+        sha = sha_of("--keeper", path)
+        rest = (group_of(sha) | (joined if sha in joined else set())) - {sha}
+        if not rest:
+            raise CurateError(
+                f"--keeper {path}: it is in no duplicate group; run `curate dedupe` first, or name its copies "
+                f"with --same {path} --same OTHER"
+            )
+        plan.append(("keeper", [sha], sorted(rest), path))
+    m.ensure_table(TABLE)
+    out = []
+    with m.transaction():
+        for kind, a, b, what in plan:
+            out.append({"id": add(m, kind, a, b, source="cli"), "kind": kind, "files": what})
+    return out
 
 
 # -- applying them -------------------------------------------------------------------------------------------
