@@ -187,7 +187,7 @@ class TorchTagger:
         self._scale = math.floor(self.size / self.cfg.crop_pct)
         self._resample = Image.Resampling[self.cfg.interpolation.upper()]
         self._runner = ThreadPoolExecutor(1)
-        self.compiled, self._compiled_n = False, 0
+        self.compiled, self._compiled_n, self._graphs_warm = False, 0, None
         self.default_batch = self._auto_batch() if self.cuda else 32
         # torch.compile after the memory probe, for one fixed batch shape: partial batches are padded up to
         # it (a new shape would compile again); ``warm`` compiles before the first real batch.
@@ -199,15 +199,30 @@ class TorchTagger:
 
     def warm(self, batch: int) -> float:
         """Compile for batches of ``batch`` now (a compiled model only), so loading, not tagging, pays for it."""
-        if not self.compiled or self._compiled_n == batch:
+        if not self.compiled or (self._graphs_warm is not None and self._compiled_n == batch):
             return 0.0
         import time
 
         t0 = time.perf_counter()
-        self._compiled_n = 0
+        self._compiled_n = batch
         self.predict(np.zeros((batch, self.size, self.size, 3), np.uint8))
+        self._graphs_warm = _compiled_graphs()
         self.compile_seconds += time.perf_counter() - t0
         return time.perf_counter() - t0
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs torch.compile built after ``warm`` (0 when every batch hit the warmed one; -1 if never warmed)."""
+        if not self.compiled or self._graphs_warm is None:
+            return -1 if self.compiled else 0
+        return _compiled_graphs() - self._graphs_warm
+
+    def check_recompiles(self) -> None:
+        """Add a notice when tagging compiled again after ``warm`` (it pays the compile once more)."""
+        n = self.recompiles
+        msg = f"torch.compile compiled {n} more graph(s) while tagging (TORCH_LOGS=recompiles says why)"
+        if n > 0 and msg not in self.notices:
+            self.notices.append(msg)
 
     def describe(self) -> str:
         """One line for the summary: backend, device, precision."""
@@ -254,22 +269,32 @@ class TorchTagger:
         np.stack(arrays, out=buf.numpy())
         return buf
 
+    def _run(self, x):
+        """Probabilities of a uint8 batch on the device. Compiled, every call has the one warmed batch size:
+        smaller batches are padded with zero images (their rows dropped), bigger ones run in pieces, so no
+        batch after ``warm`` compiles again (a new shape under ``dynamic=False`` would)."""
+        if not self.compiled:
+            return self._forward(x)
+        torch = self._torch
+        n = len(x)
+        m = self._compiled_n = self._compiled_n or n  # without ``warm`` the first batch fixes the shape
+        if n > m:
+            return torch.cat([self._run(x[i : i + m]) for i in range(0, n, m)])
+        if n < m:
+            x = torch.cat([x, x.new_zeros((m - n, *x.shape[1:]))])
+        return self._forward(x)[:n]
+
     def _launch(self, batch):
         torch = self._torch
         with torch.inference_mode():
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             if not self.cuda:
-                return _Ready(self._forward(x).numpy())
+                return _Ready(self._run(x).numpy())
             if x.device != self.torch_device:  # host batch (already on the device after nvJPEG decoding)
                 if not x.is_pinned():
                     x = x.pin_memory()
                 x = x.to(self.torch_device, non_blocking=True)
-            n = len(x)
-            if self.compiled:  # the first batch fixes the compiled shape; smaller ones are padded up to it
-                self._compiled_n = self._compiled_n or n
-                if n < self._compiled_n:
-                    x = torch.cat([x, x.new_zeros((self._compiled_n - n, *x.shape[1:]))])
-            probs = self._forward(x)[:n]
+            probs = self._run(x)
             out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(probs, non_blocking=True)
             event = torch.cuda.Event()
@@ -320,6 +345,13 @@ class TorchTagger:
             return 16
         fits = int(0.5 * free / per_image)
         return max(1, min(MAX_AUTO_BATCH, fits // 8 * 8 if fits >= 8 else fits))
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def prepare_tensor(img, size: int, scale: int, interpolation: str = "bicubic"):

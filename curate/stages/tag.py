@@ -590,6 +590,8 @@ def tag_images(
                         store(done_batch, handle.result())
             finally:
                 dec.close()
+        if hasattr(tagger, "check_recompiles"):
+            tagger.check_recompiles()
         info["notices"] = list(tagger.notices)
     manifest.set_meta("tag.model", key)
     run = TagRun(
