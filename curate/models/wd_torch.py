@@ -187,6 +187,9 @@ class TorchTagger:
         self._scale = math.floor(self.size / self.cfg.crop_pct)
         self._resample = Image.Resampling[self.cfg.interpolation.upper()]
         self._runner = ThreadPoolExecutor(1)
+        # On CUDA the model runs on a stream of its own, not the legacy default stream, which every blocking
+        # stream and synchronous CUDA call (libraries such as nvJPEG make some) would wait for or serialise with.
+        self.stream = torch.cuda.Stream(self.torch_device) if self.cuda else None
         self.compiled, self._compiled_n, self._graphs_warm = False, 0, None
         self.default_batch = self._auto_batch() if self.cuda else 32
         # torch.compile after the memory probe, for one fixed batch shape: partial batches are padded up to
@@ -290,15 +293,20 @@ class TorchTagger:
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             if not self.cuda:
                 return _Ready(self._run(x).numpy())
-            if x.device != self.torch_device:  # host batch (already on the device after nvJPEG decoding)
-                if not x.is_pinned():
-                    x = x.pin_memory()
-                x = x.to(self.torch_device, non_blocking=True)
-            probs = self._run(x)
-            out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
-            out.copy_(probs, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            caller = torch.cuda.current_stream(self.torch_device)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(caller)  # a batch the caller placed on the device is complete first
+                if x.device != self.torch_device:  # host batch (already on the device after nvJPEG decoding)
+                    if not x.is_pinned():
+                        x = x.pin_memory()
+                    x = x.to(self.torch_device, non_blocking=True)
+                else:
+                    x.record_stream(self.stream)  # its memory is not reused before the model has read it
+                probs = self._run(x)
+                out = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
+                out.copy_(probs, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
             return _Pending(event, out)
 
     def submit(self, batch):

@@ -80,6 +80,9 @@ class TagRun:
     decode_why: str = ""  # how the decoder was chosen
     gpu_decoded: int = 0  # images decoded on the GPU (nvJPEG); the rest went through the CPU decoder
     load_seconds: float = 0.0  # loading the model (part of ``seconds``)
+    # seconds the tagging loop spent waiting for decoded batches, for the model's scores, and storing them:
+    # which side holds the other back
+    waits: dict[str, float] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
 
     @property
@@ -441,25 +444,42 @@ def _tag_on_gpu(
     cuda = tagger.torch_device.type == "cuda"
     feed = _GpuFeed(tagger, todo, root, batch_size, workers)
     running: deque = deque()
+    waits = {"decode": 0.0, "model": 0.0, "store": 0.0}
+
+    def finish() -> None:
+        done_batch, handle = running.popleft()
+        t0 = time.perf_counter()
+        probs = handle.result()
+        t1 = time.perf_counter()
+        store(done_batch, probs)
+        waits["model"] += t1 - t0
+        waits["store"] += time.perf_counter() - t1
+
     try:
-        for recs, x, fails, event in feed:
+        items = iter(feed)
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            waits["decode"] += time.perf_counter() - t0
+            if item is None:
+                break
+            recs, x, fails, event = item
             failed.extend(fails)
             if event is not None:  # decoded on the feed's stream: the model's stream waits for it
-                stream = torch.cuda.current_stream(tagger.torch_device)
+                stream = getattr(tagger, "stream", None) or torch.cuda.current_stream(tagger.torch_device)
                 stream.wait_event(event)
                 x.record_stream(stream)
             if recs:
                 running.append((recs, tagger.submit(x)))
             while len(running) > 1:
-                done_batch, handle = running.popleft()
-                store(done_batch, handle.result())
+                finish()
         while running:
-            done_batch, handle = running.popleft()
-            store(done_batch, handle.result())
+            finish()
     finally:
         feed.close()
     where = f"nvJPEG on {tagger.device}" if cuda else f"torchvision on {tagger.device}"
-    return {"decode": f"{where} ({feed.gpu}) + threads x {workers} ({feed.cpu})", "gpu_decoded": feed.gpu}
+    return {"decode": f"{where} ({feed.gpu}) + threads x {workers} ({feed.cpu})", "gpu_decoded": feed.gpu,
+            "waits": {k: round(v, 3) for k, v in waits.items()}}  # fmt: skip
 
 
 def tag_config(ds: Any, **flags: Any) -> TagConfig:
@@ -565,12 +585,15 @@ def tag_images(
                             return
                         pending.append((rec, *dec.submit(manifest.root / rec.path)))
 
+                waits = {"decode": 0.0, "model": 0.0, "store": 0.0}
                 fill()
                 while pending or running:
                     batch, arrays, slots = [], [], []
                     while pending and len(batch) < batch_size:
                         rec, fut, slot = pending.popleft()
+                        tw = time.perf_counter()
                         value, err = fut.result()
+                        waits["decode"] += time.perf_counter() - tw
                         if value is None:
                             failed.append((rec.path, err or "unreadable"))
                             dec.release([slot])
@@ -587,7 +610,13 @@ def tag_images(
                         running.append((batch, tagger.submit(x)))
                     while running and (len(running) > 1 or not pending):
                         done_batch, handle = running.popleft()
-                        store(done_batch, handle.result())
+                        tw = time.perf_counter()
+                        probs = handle.result()
+                        t1 = time.perf_counter()
+                        store(done_batch, probs)
+                        waits["model"] += t1 - tw
+                        waits["store"] += time.perf_counter() - t1
+                info["waits"] = {k: round(v, 3) for k, v in waits.items()}
             finally:
                 dec.close()
         if hasattr(tagger, "check_recompiles"):
