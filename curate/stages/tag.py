@@ -384,15 +384,18 @@ class _GpuFeed:
             elif kind == "fail":
                 failures.append((chunk[i].path, value or "unreadable"))
         keep = [i for i, v in enumerate(placed) if v is not None]
-        out = torch.empty((len(keep), size, size, 3), dtype=torch.uint8, device=dev)
         host = [j for j, i in enumerate(keep) if isinstance(placed[i], np.ndarray)]
+        if keep and not host:  # all decoded on the device: one stack, not a copy per image
+            out = torch.stack([placed[i] for i in keep])
+        else:
+            out = torch.empty((len(keep), size, size, 3), dtype=torch.uint8, device=dev)
         if host:
             arr = torch.from_numpy(np.stack([placed[keep[j]] for j in host]))
             arr = arr.pin_memory() if dev.type == "cuda" else arr
             out[torch.tensor(host, device=dev)] = arr.to(dev, non_blocking=True)
-        for j, i in enumerate(keep):
-            if not isinstance(placed[i], np.ndarray):
-                out[j] = placed[i]
+            for j, i in enumerate(keep):
+                if not isinstance(placed[i], np.ndarray):
+                    out[j] = placed[i]
         with self.lock:
             self.gpu += n_gpu
             self.cpu += len(host)
