@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ def decode_only(tagger, recs, root: Path, batch: int) -> float:
     return once()
 
 
-def cli(root: Path, folder: Path, flags: list[str], timeout: int) -> dict:
+def cli(root: Path, folder: Path, flags: list[str], timeout: float, log: Path | None = None) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -102,15 +103,26 @@ def cli(root: Path, folder: Path, flags: list[str], timeout: int) -> dict:
         *flags,
     ]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        if log is not None:
+            log.write_text(str(exc.stderr or ""))
+        return {"flags": " ".join(flags) or "(defaults)", "error": f"timed out after {timeout:.0f} s",
+                "wall_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
     wall = time.perf_counter() - t0
+    if log is not None:  # stderr: TORCH_LOGS output (recompiles, graph breaks) when the caller set it
+        log.write_text(res.stderr)
     if res.returncode != 0:
-        return {"error": (res.stderr or res.stdout)[-400:], "wall_s": round(wall, 2)}
+        return {"flags": " ".join(flags) or "(defaults)", "error": (res.stderr or res.stdout)[-400:],
+                "wall_s": round(wall, 2)}  # fmt: skip
     run = json.loads(res.stdout)["run"]
     keep = ("inferred", "seconds", "load_seconds", "images_per_second", "runtime", "why", "batch_size", "decode",
-            "decode_why", "gpu_decoded", "notices")  # fmt: skip
+            "decode_why", "gpu_decoded", "waits", "notices")  # fmt: skip
+    m = re.search(r"compiled in ([0-9.]+) s", run.get("runtime") or "")
     return {"flags": " ".join(flags) or "(defaults)", **{k: run.get(k) for k in keep}, "failed": len(run["failed"]),
-            "wall_s": round(wall, 2), "wall_img_per_s": round(run["inferred"] / wall, 1)}  # fmt: skip
+            "compile_s": float(m.group(1)) if m else 0.0, "wall_s": round(wall, 2),
+            "wall_img_per_s": round(run["inferred"] / wall, 1)}  # fmt: skip
 
 
 def only_cli(args, out: Path, info: dict, root: Path, recs, paths) -> None:
@@ -126,27 +138,74 @@ def only_cli(args, out: Path, info: dict, root: Path, recs, paths) -> None:
                 base_ips[d["shape"]] = d["img_per_s"]
     folders: dict[str, Path] = {}
     first: dict[str, dict] = {}
-    for item in args.only.split(";"):
+    results: list[dict] = []
+    logs = Path(args.logs) if args.logs else None
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+    for n_case, item in enumerate(args.only.split(";")):
+        item, _, limit = item.partition("@")  # "vit:--compile@120": that case's own time limit
         name, _, flags = item.partition(":")
         base = {"bench": "tag_cli", "shape": name, "arch": V3_SHAPES[name][0], "gpu": info["gpu"],
                 "images": len(recs)}  # fmt: skip
+        left = args.budget - (time.perf_counter() - args.t0) if args.budget else float("inf")
+        timeout = min(float(limit or args.case_timeout), left - 5)
+        if timeout < 20:
+            emit(out, {**base, "case": "curate_tag_cli", "flags": flags or "(defaults)",
+                       "skipped": f"{left:.0f} s of the --budget left"})  # fmt: skip
+            continue
         if name not in folders:
-            folders[name] = build_v3(name, root.parent, onnx=not base_ips)[0]
+            folders[name] = build_v3(name, root.parent, onnx=name not in base_ips)[0]
             if name not in base_ips:
                 t_base, providers = baseline(folders[name], paths, args.baseline_images)
                 base_ips[name] = round(1 / t_base, 2)
                 emit(out, {**base, "case": "baseline_onnxruntime_batch1_loop", "providers": providers,
                            "images": args.baseline_images, "img_per_s": base_ips[name]})  # fmt: skip
-        r = cli(root, folders[name], flags.split(), timeout=240)
-        with Dataset.open(root) as ds:
-            scores = load_scores(ds.manifest, model_key(str(folders[name])))
-        ref = first.setdefault(name, scores)
-        worst = max(abs(p - ref[k].get(t, 0.0)) for k, sc in scores.items() for t, p in sc.items())
+        slug = re.sub(r"[^a-z0-9]+", "_", f"{name} {flags}".lower()).strip("_")
+        log = logs / f"{n_case:02d}_{slug}.txt" if logs is not None else None
+        r = cli(root, folders[name], flags.split(), timeout=timeout, log=log)
+        worst = None
+        if "error" not in r:
+            with Dataset.open(root) as ds:
+                scores = load_scores(ds.manifest, model_key(str(folders[name])))
+            ref = first.setdefault(name, scores)
+            worst = round(
+                max(abs(p - ref[k].get(t, 0.0)) for k, sc in scores.items() for t, p in sc.items()), 4
+            )
         ips = r.get("images_per_second") or 0
-        emit(out, {**base, "case": "curate_tag_cli", **r, "baseline_img_per_s": base_ips[name],
-                   "speedup_vs_baseline": round(ips / base_ips[name], 1),
-                   "speedup_wall_vs_baseline": round(r.get("wall_img_per_s", 0) / base_ips[name], 1),
-                   "worst_score_diff_vs_first_run": round(worst, 4)})  # fmt: skip
+        row = {**base, "case": "curate_tag_cli", **r, "baseline_img_per_s": base_ips.get(name),
+               "speedup_vs_baseline": round(ips / base_ips[name], 1) if base_ips.get(name) else None,
+               "worst_score_diff_vs_first_run": worst}  # fmt: skip
+        emit(out, row)
+        results.append(row)
+    for row in summary(results):
+        emit(out, row)
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per shape: each flag set against the shape's first (default) run, and where compiling pays off: the
+    images after which ``--compile``'s compile time is won back (compile_s / (1/eager - 1/compiled))."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        ok = [r for r in rows if r["shape"] == shape and r.get("images_per_second")]
+        if not ok:
+            continue
+        ref = ok[0]
+        cases = {}
+        for r in ok:
+            d = {"img_per_s": r["images_per_second"], "vs_first": round(r["images_per_second"] / ref["images_per_second"], 3),
+                 "compile_s": r.get("compile_s", 0.0), "waits": r.get("waits"), "notices": r.get("notices")}  # fmt: skip
+            same = " ".join(f for f in r["flags"].split() if f != "--compile") or "(defaults)"
+            eager = next((e for e in ok if e["flags"] == same), None)  # the first run with those flags
+            if "--compile" in r["flags"] and eager is not None:
+                d["vs_eager"] = round(r["images_per_second"] / eager["images_per_second"], 3)
+                gain = 1 / eager["images_per_second"] - 1 / r["images_per_second"]
+                d["break_even_images"] = round(r.get("compile_s", 0.0) / gain) if gain > 0 else None
+            key, k = r["flags"], 2
+            while key in cases:  # the same flags again (a second --compile: inductor's cache is warm)
+                key, k = f"{r['flags']} (run {k})", k + 1
+            cases[key] = d
+        out.append({"bench": "tag_cli_summary", "shape": shape, "first": ref["flags"], "cases": cases})
+    return out
 
 
 def main() -> None:
@@ -164,8 +223,14 @@ def main() -> None:
         "--baseline-from", help="JSONL of an earlier run: take its baseline figures, skip the loop"
     )
     ap.add_argument("--only", help="just these CLI runs, e.g. 'vit:;vit:--compile;swinv2:--compile'")
+    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole bench (0: no limit)")
+    ap.add_argument(
+        "--case-timeout", type=float, default=240, help="seconds per --only run (or NAME:FLAGS@S)"
+    )
+    ap.add_argument("--logs", help="folder for each --only run's stderr (set TORCH_LOGS to fill it)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tag_cli_speed.jsonl"))
     args = ap.parse_args()
+    args.t0 = time.perf_counter()  # --budget counts from here: writing and scanning the images included
     out = Path(args.out)
     info = machine()
     import torch

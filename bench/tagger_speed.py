@@ -185,6 +185,10 @@ V3_SHAPES = {
             {"img_size": 448, "class_token": False, "global_pool": "avg", "fc_norm": False, "act_layer": "gelu_tanh"}),
     "swinv2": ("swinv2_base_window8_256", {"img_size": 448, "window_size": 14, "act_layer": "gelu_tanh"}),
     "convnext": ("convnext_base", {}),
+    # not a v3 shape: a one-block ViT at 448 for CPU dry runs of the GPU scripts
+    "tiny": ("vit_base_patch16_224",
+             {"img_size": 448, "patch_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2, "class_token": False,
+              "global_pool": "avg", "fc_norm": False, "act_layer": "gelu_tanh"}),
 }  # fmt: skip
 
 
