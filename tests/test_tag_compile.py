@@ -116,6 +116,23 @@ def test_compiled_tagger_pads_splits_and_reports_a_recompile(timm_dir, graphs):
     ]
 
 
+def test_warm_leaves_no_compile_workers_behind(timm_dir, graphs, monkeypatch):
+    """inductor's compile-worker pool would otherwise boot, or idle, through the tagging (16 processes on 16
+    cores); the tagger turns its eager start off and shuts it down after the warm-up compile."""
+    import os
+
+    psutil = pytest.importorskip("psutil")
+    from torch._inductor import async_compile
+
+    monkeypatch.delenv("TORCH_WARM_POOL", raising=False)
+    tg = wd14.load_tagger(str(timm_dir), "cpu", "torch", compile=True)
+    assert os.environ["TORCH_WARM_POOL"] == "0"
+    async_compile.AsyncCompile.process_pool()  # the pool a Triton compile on CUDA starts
+    assert psutil.Process().children(recursive=True)
+    tg.warm(4)
+    assert len(graphs) == 1 and not psutil.Process().children(recursive=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_on_cuda_with_nvjpeg_feed_compiles_once_and_matches_eager(ds7, timm_dir):

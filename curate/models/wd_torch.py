@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,11 @@ class TorchTagger:
         self.compile_seconds = 0.0
         if compile:
             self.compiled = True
+            # inductor starts its pool of compile-worker processes (one per core, each importing torch) at the
+            # first compile; when its cache already holds the graph the compile ends in seconds and those
+            # processes would boot while the images are being tagged, taking the cores the decoders need.
+            # Without the warm-up, the pool starts only if a kernel really has to be compiled.
+            os.environ.setdefault("TORCH_WARM_POOL", "0")
             self.net = torch.compile(self.net, dynamic=False)
             self.dtype += ", compiled"
 
@@ -210,6 +216,7 @@ class TorchTagger:
         self._compiled_n = batch
         self.predict(np.zeros((batch, self.size, self.size, 3), np.uint8))
         self._graphs_warm = _compiled_graphs()
+        _stop_compile_workers()
         self.compile_seconds += time.perf_counter() - t0
         return time.perf_counter() - t0
 
@@ -353,6 +360,17 @@ class TorchTagger:
             return 16
         fits = int(0.5 * free / per_image)
         return max(1, min(MAX_AUTO_BATCH, fits // 8 * 8 if fits >= 8 else fits))
+
+
+def _stop_compile_workers() -> None:
+    """Shut inductor's compile-worker processes down once the model is compiled (idle, they hold memory and a
+    watchdog thread; a later compile starts them again)."""
+    try:
+        from torch._inductor import async_compile
+    except ImportError:
+        return
+    if getattr(async_compile, "_pool_set", None):
+        async_compile.shutdown_compile_workers()
 
 
 def _compiled_graphs() -> int:
