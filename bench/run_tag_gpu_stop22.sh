@@ -51,7 +51,8 @@ import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     if d.get("case") == "curate_tag_cli":
-        print(d["shape"], d.get("flags"), d.get("images_per_second"), "compile_s", d.get("compile_s"), "waits",
+        print(d["shape"], d.get("flags"), d.get("images_per_second"), "compile_s", d.get("compile_s"), "cpu_s",
+              d.get("cpu_s"), "load_s", round(d.get("load_seconds") or 0, 1), "waits",
               d.get("waits"), "diff", d.get("worst_score_diff_vs_first_run"), d.get("notices") or "",
               d.get("error", "")[-160:], d.get("skipped", ""))
     elif d.get("bench") == "tag_cli_summary":

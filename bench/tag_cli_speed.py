@@ -102,7 +102,10 @@ def cli(root: Path, folder: Path, flags: list[str], timeout: float, log: Path | 
         "--json",
         *flags,
     ]
+    import resource
+
     t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -111,6 +114,10 @@ def cli(root: Path, folder: Path, flags: list[str], timeout: float, log: Path | 
         return {"flags": " ".join(flags) or "(defaults)", "error": f"timed out after {timeout:.0f} s",
                 "wall_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )  # the CLI and the processes it waited for (compile workers)
+    cpu_s = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1)
     if log is not None:  # stderr: TORCH_LOGS output (recompiles, graph breaks) when the caller set it
         log.write_text(res.stderr)
     if res.returncode != 0:
@@ -121,7 +128,7 @@ def cli(root: Path, folder: Path, flags: list[str], timeout: float, log: Path | 
             "decode_why", "gpu_decoded", "waits", "notices")  # fmt: skip
     m = re.search(r"compiled in ([0-9.]+) s", run.get("runtime") or "")
     return {"flags": " ".join(flags) or "(defaults)", **{k: run.get(k) for k in keep}, "failed": len(run["failed"]),
-            "compile_s": float(m.group(1)) if m else 0.0, "wall_s": round(wall, 2),
+            "compile_s": float(m.group(1)) if m else 0.0, "wall_s": round(wall, 2), "cpu_s": cpu_s,
             "wall_img_per_s": round(run["inferred"] / wall, 1)}  # fmt: skip
 
 
