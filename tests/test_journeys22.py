@@ -386,3 +386,34 @@ def test_summary_table_says_how_many_stale_cache_files_went():
     text = con.export_text()
     assert "0.5 s (1 images encoded, 2 from the cache, 2 stale removed)" in text
     assert "0.1 s (0 captions encoded, 3 from the cache)" in text  # nothing removed: not mentioned
+
+
+def test_lora_info_shows_what_each_subset_trained_with(tmp_path, sd15_dir):  # noqa: F811
+    """a tiny run on the two concept folders (shuffled): lora-info lists each subset's repeats, keep_tokens,
+    shuffle and class token, in the table and in --json."""
+    ds = tmp_path / "ds"
+    two_concepts(ds)
+    out = tmp_path / "out"
+    sets = [*TINY, "batch_size=1", "max_steps=2", "resolution=64", "shuffle_caption=true"]
+    r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out),
+                  *(a for s in sets for a in ("--set", s))])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run(app, ["lora-info", str(out / "lora.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    got = {s["image_dir"]: s for s in info["subsets"]}
+    assert {k: (s["img_count"], s["num_repeats"], s["keep_tokens"], s["shuffle_caption"], s["class_tokens"],
+                s["is_reg"]) for k, s in got.items()} == {
+        "10_mychar": (2, 10, 1, True, "mychar", False),
+        "5_otherchar": (3, 5, 0, True, "otherchar", False),
+    }  # fmt: skip
+    assert info["problems"] == []
+    r = run(app, ["lora-info", str(out / "lora.safetensors")])
+    assert r.exit_code == 0, r.output
+    rows = [
+        [c.strip() for c in line.split("│")[1:-1]] for line in r.output.splitlines() if line.count("│") == 8
+    ]
+    assert sorted(rows) == [  # no regularization subset: no reg column
+        ["10_mychar", "2", "10", "1", "yes", "no", "mychar"],
+        ["5_otherchar", "3", "5", "0", "yes", "no", "otherchar"],
+    ], r.output
