@@ -296,19 +296,24 @@ def tile_ncc(
     for y0, y1 in zip(ys[:-1], ys[1:], strict=True):
         for x0, x1 in zip(xs[:-1], xs[1:], strict=True):
             m = mask[y0:y1, x0:x1]
-            if m.size == 0 or m.mean() < 0.9:
+            inside = np.count_nonzero(m)
+            if m.size == 0 or inside / m.size < 0.9:
                 continue
-            ta, tb = a[y0:y1, x0:x1][m], b_warped[y0:y1, x0:x1][m]
-            sa, sb = ta.std(), tb.std()
+            whole = inside == m.size
+            ta = a[y0:y1, x0:x1] if whole else a[y0:y1, x0:x1][m]
+            tb = b_warped[y0:y1, x0:x1] if whole else b_warped[y0:y1, x0:x1][m]
+            # ta.std() and the centred product, sharing the centred copies (same arithmetic as numpy's std)
+            da, db = ta - ta.mean(), tb - tb.mean()
+            sa, sb = np.sqrt(np.mean(da * da)), np.sqrt(np.mean(db * db))
             if sa < 2.0 and sb < 2.0:
                 continue
-            if max(_fill_share(ta), _fill_share(tb)) >= 0.6:
+            if _fill_share(ta) >= 0.6 or _fill_share(tb) >= 0.6:
                 continue  # flat fill (a caption bar, a wall): it would correlate between any two memes
-            ncc = float(np.mean((ta - ta.mean()) * (tb - tb.mean())) / (sa * sb)) if min(sa, sb) >= 2 else 0.0
+            ncc = float(np.mean(da * db) / (sa * sb)) if min(sa, sb) >= 2 else 0.0
             vals.append(ncc)
-            if sharp is not None and ncc >= 0.5 and m.all():
+            if sharp is not None and ncc >= 0.5 and whole:
                 sharp.append(_edges(a[y0:y1, x0:x1]) / max(_edges(b_warped[y0:y1, x0:x1]), 1e-6))
-            if overlay is not None and ncc < 0.85 and m.all():
+            if overlay is not None and ncc < 0.85 and whole:
                 ea, eb = _edges(a[y0:y1, x0:x1]), _edges(b_warped[y0:y1, x0:x1])
                 if ea > 1.6 * eb:
                     overlay[0] += 1
@@ -472,25 +477,27 @@ def verify(
             np.ones((ha, wa), np.uint8), np.linalg.inv(h), (wb, hb), flags=cv2.INTER_NEAREST
         )
         cover_b = float(back.mean())
-        a = cv2.GaussianBlur(fa.thumb.astype(np.float32), (0, 0), 1.5)
-        warped_raw = warped
-        warped = cv2.GaussianBlur(warped, (0, 0), 1.5)
-        overlay, sharp = [0, 0], []
-        # sharpness at equal scale: on the unblurred grey copies
-        tile_ncc(fa.thumb.astype(np.float32), warped_raw, mask, None, sharp)
-        ncc = tile_ncc(a, warped, mask, overlay)
-        v = Verdict(False, n_in, ncc, mirror, cover_a, cover_b)
-        v.sharp = float(np.median(sharp)) if sharp else 1.0
-        v.hscale = float(np.sqrt(abs(np.linalg.det((h / h[2, 2])[:2, :2]))))
-        v.overlay_a, v.overlay_b = overlay
-        v.pad_a, v.extra_a = _outside(fa.thumb, mask)
-        v.pad_b, v.extra_b = _outside(thumb_b, back > 0)
+        v = Verdict(False, n_in, 0.0, mirror, cover_a, cover_b)
         if max(cover_a, cover_b) < MIN_COVER:
+            # no correlation needed: the verdict is no either way (a rejected verdict's NCC is not used)
             v.why = f"overlap covers only {max(cover_a, cover_b):.0%} of either frame"
-        elif ncc < min_ncc:
-            v.why = f"tile-median NCC {ncc:.2f} < {min_ncc}"
         else:
-            v.ok = True
+            a = cv2.GaussianBlur(fa.thumb.astype(np.float32), (0, 0), 1.5)
+            overlay = [0, 0]
+            v.ncc = tile_ncc(a, cv2.GaussianBlur(warped, (0, 0), 1.5), mask, overlay)
+            if v.ncc < min_ncc:
+                v.why = f"tile-median NCC {v.ncc:.2f} < {min_ncc}"
+            else:
+                # the keeper signals, only for an accepted pair: sharpness at equal scale (on the
+                # unblurred grey copies), overlays, and what lies outside the overlap
+                v.ok = True
+                sharp: list[float] = []
+                tile_ncc(fa.thumb.astype(np.float32), warped, mask, None, sharp)
+                v.sharp = float(np.median(sharp)) if sharp else 1.0
+                v.hscale = float(np.sqrt(abs(np.linalg.det((h / h[2, 2])[:2, :2]))))
+                v.overlay_a, v.overlay_b = overlay
+                v.pad_a, v.extra_a = _outside(fa.thumb, mask)
+                v.pad_b, v.extra_b = _outside(thumb_b, back > 0)
         if v.ok and (not best.ok or v.ncc > best.ncc):
             best = v
         elif not best.ok and v.inliers >= best.inliers:
