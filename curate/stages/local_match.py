@@ -33,6 +33,9 @@ VOTE_K = 16
 MIN_INLIERS = 10
 MIN_NCC = 0.5
 MIN_COVER = 0.6  # the overlap must cover most of at least one of the two frames
+# and the same picture must fill most of the overlap: at least this share of its textured tiles correlate
+# (NCC >= min_ncc). Two collages that share one photo among others correlate on that photo's tiles only.
+MIN_AGREE = 0.6
 GRID = 8
 RATIO = 0.85
 
@@ -284,10 +287,12 @@ def tile_ncc(
     mask: np.ndarray,
     overlay: list[int] | None = None,
     sharp: list[float] | None = None,
+    tiles: list[float] | None = None,
 ) -> float:
     """Median normalised cross-correlation over the grid tiles that lie inside the overlap and have texture.
 
     ``overlay`` (if given) receives [tiles where a has extra edges, tiles where b has]: content drawn on one.
+    ``tiles`` (if given) receives every measured tile's NCC (none when too few tiles have texture).
     """
     h, w = a.shape
     vals = []
@@ -328,6 +333,8 @@ def tile_ncc(
         if sa < 1.0 or sb < 1.0:
             return 1.0 if abs(float(ta.mean()) - float(tb.mean())) < 8 else 0.0
         return float(np.mean((ta - ta.mean()) * (tb - tb.mean())) / (sa * sb))
+    if tiles is not None:
+        tiles.extend(vals)
     return float(np.median(vals))
 
 
@@ -483,10 +490,13 @@ def verify(
             v.why = f"overlap covers only {max(cover_a, cover_b):.0%} of either frame"
         else:
             a = cv2.GaussianBlur(fa.thumb.astype(np.float32), (0, 0), 1.5)
-            overlay = [0, 0]
-            v.ncc = tile_ncc(a, cv2.GaussianBlur(warped, (0, 0), 1.5), mask, overlay)
+            overlay, tiles = [0, 0], []
+            v.ncc = tile_ncc(a, cv2.GaussianBlur(warped, (0, 0), 1.5), mask, overlay, tiles=tiles)
+            agree = float(np.mean(np.asarray(tiles) >= min_ncc)) if tiles else 1.0
             if v.ncc < min_ncc:
                 v.why = f"tile-median NCC {v.ncc:.2f} < {min_ncc}"
+            elif agree < MIN_AGREE:
+                v.why = f"only {agree:.0%} of the overlap's textured tiles correlate: a shared part, not the picture"
             else:
                 # the keeper signals, only for an accepted pair: sharpness at equal scale (on the
                 # unblurred grey copies), overlays, and what lies outside the overlap
