@@ -190,8 +190,11 @@ def star_groups(
             groups.append(_make_group(copies, members, edges, method, evidence))  # members[0] is the keeper
         if len(rest) > 1:
             sub = {m: n for n, m in enumerate(rest)}
-            si = [sub[a] for a, b in link if a in sub and b in sub and link[(a, b)] is not None]
-            sj = [sub[b] for a, b in link if a in sub and b in sub and link[(a, b)] is not None]
+            # the verified links among the members left over, through their own adjacency (a scan of every
+            # link per component made the grouping quadratic in the number of links)
+            kept = [(a, b) for a in rest for b in adj.get(a, ()) if a < b and b in sub and link.get((a, b))]
+            si = [sub[a] for a, _ in kept]
+            sj = [sub[b] for _, b in kept]
             for g in connected_groups(len(rest), np.array(si, np.int64), np.array(sj, np.int64)):
                 todo.append([rest[x] for x in g])
     if stats is not None:
