@@ -3,7 +3,8 @@
 1. Direct accept: 64-bit pHash distance <= ``phash_threshold`` (8).
 2. Candidates: multi-crop pHash and ORB descriptor voting (see :mod:`.local_match`), plus CLIP pairs
    for ``--method both``; at most a few partners per image.
-3. Each candidate pair is verified: RANSAC homography on the stored grey copies + tile-median NCC.
+3. Each candidate pair is verified: RANSAC homography on the stored grey copies + tile-median NCC, with most of
+   the overlap's tiles agreeing (a shared part of two frames is not a duplicate).
 4. Groups are stars, never chains: in each connected component the keeper is chosen first
    (:mod:`.keeper`), and a member joins only with a verified link to that keeper (checked on the spot when
    the component linked it only through others). Members left out form groups of their own the same way.

@@ -8,7 +8,8 @@ Candidates, at most a few partners per image, so the work is linear in N:
 Verification of a pair: ORB matches (also against the mirror), RANSAC homography with sanity bounds, then the
 tile-median normalised cross-correlation of the warped overlap. Inliers alone are not enough: two different
 photos under the same caption bar share 100+ inliers on the text, and the correlation of the photo tiles
-rejects them.
+rejects them. The same picture must fill most of the overlap (``MIN_AGREE`` of its textured tiles correlate): a
+crop lies wholly inside its original and passes; two collages that share one photo among others do not.
 """
 
 from __future__ import annotations
