@@ -171,7 +171,7 @@ def star_groups(
         small_comp.clear()
         if len(comp) <= SMALL_COMPONENT:
             small_comp.update(comp)
-        keeper, _ = choose([copies[m] for m in comp], evidence)
+        keeper, _ = choose([copies[m] for m in comp], evidence, explain=False)  # _make_group explains
         k = next(m for m in comp if copies[m] is keeper)
         reach = _near_keeper(k, comp, adj) if len(comp) > SMALL_COMPONENT else None
         if check is not None and verify and cache is not None:
