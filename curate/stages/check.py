@@ -47,12 +47,18 @@ def _unreadable(m: Manifest, cfg: Config) -> list[Violation]:
     return out
 
 
+def _kept_by_hand(m: Manifest) -> set[str]:
+    """Files `curate keep` kept: the quality and duplicate rules let them pass, as filter and dedupe do."""
+    return {p for p, (decision, _) in m.decisions().items() if decision == "keep"}
+
+
 @rule("quality")
 def _quality(m: Manifest, cfg: Config) -> list[Violation]:
     out = []
+    kept = _kept_by_hand(m)
     for rec in m.images(include_errors=False):
-        for reason, detail in reasons_for(rec, cfg.filter):
-            out += [Violation(p, reason, detail) for p in rec.paths]
+        for reason, detail in reasons_for(rec, cfg.filter, config_fix=True):
+            out += [Violation(p, reason, detail) for p in rec.paths if p not in kept]
     return out
 
 
@@ -63,8 +69,11 @@ def _duplicates(m: Manifest, cfg: Config) -> list[Violation]:
 
     groups, _, _ = find_duplicates(m, replace(cfg.dedupe, method=method))
     out = []
+    kept = _kept_by_hand(m)
     for g in groups:
         for p in g.members[1:]:
+            if p in kept:
+                continue
             out.append(Violation(p, "duplicate", f"{g.method} duplicate of {g.keeper}"))
     return out
 

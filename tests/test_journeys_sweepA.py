@@ -1,0 +1,68 @@
+"""User journeys found by trying curate as a newcomer: `curate check` as a pre-commit gate after the user
+decided by hand, `status --json` against its table, and the review page's API given bad requests.
+
+Folders are built in tmp_path and the CLI runs through typer's CliRunner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import ImageOps
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.images import textured
+
+run = CliRunner().invoke
+
+
+def small_set(root: Path) -> Path:
+    """Two good pictures with captions, a mirrored copy of one and a tiny picture; scanned."""
+    root.mkdir(parents=True)
+    for s in (1, 2):
+        textured(640, 640, seed=s).save(root / f"img{s}.png")
+        (root / f"img{s}.txt").write_text(f"thing {s}\n")
+    ImageOps.mirror(textured(640, 640, seed=1)).save(root / "img1_mirror.png")
+    (root / "img1_mirror.txt").write_text("thing mirrored\n")
+    textured(120, 120, seed=3).save(root / "tiny.png")
+    (root / "tiny.txt").write_text("thing tiny\n")
+    assert run(app, ["scan", str(root)]).exit_code == 0
+    return root
+
+
+def violations(root: Path) -> set[tuple[str, str]]:
+    r = run(app, ["check", str(root), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == (0 if doc["ok"] else 1)
+    return {(v["path"], v["rule"]) for v in doc["violations"]}
+
+
+def test_check_honours_files_kept_by_hand(tmp_path):
+    """`curate keep` says 'I want this file whatever filter and dedupe say': the pre-commit gate must let
+    the commit through then, instead of blocking it for ever."""
+    ds = small_set(tmp_path / "ds")
+    assert violations(ds) == {("tiny.png", "too-small"), ("img1_mirror.png", "duplicate")}
+    assert run(app, ["keep", str(ds), "tiny.png", "img1_mirror.png"]).exit_code == 0
+    assert violations(ds) == set()
+    r = run(app, ["check", str(ds)])
+    assert r.exit_code == 0 and "all rules pass" in r.output
+    # forgetting the decision brings the violations back
+    assert run(app, ["keep", str(ds), "tiny.png", "--undo"]).exit_code == 0
+    assert violations(ds) == {("tiny.png", "too-small")}
+
+
+def test_check_hints_name_the_config_key_not_a_flag_check_lacks(tmp_path):
+    """The check table said 'lower with --min-side', an option `curate check` does not have."""
+    ds = small_set(tmp_path / "ds")
+    r = run(app, ["check", str(ds), "--json"])
+    detail = {v["path"]: v["detail"] for v in json.loads(r.stdout)["violations"]}["tiny.png"]
+    assert "--min-side" not in detail
+    assert "min_side" in detail and "curate.toml" in detail and "curate keep" in detail
+    # the hint works: following it makes the check pass for that file
+    (ds / "curate.toml").write_text("[filter]\nmin_side = 100\n")
+    assert ("tiny.png", "too-small") not in violations(ds)
+    # `curate filter` keeps naming its own flags
+    r = run(app, ["filter", str(ds), "--json"])
+    assert r.exit_code == 0
