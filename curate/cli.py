@@ -558,7 +558,12 @@ def status(
         present = {r[0] for r in ds.manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
         rejects = {p: f for p, f in ds.manifest.rejected_paths().items() if p in present}
     if as_json:
-        print_json(counts)
+        rows = [
+            {"path": p, "stage": stage, "reason": reason, "detail": detail}
+            for p, found in sorted(rejects.items())
+            for stage, reason, detail in found
+        ]
+        print_json({**counts, "rejected": rows})
     else:
         console.print(table("status", ["", "count"], list(counts.items())))
         by: dict[tuple[str, str], list[str]] = {}

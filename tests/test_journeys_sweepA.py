@@ -66,3 +66,21 @@ def test_check_hints_name_the_config_key_not_a_flag_check_lacks(tmp_path):
     # `curate filter` keeps naming its own flags
     r = run(app, ["filter", str(ds), "--json"])
     assert r.exit_code == 0
+
+
+def test_status_json_lists_the_rejected_files_the_table_shows(tmp_path):
+    ds = small_set(tmp_path / "ds")
+    (ds / "broken.png").write_bytes(b"")
+    for cmd in (["scan"], ["filter"], ["dedupe"]):
+        assert run(app, [cmd[0], str(ds), *cmd[1:]]).exit_code == 0
+    table = run(app, ["status", str(ds)]).output
+    doc = json.loads(run(app, ["status", str(ds), "--json"]).stdout)
+    assert doc["rejected_files"] == 3
+    got = {(r["path"], r["stage"], r["reason"]) for r in doc["rejected"]}
+    assert got == {
+        ("broken.png", "scan", "empty"),
+        ("tiny.png", "filter", "too-small"),
+        ("img1_mirror.png", "dedupe", "duplicate"),
+    }
+    for path, stage, reason in got:  # every row of the JSON is in the table
+        assert path in table and stage in table and reason in table
