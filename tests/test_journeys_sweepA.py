@@ -84,3 +84,50 @@ def test_status_json_lists_the_rejected_files_the_table_shows(tmp_path):
     }
     for path, stage, reason in got:  # every row of the JSON is in the table
         assert path in table and stage in table and reason in table
+
+
+def _post(url: str, api: str, body: object) -> tuple[int, dict]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    c.request("POST", f"/api/{api}?{u.query}", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    out = json.loads(r.read())
+    c.close()
+    return r.status, out
+
+
+def test_review_api_refuses_unknown_files_and_non_text_captions(tmp_path):
+    """The review API recorded 'keep' for files that do not exist (and for each letter of a path sent as a
+    string), and wrote the caption "None" into the user's caption file for a JSON null."""
+    import pytest
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from curate.dataset import Dataset
+    from curate.review.server import running
+
+    ds = small_set(tmp_path / "ds")
+    caption = (ds / "img1.txt").read_bytes()
+    with running(ds) as url:
+        for body in (
+            {"paths": ["nope.png"], "decision": "keep"},
+            {"paths": "tiny.png", "decision": "keep"},
+            {"paths": ["../outside.png"], "decision": "reject"},
+        ):
+            status, out = _post(url, "decide", body)
+            assert status == 400 and not out["ok"], out
+            assert "not an image of this dataset" in out["error"] or "list of files" in out["error"], out
+        for body in ({"path": "img1.png", "text": None}, {"path": "img1.png", "parts": "abc"}):
+            status, out = _post(url, "caption", body)
+            assert status == 400 and not out["ok"], out
+        status, out = _post(url, "decide", {"paths": ["tiny.png"], "decision": "keep"})
+        assert status == 200 and out["ok"], out
+    assert (ds / "img1.txt").read_bytes() == caption
+    d = Dataset.open(ds, create=False, write=False)
+    try:
+        assert d.manifest.decisions() == {"tiny.png": ("keep", None)}
+    finally:
+        d.close()

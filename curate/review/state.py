@@ -451,6 +451,12 @@ class Review:
         """keep / reject / None (forget) for files, one transaction."""
         if not paths:
             raise CurateError("no files selected")
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise CurateError("paths must be a list of files")
+        known = self.reader.file_index()
+        unknown = [p for p in paths if p not in known]
+        if unknown:
+            raise CurateError(f"{unknown[0]} is not an image of this dataset; reload the page")
         words = {"keep": "keep anyway", "reject": "reject by hand", None: "forget the decision on"}[decision]
         action = f"{words} {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
         with self.writer() as m, m.transaction():
@@ -583,7 +589,11 @@ class Review:
 
     def edit_caption(self, path: str, *, parts: list[str] | None = None, text: str | None = None) -> str:
         sha = self.sha_of_path(path)
-        new = self._text(parts) if parts is not None else " ".join(str(text or "").split())
+        if parts is not None and (isinstance(parts, str) or not all(isinstance(x, str) for x in parts)):
+            raise CurateError("parts must be a list of tags")
+        if parts is None and not isinstance(text, str):
+            raise CurateError("the caption text must be a string")
+        new = self._text(parts) if parts is not None else " ".join(text.split())
         if not new:
             raise CurateError("a caption cannot be empty; leave at least one tag or word")
         if new == self.caption(self.record(sha)):
