@@ -131,3 +131,33 @@ def test_review_api_refuses_unknown_files_and_non_text_captions(tmp_path):
         assert d.manifest.decisions() == {"tiny.png": ("keep", None)}
     finally:
         d.close()
+
+
+def test_export_keeps_the_words_of_legacy_and_multi_line_captions(tmp_path):
+    """A caption saved by a legacy Windows editor (cp1252) reached the export with U+FFFD for its accents,
+    and a two-line tag caption was joined with a space, fusing the last tag of one line with the first of
+    the next ("smile zed")."""
+    ds = tmp_path / "ds" / "3_zed"
+    ds.mkdir(parents=True)
+    for i in range(4):
+        textured(640, 640, seed=i).save(ds / f"z{i}.png")
+    written = {
+        "z0": "zed, café, naïve smile\r\n".encode("cp1252"),
+        "z1": b"zed, red hair, smile\nzed, outdoors,\n\nblue sky\n",
+        "z2": b"a photo of zed\nstanding in the rain.\n",
+        "z3": "zed, bom\n".encode("utf-8-sig"),
+    }
+    for stem, raw in written.items():
+        (ds / f"{stem}.txt").write_bytes(raw)
+    root = ds.parent
+    assert run(app, ["scan", str(root)]).exit_code == 0
+    r = run(app, ["export", str(root), str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    exported = {p.read_text("utf-8") for p in (tmp_path / "out" / "img" / "3_zed").glob("*.txt")}
+    assert exported == {
+        "zed, café, naïve smile\n",
+        "zed, red hair, smile, zed, outdoors, blue sky\n",
+        "a photo of zed standing in the rain.\n",
+        "zed, bom\n",
+    }
+    assert {p.stem: p.read_bytes() for p in ds.glob("*.txt")} == written  # the user's files untouched

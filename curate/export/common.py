@@ -83,11 +83,21 @@ def looks_like_tags(text: str) -> bool:
     return True
 
 
+def one_line(text: str) -> str:
+    """The caption on one line, as trainers read only the first: lines of tags are joined with commas
+    (a space would fuse the last tag of a line with the first of the next), sentences with a space."""
+    lines = [" ".join(ln.split()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if len(lines) > 1 and looks_like_tags(", ".join(ln.rstrip(",") for ln in lines)):
+        return ", ".join(ln.rstrip(",").rstrip() for ln in lines)
+    return " ".join(lines)
+
+
 def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
     """Caption text for one image: the caption a person wrote (or edited), else curate's, else its tags;
     the trigger word is put first when given (prepended when missing, never substituted)."""
     text = (rec.user_caption or "").strip() or (rec.caption or "").strip() or tag_caption(rec.tags or [])
-    text = " ".join(text.split())  # trainers read the first line only
+    text = one_line(text)
     if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
         return " ".join(w for w in (trigger, class_word) if w)
     if trigger:

@@ -78,8 +78,11 @@ def _read_text(path: Path) -> str | None:
         return None
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace")
+    except UnicodeDecodeError:  # a legacy Windows editor's text (cp1252), else Latin-1, which takes any byte:
+        try:  # decoding with "replace" turned the person's accents into U+FFFD in every export
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
 
 
 def _clean(text: str) -> str:
