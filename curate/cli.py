@@ -220,6 +220,13 @@ def filter_cmd(
     with _open(path, manifest, config, create=False) as ds:
         flags = None
         if allow:
+            from .config import KNOWN_FLAGS
+            from .errors import CurateError
+
+            allow = [f.strip() for a in allow for f in a.split(",") if f.strip()]
+            unknown = [f for f in allow if f not in KNOWN_FLAGS]
+            if unknown:
+                raise CurateError(f"unknown --allow {unknown[0]!r}; choose from {', '.join(KNOWN_FLAGS)}")
             flags = tuple(f for f in ds.config.filter.reject_flags if f not in allow)
         res = ds.filter(
             min_side=min_side,

@@ -161,3 +161,25 @@ def test_export_keeps_the_words_of_legacy_and_multi_line_captions(tmp_path):
         "zed, bom\n",
     }
     assert {p.stem: p.read_bytes() for p in ds.glob("*.txt")} == written  # the user's files untouched
+
+
+def test_filter_allow_refuses_unknown_flags_and_takes_a_comma_list(tmp_path):
+    """`--allow alhpa` (a typo) was accepted and silently allowed nothing."""
+    from tests.test_roundtrip_train import one_line_error
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    rgba = textured(640, 640, seed=1).convert("RGBA")
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(ds / "alpha.png")
+    textured(640, 640, seed=2).convert("CMYK").save(ds / "cmyk.jpg")
+    textured(640, 640, seed=3).save(ds / "plain.png")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["filter", str(ds), "--allow", "alhpa"])
+    assert r.exit_code == 2
+    one_line_error(r.output, "alhpa", "alpha")
+    r = run(app, ["filter", str(ds), "--allow", "alpha,cmyk", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["filter"]["rejected"] == 0
+    r = run(app, ["filter", str(ds), "--allow", "alpha", "--json"])
+    assert json.loads(r.stdout)["filter"]["by_reason"] == {"cmyk": 1}
