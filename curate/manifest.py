@@ -712,8 +712,10 @@ class Manifest:
         return out
 
     def set_rejects(self, stage: str, rejects: dict[str, tuple[str, str | None]]) -> None:
-        """Replace every reject row of ``stage`` with ``rejects`` (path -> (reason, detail))."""
+        """Replace every reject row of ``stage`` with ``rejects`` (path -> (reason, detail)); records that
+        the stage ran (export warns when filter or dedupe never did)."""
         with self.transaction():
+            self.set_meta(f"ran.{stage}", str(time.time()))
             self.conn.execute("DELETE FROM rejects WHERE stage=?", (stage,))
             self.conn.executemany(
                 "INSERT INTO rejects(path, stage, reason, detail) VALUES (?,?,?,?)",
@@ -731,6 +733,17 @@ class Manifest:
                 self.conn.execute(
                     f"UPDATE images SET {', '.join(f'{c}=?' for c in cols)} WHERE sha256=?", [*vals, sha]
                 )
+
+    def stage_ran(self, stage: str) -> bool:
+        """Whether ``stage`` (filter, dedupe) has run on this manifest (its rejects, or a manifest written
+        before the record was kept: any reject or group it left)."""
+        if self.get_meta(f"ran.{stage}") is not None:
+            return True
+        if self.conn.execute("SELECT 1 FROM rejects WHERE stage=? LIMIT 1", (stage,)).fetchone():
+            return True
+        return stage == "dedupe" and bool(
+            self.conn.execute("SELECT 1 FROM images WHERE dup_group IS NOT NULL LIMIT 1").fetchone()
+        )
 
     def file_errors(self) -> list[sqlite3.Row]:
         """Files that could not be read at all (permissions, broken symlinks)."""

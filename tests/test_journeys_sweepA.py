@@ -183,3 +183,28 @@ def test_filter_allow_refuses_unknown_flags_and_takes_a_comma_list(tmp_path):
     assert json.loads(r.stdout)["filter"]["rejected"] == 0
     r = run(app, ["filter", str(ds), "--allow", "alpha", "--json"])
     assert json.loads(r.stdout)["filter"]["by_reason"] == {"cmyk": 1}
+
+
+def test_export_before_filter_and_dedupe_says_what_it_let_through(tmp_path):
+    """Export straight after scan exported the tiny picture and both copies of the mirrored pair, warning
+    only about the split and the buckets."""
+    ds = small_set(tmp_path / "ds")
+    r = run(app, ["export", str(ds), str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["train"] == 4  # what the user is warned about: all four went out
+    (w,) = [w for w in doc["warnings"] if "curate filter" in w]
+    assert "curate dedupe" in w and "tiny" not in w
+    # after filter and dedupe (even ones that reject nothing) the warning is gone
+    for cmd in (["filter", "--min-side", "64"], ["dedupe"]):
+        assert run(app, [cmd[0], str(ds), *cmd[1:]]).exit_code == 0
+    r = run(app, ["export", str(ds), str(tmp_path / "out2"), "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["train"] == 3  # the mirror is dropped, the tiny one passes min-side 64
+    assert not [w for w in doc["warnings"] if "curate filter" in w or "curate dedupe" in w]
+    # dedupe alone: the warning names only the filter
+    ds2 = small_set(tmp_path / "ds2")
+    assert run(app, ["dedupe", str(ds2)]).exit_code == 0
+    doc = json.loads(run(app, ["export", str(ds2), str(tmp_path / "out3"), "--json"]).stdout)
+    (w,) = [w for w in doc["warnings"] if "curate filter" in w]
+    assert "curate dedupe" not in w

@@ -176,6 +176,16 @@ def collect(
     records = manifest.kept_images()
     if not records:
         raise CurateError("no kept images to export; run `curate scan` (and check `curate status`)")
+    skipped = [f"`curate {s}`" for s in ("filter", "dedupe") if not manifest.stage_ran(s)]
+    if skipped:
+        let_through = {
+            "`curate filter`": "too small, blurry or badly exposed images",
+            "`curate dedupe`": "duplicates",
+        }
+        warnings.append(
+            f"no {' or '.join(skipped)} run: {' and '.join(let_through[s] for s in skipped)} are exported "
+            f"too; run {' and '.join(skipped)} first"
+        )
     if all(r.split is None for r in records):
         warnings.append("no split stored: every image goes to train; run `curate split` for a validation set")
     no_caption = 0
