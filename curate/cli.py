@@ -93,6 +93,13 @@ def _print_scan(d: dict) -> None:
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+    links = d.get("linked_folders") or []
+    if links:
+        more = f" and {len(links) - 3} more" if len(links) > 3 else ""
+        warn(
+            f"{len(links)} symlinked folder(s) not followed, their images are not in the dataset: "
+            f"{', '.join(links[:3])}{more}; copy or bind-mount the folder into the dataset to include it"
+        )
 
 
 def _caption_rows(c: dict) -> list[tuple[str, int]]:

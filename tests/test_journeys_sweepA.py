@@ -208,3 +208,22 @@ def test_export_before_filter_and_dedupe_says_what_it_let_through(tmp_path):
     doc = json.loads(run(app, ["export", str(ds2), str(tmp_path / "out3"), "--json"]).stdout)
     (w,) = [w for w in doc["warnings"] if "curate filter" in w]
     assert "curate dedupe" not in w
+
+
+def test_scan_names_linked_folders_it_does_not_follow(tmp_path):
+    """A concept folder that is a symlink (a shared folder linked in) was skipped without a word: its
+    images never reached the export."""
+    ds, shared = tmp_path / "ds", tmp_path / "shared" / "alice"
+    ds.mkdir()
+    shared.mkdir(parents=True)
+    textured(640, 640, seed=1).save(ds / "own.png")
+    textured(640, 640, seed=2).save(shared / "linked.png")
+    (ds / "5_alice").symlink_to(shared, target_is_directory=True)
+    r = run(app, ["scan", str(ds), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["total_files"] == 1 and doc["linked_folders"] == ["5_alice"]
+    r = run(app, ["scan", str(ds)])
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert "5_alice" in " ".join(r.output.split()) and "not followed" in line, r.output
+    assert (shared / "linked.png").is_file() and (ds / "5_alice").is_symlink()  # nothing moved or removed

@@ -45,6 +45,7 @@ class ScanResult:
     interrupted: bool = False
     captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
     bad_names: list[str] = field(default_factory=list)  # not valid UTF-8 (shown escaped); left out
+    linked_folders: list[str] = field(default_factory=list)  # symlinked folders, not followed
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,7 +187,7 @@ def scan(
     todo: list[tuple[str, int, int]] = []  # (rel, size, mtime_ns)
     seen: set[str] = set()
     file_errors: list[tuple[str, str, str]] = []
-    for p in iter_image_files(root):
+    for p in iter_image_files(root, linked_dirs=res.linked_folders):
         rel = p.relative_to(root).as_posix()
         res.total_files += 1
         if not _is_utf8(rel):  # the manifest stores paths as UTF-8 TEXT: such a name cannot be recorded
