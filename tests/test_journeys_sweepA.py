@@ -227,3 +227,20 @@ def test_scan_names_linked_folders_it_does_not_follow(tmp_path):
     (line,) = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
     assert "5_alice" in " ".join(r.output.split()) and "not followed" in line, r.output
     assert (shared / "linked.png").is_file() and (ds / "5_alice").is_symlink()  # nothing moved or removed
+
+
+def test_curate_toml_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM; the file looked right and was refused as a TOML syntax error
+    'at line 1, column 1'."""
+    ds = small_set(tmp_path / "ds")
+    (ds / "curate.toml").write_bytes("[filter]\r\nmin_side = 100\r\n".encode("utf-8-sig"))
+    r = run(app, ["filter", str(ds), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["filter"]["rejected"] == 0  # tiny.png (120 px) passes min_side 100
+    # a real syntax error is still one line naming the file
+    (ds / "curate.toml").write_bytes("\ufeff[filter\nmin_side = 100\n".encode())
+    r = run(app, ["filter", str(ds)])
+    assert r.exit_code == 2 and "curate.toml" in r.output and "Traceback" not in r.output
+    (ds / "curate.toml").write_bytes("[filter]\nmin_side = 100\n".encode("utf-16"))
+    r = run(app, ["filter", str(ds)])
+    assert r.exit_code == 2 and "save it as UTF-8" in " ".join(r.output.split()), r.output
