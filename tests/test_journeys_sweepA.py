@@ -244,3 +244,27 @@ def test_curate_toml_saved_with_a_byte_order_mark_is_read(tmp_path):
     (ds / "curate.toml").write_bytes("[filter]\nmin_side = 100\n".encode("utf-16"))
     r = run(app, ["filter", str(ds)])
     assert r.exit_code == 2 and "save it as UTF-8" in " ".join(r.output.split()), r.output
+
+
+def test_check_reads_a_messy_metadata_jsonl_without_a_traceback(tmp_path):
+    """With captions in metadata.jsonl, a line that is JSON but not an object, or a file in a legacy
+    encoding, made `curate check` crash with a traceback."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for i in range(2):
+        textured(640, 640, seed=i).save(ds / f"p{i}.png")
+    (ds / "curate.toml").write_text('[caption]\nformat = "jsonl"\n')
+    for raw in (
+        b'{"file_name": "p0.png", "text": "one, a"}\n[1, 2]\n"text"\n{"file_name": "p1.png", "text": "two, b"}\n',
+        '{"file_name": "p0.png", "text": "café, a"}\n{"file_name": "p1.png", "text": "two, b"}\n'.encode(
+            "cp1252"
+        ),
+    ):
+        (ds / "metadata.jsonl").write_bytes(raw)
+        r = run(app, ["check", str(ds), "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout) == {"ok": True, "violations": []}
+    (ds / "metadata.jsonl").write_bytes(b'{"file_name": "p0.png", "text": "one, a"}\n')
+    r = run(app, ["check", str(ds), "--json"])  # p1 has no caption now: a violation, not a crash
+    assert r.exit_code == 1
+    assert {(v["path"], v["rule"]) for v in json.loads(r.stdout)["violations"]} == {("p1.png", "no-caption")}
