@@ -473,6 +473,13 @@ def check(
     no_scan: Annotated[
         bool, typer.Option("--no-scan", help="Use the manifest as is, do not rescan.")
     ] = False,
+    git: Annotated[
+        bool,
+        typer.Option(
+            "--git",
+            help="Only files git tracks (staged included), not ignored or untracked ones: the hook's.",
+        ),
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -490,7 +497,7 @@ def check(
         if not no_scan:
             with progress_bar("scan", enabled=not as_json) as bar:
                 ds.scan(progress=bar)
-        violations = ds.check(rule)
+        violations = ds.check(rule, git=git)
     if as_json:
         print_json({"ok": not violations, "violations": [v.as_dict() for v in violations]})
     elif violations:

@@ -136,10 +136,11 @@ class Dataset:
             opts.pop(key, None)
         return outliers(self.manifest, progress=progress, **opts)
 
-    def check(self, rules: list[str] | None = None):
-        from .stages.check import check
+    def check(self, rules: list[str] | None = None, *, git: bool = False):
+        """Violated rules; ``git``: only files git tracks (what a commit holds, for the pre-commit hook)."""
+        from .stages.check import check, git_tracked
 
-        return check(self.manifest, self.config, rules)
+        return check(self.manifest, self.config, rules, git_tracked(self.root) if git else None)
 
     def apply(self, *, dry_run: bool = False):
         """Move rejected files into ``.curate/quarantine`` (undo with :meth:`restore`)."""

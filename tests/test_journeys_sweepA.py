@@ -268,3 +268,51 @@ def test_check_reads_a_messy_metadata_jsonl_without_a_traceback(tmp_path):
     r = run(app, ["check", str(ds), "--json"])  # p1 has no caption now: a violation, not a crash
     assert r.exit_code == 1
     assert {(v["path"], v["rule"]) for v in json.loads(r.stdout)["violations"]} == {("p1.png", "no-caption")}
+
+
+def _git(repo: Path, *args: str) -> None:
+    import subprocess
+
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+    }
+    subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, env={**__import__("os").environ, **env}
+    )
+
+
+def test_check_git_judges_only_what_the_commit_holds(tmp_path):
+    """As a pre-commit hook, `curate check .` failed the commit over images git ignores (a raw/ folder in
+    .gitignore) or that were never added; `--git` (the hook's argument) looks only at tracked files."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = small_set(tmp_path / "repo")
+    r = run(app, ["check", str(repo), "--git"])
+    assert r.exit_code == 2 and "not in a git work tree" in r.output and "Traceback" not in r.output, r.output
+    _git(repo, "init", "-q")
+    (repo / ".gitignore").write_text(".curate/\nraw/\n")
+    (repo / "raw").mkdir()
+    shutil.copy(repo / "tiny.png", repo / "raw" / "junk.png")  # ignored: tiny and a duplicate
+    shutil.copy(repo / "img2.png", repo / "raw" / "img2_again.png")  # ignored copy of a tracked image
+    shutil.copy(repo / "img1.png", repo / "untracked_copy.png")  # never added
+    _git(repo, "add", ".gitignore", "img1.png", "img1.txt", "img2.png", "img2.txt", "tiny.png", "tiny.txt")
+    doc = json.loads(run(app, ["check", str(repo), "--json"]).stdout)  # the whole folder, as before
+    assert {v["path"] for v in doc["violations"]} >= {"raw/junk.png", "untracked_copy.png", "img1_mirror.png"}
+    r = run(app, ["check", str(repo), "--git", "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 1
+    assert {(v["path"], v["rule"]) for v in doc["violations"]} == {("tiny.png", "too-small")}
+    # the user keeps it by hand: the commit passes
+    assert run(app, ["keep", str(repo), "tiny.png"]).exit_code == 0
+    r = run(app, ["check", str(repo), "--git"])
+    assert r.exit_code == 0, r.output
+    # the hook passes the flag
+    hooks = (Path(__file__).resolve().parents[1] / ".pre-commit-hooks.yaml").read_text()
+    assert 'args: [".", "--git"]' in hooks
