@@ -316,3 +316,32 @@ def test_check_git_judges_only_what_the_commit_holds(tmp_path):
     # the hook passes the flag
     hooks = (Path(__file__).resolve().parents[1] / ".pre-commit-hooks.yaml").read_text()
     assert 'args: [".", "--git"]' in hooks
+
+
+def test_diffusers_export_keeps_the_users_metadata_columns(tmp_path):
+    """An imagefolder dataset's metadata.jsonl columns besides text (style, score, ...) were dropped by
+    `export --format diffusers`: the hand-off lost the user's data."""
+    ds = tmp_path / "ds"
+    (ds / "sub").mkdir(parents=True)
+    rows = [
+        {"file_name": "p0.png", "text": "photo 0", "style": "oil", "score": 7},
+        {"file_name": "sub/p1.png", "text": "photo 1", "style": "ink", "score": 3},
+    ]
+    for i, row in enumerate(rows):
+        textured(640, 640, seed=i).save(ds / row["file_name"])
+    (ds / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    textured(640, 640, seed=5).save(ds / "sub" / "p2.png")  # no entry: text only
+    (ds / "sub" / "p2.txt").write_text("photo 2\n")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["export", str(ds), str(tmp_path / "out"), "--format", "diffusers"])
+    assert r.exit_code == 0, r.output
+    lines = [
+        json.loads(ln) for ln in (tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()
+    ]
+    got = sorted(({k: v for k, v in ln.items() if k != "file_name"} for ln in lines), key=lambda d: d["text"])
+    assert got == [
+        {"text": "photo 0", "style": "oil", "score": 7},
+        {"text": "photo 1", "style": "ink", "score": 3},
+        {"text": "photo 2"},
+    ]
+    assert all((tmp_path / "out" / "train" / ln["file_name"]).is_file() for ln in lines)

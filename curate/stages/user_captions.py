@@ -105,6 +105,31 @@ def _jsonl_entries(path: Path) -> dict[str, str]:
     return out
 
 
+def jsonl_columns(root: Path, rel: str, cache: dict[str, dict[str, dict]] | None = None) -> dict[str, Any]:
+    """The other columns (besides file_name and text) of image ``rel``'s entry in the nearest
+    metadata.jsonl holding one (its folder or above, as HF imagefolder reads them); {} when none."""
+    cache = {} if cache is None else cache
+    parts = PurePosixPath(rel).parts
+    for i in range(len(parts) - 1, -1, -1):
+        d = "/".join(parts[:i])
+        if d not in cache:
+            meta = (root / d if d else root) / JSONL
+            objs: dict[str, dict] = {}
+            if meta.is_file():
+                for line in (_read_text(meta) or "").splitlines():
+                    try:
+                        obj = json.loads(line) if line.strip() else None
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict) and obj.get("file_name") is not None:
+                        objs[str(obj["file_name"])] = obj
+            cache[d] = objs
+        obj = cache[d].get("/".join(parts[i:]))
+        if obj is not None:
+            return {k: v for k, v in obj.items() if k not in ("file_name", "text")}
+    return {}
+
+
 def refresh(manifest: Manifest) -> RefreshResult:
     """Bring ``user_captions`` up to date with the caption files beside every present image."""
     ensure(manifest)
