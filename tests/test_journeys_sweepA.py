@@ -345,3 +345,23 @@ def test_diffusers_export_keeps_the_users_metadata_columns(tmp_path):
         {"text": "photo 2"},
     ]
     assert all((tmp_path / "out" / "train" / ln["file_name"]).is_file() for ln in lines)
+
+
+def test_a_multi_line_caption_set_by_hand_keeps_its_tags_apart(tmp_path):
+    """`Dataset.set_caption` (and the review page's text box) joined lines with a space: "smile\\nhat"
+    became the one tag "smile hat"."""
+    from curate.dataset import Dataset
+
+    ds = small_set(tmp_path / "ds")
+    d = Dataset.open(ds)
+    try:
+        d.set_caption("img2.png", "thing 2, smile\nred hat,\nblue sky")
+    finally:
+        d.close()
+    assert (ds / "img2.txt").read_text() == "thing 2, smile, red hat, blue sky\n"
+    d = Dataset.open(ds)
+    try:
+        d.set_caption("img2.png", "A photo of a thing\nin the rain.")  # a sentence: a space
+    finally:
+        d.close()
+    assert (ds / "img2.txt").read_text() == "A photo of a thing in the rain.\n"

@@ -593,7 +593,9 @@ class Review:
             raise CurateError("parts must be a list of tags")
         if parts is None and not isinstance(text, str):
             raise CurateError("the caption text must be a string")
-        new = self._text(parts) if parts is not None else " ".join(text.split())
+        from ..export.common import one_line
+
+        new = self._text(parts) if parts is not None else one_line(text)
         if not new:
             raise CurateError("a caption cannot be empty; leave at least one tag or word")
         if new == self.caption(self.record(sha)):

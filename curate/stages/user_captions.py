@@ -353,7 +353,9 @@ def caption_target(manifest: Manifest, rel: str, srcs: dict, fmt: str | None = N
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) if "\n" in str(text) else str(text).strip()
+    from ..export.common import one_line  # lines of tags joined with commas, as export joins them
+
+    return one_line(str(text)) if "\n" in str(text) else str(text).strip()
 
 
 def set_captions(manifest: Manifest, texts: dict[str, str], fmt: str | None = None) -> dict[str, str]:
