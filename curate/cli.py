@@ -247,7 +247,7 @@ def filter_cmd(
         out = {"filter": res.as_dict()}
         if not as_json:
             examples: dict[str, list[str]] = {}
-            for p, found in ds.manifest.rejected_paths().items():
+            for p, found in ds.manifest.rejected_paths(raw=True).items():
                 for _stage, reason, _ in (f for f in found if f[0] == "filter"):
                     for r in reason.split(","):
                         examples.setdefault(r, []).append(p)
@@ -262,6 +262,13 @@ def filter_cmd(
                     rows,
                 )
             )
+            if res.kept_by_hand:
+                more = f" and {len(res.kept_by_hand) - 3} more" if len(res.kept_by_hand) > 3 else ""
+                console.print(
+                    f"{len(res.kept_by_hand)} of them kept by hand (`curate keep`), so exported anyway: "
+                    f"{escape(', '.join(res.kept_by_hand[:3]))}{more}",
+                    highlight=False,
+                )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:

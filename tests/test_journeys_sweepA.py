@@ -365,3 +365,14 @@ def test_a_multi_line_caption_set_by_hand_keeps_its_tags_apart(tmp_path):
     finally:
         d.close()
     assert (ds / "img2.txt").read_text() == "A photo of a thing in the rain.\n"
+
+
+def test_filter_summary_names_rejects_kept_by_hand(tmp_path):
+    """After `curate keep tiny.png`, `curate filter` still said "1 of 4 images rejected" with an empty
+    example column, though tiny.png is exported."""
+    ds = small_set(tmp_path / "ds")
+    assert run(app, ["keep", str(ds), "tiny.png"]).exit_code == 0
+    doc = json.loads(run(app, ["filter", str(ds), "--json"]).stdout)["filter"]
+    assert (doc["checked"], doc["rejected"], doc["kept_by_hand"]) == (4, 1, ["tiny.png"])
+    out = " ".join(run(app, ["filter", str(ds)]).output.split())
+    assert "tiny.png" in out and "kept by hand" in out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import FilterConfig
@@ -59,8 +59,9 @@ _FLAG_TEXT = {
 @dataclass
 class FilterResult:
     checked: int
-    rejected: int
+    rejected: int  # images breaking a threshold, kept_by_hand included
     by_reason: dict[str, int]
+    kept_by_hand: list[str] = field(default_factory=list)  # rejected files `curate keep` keeps anyway
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -83,4 +84,5 @@ def filter_images(manifest: Manifest, cfg: FilterConfig = FilterConfig()) -> Fil
             rejects[p] = (reason, detail)
     manifest.set_rejects("filter", rejects)
     rejected_images = sum(1 for rec in records if rec.paths[0] in rejects)
-    return FilterResult(len(records), rejected_images, by_reason)
+    kept = sorted(p for p, (d, _) in manifest.decisions().items() if d == "keep" and p in rejects)
+    return FilterResult(len(records), rejected_images, by_reason, kept)
