@@ -411,6 +411,15 @@ def dedupe(
                 **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}
+        decided = ds.manifest.decisions()
+        dropped = {p for g in res.groups for p in g.members[1:]}
+        keepers = {g.keeper for g in res.groups}
+        by_hand = {  # what `curate keep` / `curate reject` change in these groups (export follows them)
+            "kept": sorted(p for p in dropped if decided.get(p, ("",))[0] == "keep"),
+            "rejected": sorted(p for p in keepers if decided.get(p, ("",))[0] == "reject"),
+        }
+        if by_hand["kept"] or by_hand["rejected"]:
+            out["dedupe"]["by_hand"] = by_hand
         if cleared is not None:
             out["dedupe"]["overrides_cleared"] = cleared
         if recorded is not None:
@@ -430,6 +439,14 @@ def dedupe(
                     rows,
                 )
             )
+            notes = [f"{p} kept by hand" for p in by_hand["kept"]]
+            notes += [f"{p} rejected by hand" for p in by_hand["rejected"]]
+            if notes:
+                console.print(
+                    f"decisions by hand win over the table: {escape('; '.join(notes))} "
+                    "(`curate keep --undo` forgets one)",
+                    highlight=False,
+                )
             if cleared is not None:
                 console.print(
                     f"forgot {cleared} hand choice(s) (curate review, --keeper, --same, --not-duplicate)"

@@ -376,3 +376,29 @@ def test_filter_summary_names_rejects_kept_by_hand(tmp_path):
     assert (doc["checked"], doc["rejected"], doc["kept_by_hand"]) == (4, 1, ["tiny.png"])
     out = " ".join(run(app, ["filter", str(ds)]).output.split())
     assert "tiny.png" in out and "kept by hand" in out
+
+
+def test_dedupe_summary_says_which_decisions_by_hand_win(tmp_path):
+    """With the mirror kept by hand, `curate dedupe` printed "kept img1.png, dropped img1_mirror.png" and
+    nothing else, though export takes both; a keeper rejected by hand (its exact copy is a duplicate)
+    was shown as kept."""
+    import shutil
+
+    ds = small_set(tmp_path / "ds")
+    shutil.copy(ds / "img2.png", ds / "img2_copy.png")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    assert run(app, ["keep", str(ds), "img1_mirror.png"]).exit_code == 0
+    doc = json.loads(run(app, ["dedupe", str(ds), "--json"]).stdout)["dedupe"]
+    keepers = {g["keeper"] for g in doc["groups"]}
+    assert keepers == {"img1.png", "img2.png"}
+    assert doc["by_hand"] == {"kept": ["img1_mirror.png"], "rejected": []}
+    assert run(app, ["reject", str(ds), "img2.png", "--reason", "worse"]).exit_code == 0
+    doc = json.loads(run(app, ["dedupe", str(ds), "--json"]).stdout)["dedupe"]
+    assert {g["keeper"] for g in doc["groups"]} == keepers
+    assert doc["by_hand"] == {"kept": ["img1_mirror.png"], "rejected": ["img2.png"]}
+    out = " ".join(run(app, ["dedupe", str(ds)]).output.split())
+    assert "img1_mirror.png kept by hand" in out and "img2.png rejected by hand" in out, out
+    # no decision by hand: no note, no key
+    ds2 = small_set(tmp_path / "ds2")
+    doc = json.loads(run(app, ["dedupe", str(ds2), "--json"]).stdout)["dedupe"]
+    assert "by_hand" not in doc
