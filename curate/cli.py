@@ -88,6 +88,11 @@ def _print_scan(d: dict) -> None:
         ("new images decoded", d["decoded"]),
         ("unchanged (skipped)", d["unchanged"]),
         ("missing since last scan", d["missing"]),
+        *(
+            (("changed since last scan (run filter and dedupe again)", d["changed"]),)
+            if d.get("changed")
+            else ()
+        ),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
         *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),

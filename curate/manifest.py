@@ -716,6 +716,7 @@ class Manifest:
         the stage ran (export warns when filter or dedupe never did)."""
         with self.transaction():
             self.set_meta(f"ran.{stage}", str(time.time()))
+            self.conn.execute("DELETE FROM meta WHERE key=?", (f"changed_since.{stage}",))
             self.conn.execute("DELETE FROM rejects WHERE stage=?", (stage,))
             self.conn.executemany(
                 "INSERT INTO rejects(path, stage, reason, detail) VALUES (?,?,?,?)",
@@ -744,6 +745,10 @@ class Manifest:
         return stage == "dedupe" and bool(
             self.conn.execute("SELECT 1 FROM images WHERE dup_group IS NOT NULL LIMIT 1").fetchone()
         )
+
+    def changed_since(self, stage: str) -> list[str]:
+        """Files whose bytes the scan found changed since ``stage`` (filter, dedupe) last ran."""
+        return json.loads(self.get_meta(f"changed_since.{stage}") or "[]")
 
     def file_errors(self) -> list[sqlite3.Row]:
         """Files that could not be read at all (permissions, broken symlinks)."""

@@ -402,3 +402,34 @@ def test_dedupe_summary_says_which_decisions_by_hand_win(tmp_path):
     ds2 = small_set(tmp_path / "ds2")
     doc = json.loads(run(app, ["dedupe", str(ds2), "--json"]).stdout)["dedupe"]
     assert "by_hand" not in doc
+
+
+def test_an_image_fixed_by_the_user_is_not_quarantined_for_its_old_faults(tmp_path):
+    """The user crops the panorama and replaces the tiny picture, then rescans: the filter's rejects of the
+    old bytes stayed on the paths, so export left the fixed images out and `curate apply` quarantined
+    them, while `curate check` said all rules pass."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    textured(640, 640, seed=1).save(ds / "good.png")
+    textured(2400, 600, seed=2).save(ds / "pano.png")
+    textured(100, 100, seed=3).save(ds / "small.png")
+    for cmd in ("scan", "filter", "dedupe"):
+        assert run(app, [cmd, str(ds)]).exit_code == 0
+    textured(2400, 600, seed=2).crop((0, 0, 800, 600)).save(ds / "pano.png")
+    textured(700, 700, seed=9).save(ds / "small.png")
+    doc = json.loads(run(app, ["scan", str(ds), "--json"]).stdout)
+    assert doc["changed"] == 2
+    assert json.loads(run(app, ["status", str(ds), "--json"]).stdout)["rejected"] == []
+    r = run(app, ["export", str(ds), str(tmp_path / "out"), "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["train"] == 3
+    (w,) = [w for w in doc["warnings"] if "changed since" in w]
+    assert "2 image(s)" in w and "curate filter" in w and "curate dedupe" in w
+    r = run(app, ["apply", str(ds), "--json"])
+    assert json.loads(r.stdout)["moved"] == []
+    assert sorted(p.name for p in ds.glob("*.png")) == ["good.png", "pano.png", "small.png"]
+    # filter and dedupe again: the warning goes, and the new bytes are judged (both pass now)
+    for cmd in ("filter", "dedupe"):
+        assert run(app, [cmd, str(ds)]).exit_code == 0
+    doc = json.loads(run(app, ["export", str(ds), str(tmp_path / "out2"), "--json"]).stdout)
+    assert doc["train"] == 3 and not [w for w in doc["warnings"] if "changed since" in w]

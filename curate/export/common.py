@@ -186,6 +186,15 @@ def collect(
             f"no {' or '.join(skipped)} run: {' and '.join(let_through[s] for s in skipped)} are exported "
             f"too; run {' and '.join(skipped)} first"
         )
+    kept_paths = {r.path for r in records}
+    stale = {s: [p for p in manifest.changed_since(s) if p in kept_paths] for s in ("filter", "dedupe")}
+    stale_stages = [f"`curate {s}`" for s, ps in stale.items() if ps and f"`curate {s}`" not in skipped]
+    if stale_stages:
+        n = len({p for ps in stale.values() for p in ps})
+        warnings.append(
+            f"{n} image(s) changed since the last {' and '.join(stale_stages)}: they are exported unchecked; "
+            f"run {' and '.join(stale_stages)} again"
+        )
     if all(r.split is None for r in records):
         warnings.append("no split stored: every image goes to train; run `curate split` for a validation set")
     no_caption = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -46,6 +47,7 @@ class ScanResult:
     captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
     bad_names: list[str] = field(default_factory=list)  # not valid UTF-8 (shown escaped); left out
     linked_folders: list[str] = field(default_factory=list)  # symlinked folders, not followed
+    changed: int = 0  # files whose bytes changed since the last scan (their filter/dedupe rejects dropped)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -249,6 +251,10 @@ def scan(
             res.decoded += 1
             if row.get("error"):
                 res.errors[row["error"]] = res.errors.get(row["error"], 0) + 1
+        was = index.get(rel)
+        if was and was[0] and was[0] != row["sha256"]:  # new bytes: the old ones' rejects are stale
+            res.changed += 1
+            forget_stale_rejects(manifest, rel)
         manifest.upsert_file(rel, row["sha256"], size, mtime)
 
     def run(results) -> None:
@@ -303,6 +309,25 @@ def scan(
     res.captions = _refresh_captions(manifest).as_dict()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+STALE_STAGES = ("filter", "dedupe")
+
+
+def forget_stale_rejects(manifest: Manifest, rel: str) -> None:
+    """``rel`` holds new bytes: drop the filter / dedupe rejects made on the old ones (a cropped panorama
+    is no longer too wide; `curate apply` must not quarantine it for that) and note the file for those
+    stages, so export says to run them again (`set_rejects` clears the note)."""
+    manifest.conn.execute(
+        f"DELETE FROM rejects WHERE path=? AND stage IN ({','.join('?' * len(STALE_STAGES))})",
+        (rel, *STALE_STAGES),
+    )
+    for stage in STALE_STAGES:
+        if manifest.stage_ran(stage):
+            key = f"changed_since.{stage}"
+            paths = json.loads(manifest.get_meta(key) or "[]")
+            if rel not in paths:
+                manifest.set_meta(key, json.dumps([*paths, rel]))
 
 
 def _refresh_captions(manifest: Manifest):
