@@ -746,6 +746,16 @@ class Manifest:
             self.conn.execute("SELECT 1 FROM images WHERE dup_group IS NOT NULL LIMIT 1").fetchone()
         )
 
+    def nothing_kept(self, verb: str) -> str:
+        """The error when no image is kept: why, and the fix (scan, or the rejects `curate status` lists)."""
+        n = self.conn.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
+        if not n:
+            return f"no images to {verb}; put images in {self.root} and run `curate scan {self.root}`"
+        return (
+            f"no kept images to {verb}: all {n} files are rejected or unusable; `curate status` lists why "
+            "(lower a threshold, or `curate keep` files)"
+        )
+
     def changed_since(self, stage: str) -> list[str]:
         """Files whose bytes the scan found changed since ``stage`` (filter, dedupe) last ran."""
         return json.loads(self.get_meta(f"changed_since.{stage}") or "[]")

@@ -433,3 +433,25 @@ def test_an_image_fixed_by_the_user_is_not_quarantined_for_its_old_faults(tmp_pa
         assert run(app, [cmd, str(ds)]).exit_code == 0
     doc = json.loads(run(app, ["export", str(ds), str(tmp_path / "out2"), "--json"]).stdout)
     assert doc["train"] == 3 and not [w for w in doc["warnings"] if "changed since" in w]
+
+
+def test_nothing_kept_says_everything_was_rejected_not_to_scan(tmp_path):
+    """When the filter rejected every image, split and export said "run `curate scan` first"."""
+    from tests.test_roundtrip_train import one_line_error
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for s in (1, 2):
+        textured(100, 100, seed=s).save(ds / f"small{s}.png")
+    for cmd in ("scan", "filter"):
+        assert run(app, [cmd, str(ds)]).exit_code == 0
+    for cmd in (["split", str(ds)], ["export", str(ds), str(tmp_path / "out")]):
+        r = run(app, cmd)
+        assert r.exit_code == 2
+        one_line_error(r.output, "all 2 files are rejected or unusable", "curate status")
+        assert "curate scan" not in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(app, ["scan", str(empty)]).exit_code == 0
+    r = run(app, ["split", str(empty)])
+    one_line_error(r.output, "no images", "curate scan")

@@ -175,7 +175,7 @@ def collect(
     items = []
     records = manifest.kept_images()
     if not records:
-        raise CurateError("no kept images to export; run `curate scan` (and check `curate status`)")
+        raise CurateError(manifest.nothing_kept("export"))
     skipped = [f"`curate {s}`" for s in ("filter", "dedupe") if not manifest.stage_ran(s)]
     if skipped:
         let_through = {

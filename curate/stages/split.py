@@ -155,7 +155,7 @@ def split(
         raise CurateError(f"--phash-threshold must be between 0 and 64 bits, got {phash_threshold}")
     records = manifest.kept_images()
     if not records:
-        raise CurateError("no kept images to split; run `curate scan` first (and check `curate status`)")
+        raise CurateError(manifest.nothing_kept("split"))
     sides, labels = assign(records, val, seed, balance_tag, phash_threshold)
     crossing = crossing_groups(records, sides, labels)  # type: ignore[arg-type]
     if crossing:  # construction makes this impossible; keep the assertion where it matters
