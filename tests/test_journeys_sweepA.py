@@ -455,3 +455,51 @@ def test_nothing_kept_says_everything_was_rejected_not_to_scan(tmp_path):
     assert run(app, ["scan", str(empty)]).exit_code == 0
     r = run(app, ["split", str(empty)])
     one_line_error(r.output, "no images", "curate scan")
+
+
+def test_a_move_made_in_review_survives_curate_split(tmp_path):
+    """Moving an image to val in `curate review` was undone silently by the next `curate split` (or
+    `curate run`)."""
+    import pytest
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from curate.dataset import Dataset
+    from curate.review.server import running
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for s in range(6):
+        textured(640, 640, seed=s).save(ds / f"img{s}.png")
+    for cmd in (["scan"], ["filter"], ["dedupe"], ["split", "--val", "0.2"]):
+        assert run(app, [cmd[0], str(ds), *cmd[1:]]).exit_code == 0
+
+    def sides() -> dict[str, str]:
+        d = Dataset.open(ds, create=False, write=False)
+        try:
+            return {r.path: r.split for r in d.kept()}
+        finally:
+            d.close()
+
+    seeded = sides()
+    moved = next(p for p, s in seeded.items() if s == "train")
+    sha = {r.path: r.sha256 for r in Dataset.open(ds, create=False, write=False).kept()}[moved]
+    with running(ds) as url:
+        status, out = _post(url, "move", {"sha": sha, "side": "val"})
+        assert status == 200 and out["ok"], out
+    r = run(app, ["split", str(ds), "--val", "0.2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["moved_by_hand"] == 1
+    assert sides() == {**seeded, moved: "val"}
+    r = run(app, ["split", str(ds), "--val", "0.2"])
+    assert "moved by hand" in " ".join(r.output.split())
+    # undo in the review forgets the move for later splits too
+    with running(ds) as url:
+        assert _post(url, "undo", {})[0] == 200
+    assert run(app, ["split", str(ds), "--val", "0.2"]).exit_code == 0
+    assert sides() == seeded
+    # and --clear-moves forgets every move
+    with running(ds) as url:
+        assert _post(url, "move", {"sha": sha, "side": "val"})[0] == 200
+    r = run(app, ["split", str(ds), "--val", "0.2", "--clear-moves", "--json"])
+    assert json.loads(r.stdout)["moved_by_hand"] == 0 and sides() == seeded

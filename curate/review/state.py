@@ -643,7 +643,7 @@ class Review:
     # -- split ---------------------------------------------------------------------------------------------
     def move(self, sha: str, side: str) -> str:
         """Move an image to train or val, with every image it must not be separated from."""
-        from ..stages.split import leak_groups
+        from ..stages.split import MOVES_KEY, leak_groups
 
         if side not in ("train", "val"):
             raise CurateError(f"side must be train or val, got {side!r}")
@@ -656,8 +656,13 @@ class Review:
         labels = leak_groups(kept)
         group = [r for r, g in zip(kept, labels, strict=True) if g == labels[k]]
         with self.writer() as m, m.transaction():
-            before = self._snapshot(m, [r.sha256 for r in group])
+            before = self._snapshot(m, [r.sha256 for r in group], meta=(MOVES_KEY,))
             m.conn.executemany("UPDATE images SET split=? WHERE sha256=?", [(side, r.sha256) for r in group])
+            moves = json.loads(m.get_meta(MOVES_KEY) or "{}")  # replayed by every `curate split`
+            for r in group:
+                moves.pop(r.sha256, None)
+            moves[sha] = side
+            m.set_meta(MOVES_KEY, json.dumps(moves))
             action = f"move {kept[k].path} to {side}"
             if len(group) > 1:
                 action += f" with {len(group) - 1} near-duplicate(s) (no leak across the split)"
