@@ -328,7 +328,7 @@ class Dataset:
         """Forget the manual decisions on these files (the stages' own decisions apply again)."""
         from .stages.user_captions import resolve_image
 
-        rels = list(dict.fromkeys(resolve_image(self.manifest, p) for p in paths))
+        rels = list(dict.fromkeys(resolve_image(self.manifest, p, allow_missing=True) for p in paths))
         self.manifest.set_decisions(rels, None)
         return rels
 

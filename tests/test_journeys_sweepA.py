@@ -503,3 +503,23 @@ def test_a_move_made_in_review_survives_curate_split(tmp_path):
         assert _post(url, "move", {"sha": sha, "side": "val"})[0] == 200
     r = run(app, ["split", str(ds), "--val", "0.2", "--clear-moves", "--json"])
     assert json.loads(r.stdout)["moved_by_hand"] == 0 and sides() == seeded
+
+
+def test_keep_refuses_a_file_that_is_gone(tmp_path):
+    """`curate keep DS tiny.png` after tiny.png was deleted (and rescanned) said "kept 1 file(s) by hand"."""
+    from tests.test_roundtrip_train import one_line_error
+
+    ds = small_set(tmp_path / "ds")
+    (ds / "tiny.png").unlink()
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    for cmd in ("keep", "reject"):
+        r = run(app, [cmd, str(ds), "tiny.png"])
+        assert r.exit_code == 2, r.output
+        one_line_error(r.output, "tiny.png", "gone")
+    assert json.loads(run(app, ["status", str(ds), "--json"]).stdout)["manual_keep"] == 0
+    # forgetting a decision on a file that went away still works
+    ds2 = small_set(tmp_path / "ds2")
+    assert run(app, ["keep", str(ds2), "tiny.png"]).exit_code == 0
+    (ds2 / "tiny.png").unlink()
+    assert run(app, ["scan", str(ds2)]).exit_code == 0
+    assert run(app, ["keep", str(ds2), "tiny.png", "--undo"]).exit_code == 0

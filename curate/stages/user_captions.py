@@ -315,8 +315,10 @@ def _backup(manifest: Manifest, rel: str, text: str, stamp: str) -> str:
     return str(bdir)
 
 
-def resolve_image(manifest: Manifest, path: str | os.PathLike) -> str:
-    """A path the user typed (relative to the dataset or the current folder, or absolute) -> manifest path."""
+def resolve_image(manifest: Manifest, path: str | os.PathLike, *, allow_missing: bool = False) -> str:
+    """A path the user typed (relative to the dataset or the current folder, or absolute) -> manifest path.
+
+    A file the last scan found gone is an error unless ``allow_missing`` (forgetting a decision on it)."""
     root = manifest.root
     raw = Path(path).expanduser()
     candidates = [raw] if raw.is_absolute() else [root / raw, Path.cwd() / raw]
@@ -332,6 +334,10 @@ def resolve_image(manifest: Manifest, path: str | os.PathLike) -> str:
             if rel.split("/", 1)[0] == STATE_DIR:
                 continue
             if rel in index:
+                if index[rel][3] == "missing" and not allow_missing:
+                    raise CurateError(
+                        f"{path} is gone since the last scan of {root}; pick a file that is there"
+                    )
                 return rel
     if outside:
         raise CurateError(f"{path} is outside the dataset {root}; pass a file inside it")
