@@ -93,6 +93,7 @@ def _print_scan(d: dict) -> None:
             if d.get("changed")
             else ()
         ),
+        *((("moved (their rejects and decisions follow)", d["moved"]),) if d.get("moved") else ()),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
         *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),

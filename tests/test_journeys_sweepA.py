@@ -523,3 +523,26 @@ def test_keep_refuses_a_file_that_is_gone(tmp_path):
     (ds2 / "tiny.png").unlink()
     assert run(app, ["scan", str(ds2)]).exit_code == 0
     assert run(app, ["keep", str(ds2), "tiny.png", "--undo"]).exit_code == 0
+
+
+def test_files_moved_into_a_concept_folder_keep_their_rejects_and_decisions(tmp_path):
+    """Reorganising after a scan (tiny.png and the mirrored copy moved into 3_stuff/) made both count as new
+    files: export took the tiny picture and the duplicate; a keep by hand was lost the same way."""
+    ds = small_set(tmp_path / "ds")
+    textured(640, 640, seed=7).save(ds / "mine.png")
+    for cmd in ("scan", "filter", "dedupe"):
+        assert run(app, [cmd, str(ds)]).exit_code == 0
+    assert run(app, ["reject", str(ds), "mine.png", "--reason", "off-model"]).exit_code == 0
+    (ds / "3_stuff").mkdir()
+    for name in ("tiny.png", "tiny.txt", "img1_mirror.png", "img1_mirror.txt", "mine.png"):
+        (ds / name).rename(ds / "3_stuff" / name)
+    doc = json.loads(run(app, ["scan", str(ds), "--json"]).stdout)
+    assert doc["missing"] == 3 and doc["moved"] == 3
+    st = json.loads(run(app, ["status", str(ds), "--json"]).stdout)
+    assert {(r["path"], r["reason"]) for r in st["rejected"]} == {
+        ("3_stuff/tiny.png", "too-small"),
+        ("3_stuff/img1_mirror.png", "duplicate"),
+        ("3_stuff/mine.png", "off-model"),
+    }
+    doc = json.loads(run(app, ["export", str(ds), str(tmp_path / "out"), "--json"]).stdout)
+    assert doc["train"] == 2  # img1 and img2 only
