@@ -55,6 +55,7 @@ def one(a) -> dict:
     for m in mods:
         m.lora_down.float().requires_grad_(True)
         m.lora_up.float().requires_grad_(True)
+        torch.nn.init.normal_(m.lora_up.weight, std=0.01)  # off zero, so lora_down gets gradients too
     unet.train()
     s = a.size or cfg["sample_size"]
     x = torch.randn(a.batch, 4, s, s, device=dev)
@@ -66,15 +67,22 @@ def one(a) -> dict:
             text_embeds=torch.randn(a.batch, 1280, device=dev), time_ids=torch.randn(a.batch, 6, device=dev)
         )
 
+    params = [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)]
+
     def step(fwd):
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
             out = fwd(x, t, h, added_cond_kwargs=added).sample
-        out.float().square().mean().backward()
+        loss = out.float().square().mean()
+        loss.backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        grad = torch.cat([p.grad.flatten() for p in params])
+        for p in params:
+            p.grad = None
+        return loss.detach(), grad
 
     t0 = time.perf_counter()
-    step(unet)
+    loss0, grad0 = step(unet)
     eager_s = time.perf_counter() - t0
     regions = 0
     if a.mode == "whole":
@@ -85,14 +93,15 @@ def one(a) -> dict:
     from torch._dynamo.utils import counters
 
     t0 = time.perf_counter()
-    step(fwd)
+    loss1, grad1 = step(fwd)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     step(fwd)
     second_s = time.perf_counter() - t0
     return dict(unet=a.unet, mode=a.mode, device=a.device, dtype=a.dtype, batch=a.batch, size=s, regions=regions,
                 compile_s=round(first_s - eager_s, 1), first_step_s=round(first_s, 1), eager_step_s=round(eager_s, 2),
-                second_step_s=round(second_s, 2), graphs=int(counters["stats"]["unique_graphs"]),
+                second_step_s=round(second_s, 2), loss_rel_diff=float((loss1 - loss0).abs() / loss0.abs()),
+                grad_rel_diff=float((grad1 - grad0).norm() / grad0.norm()), graphs=int(counters["stats"]["unique_graphs"]),
                 graph_breaks=int(sum(counters["graph_break"].values())), torch=torch.__version__)  # fmt: skip
 
 
@@ -114,7 +123,8 @@ def main() -> None:
     for mode in ("regional", "whole"):
         with tempfile.TemporaryDirectory(prefix="inductor_") as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
-            args = [a for a in sys.argv[1:] if not a.startswith("--out")]
+            args = ["--unet", a.unet, "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch),
+                    "--size", str(a.size), "--rank", str(a.rank)]  # fmt: skip
             cmd = [sys.executable, __file__, *args, "--mode", mode]
             t0 = time.perf_counter()
             try:
