@@ -8,7 +8,8 @@ to_q/k/v/out.0, bf16 autocast. Prints one JSON line per case, with the fields of
 Variants (--variant): plain = the eager step; graph = trainer_bridge.fast_step (forward+backward and the
 optimizer step as CUDA graph replays, the default of `curate train`); compile-graph = the same over a
 torch.compile'd UNet (compile = true); regional-graph = the same with each repeated block compiled on its own
-(compile = "regional", trainer_bridge/regions.py). --suite runs the peer (bench/peer/lora_step_peer.py) and ours
+(compile = "regional", trainer_bridge/regions.py); +qkv fuses the q/k/v LoRA down-projections of every
+self-attention into one matmul (trainer_bridge/fused_qkv.py), e.g. graph+qkv, regional-graph+qkv. --suite runs the peer (bench/peer/lora_step_peer.py) and ours
 on the same shapes in the same process and appends each figure to --out as soon as it is measured.
 
     python bench/train_step.py --dry-run --suite --variants graph,regional-graph   # CPU, tiny UNet: code paths only
@@ -159,6 +160,11 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
     channels_last = channels_last or "cl" in levers
     torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
     unet, fwd, opt, params = build(cfg, rank, channels_last, False)
+    fused_qkv = 0
+    if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
+        from trainer_bridge.fused_qkv import fuse_qkv_lora
+
+        fused_qkv = fuse_qkv_lora(unet)
     if compile_:
         fwd = torch.compile(unet, dynamic=False, backend="inductor" if DEV == "cuda" else "aot_eager")
     x, h, added = batch(cfg, bs, channels_last)
@@ -210,7 +216,7 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
               step_ms=[round(t * 1e3, 2) for t in times], first_step_s=round(first_s, 1),
               tflop_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / dt / 1e12, 1),
               peak_mem_gib=mem_gib(), reserved_gib=mem_gib(reserved=True),
-              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions),
+              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv,
               compiled_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()) - breaks0,
               recompiles_after_first=counters["stats"]["unique_graphs"] - graphs0 - graphs,
               lora_params_m=round(sum(p.numel() for p in params) / 1e6, 2),
@@ -260,13 +266,13 @@ def suite(out, variants, which, compiled_cases, batches=None):
         guarded(run_peer, name, bs, out=out)
         for v in variants:
             guarded(run_variant, name, cfg, bs, v, out=out)
-    for case in compiled_cases:  # e.g. "sd15-512:8:peer", "sd15-512:8:compile-graph"
+    for case in compiled_cases:  # e.g. "sd15-512:8:peer", "sd15-512:8:compile-graph", "sd15-512:8:peer-eager"
         name, bs, who = case.split(":")
         cfg = SD15 if name.startswith("sd15") else SDXL
         if DEV != "cuda":
             name, cfg = "sd15-tiny", TINY
-        if who == "peer":
-            guarded(run_peer, name, int(bs), compile_=True, out=out)
+        if who in ("peer", "peer-eager"):  # peer = the compiled peer, peer-eager its eager step
+            guarded(run_peer, name, int(bs), compile_=who == "peer", out=out)
         else:
             guarded(run_variant, name, cfg, int(bs), who, out=out)
 
@@ -318,10 +324,15 @@ if __name__ == "__main__":
     ap.add_argument("--compiled", default="sd15-512:8:peer,sd15-512:8:compile-graph",
                     help="with --suite: name:batch:who cases run last (who = peer or a variant)")  # fmt: skip
     ap.add_argument("--batches", default="", help="with --suite: only these batch sizes, e.g. 8,16")
+    ap.add_argument("--cases", default="", help="only these name:batch:who cases, in order (who: peer-eager, "
+                    "peer = compiled peer, or one of our variants), e.g. sd15-512:8:peer-eager,sd15-512:8:graph")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny UNet: the code paths, no real figures")
     a = ap.parse_args()
     if a.dry_run:
         DEV = "cpu"
+    if a.cases:
+        suite(a.out, [], [], [c for c in a.cases.split(",") if c])
+        sys.exit(0)
     if a.suite:
         bs_only = [int(b) for b in a.batches.split(",") if b]
         suite(
