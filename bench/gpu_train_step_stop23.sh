@@ -7,6 +7,7 @@
 #   1 peer SD1.5 512² bs8   2 ours graph bs8   3 ours regional-graph bs8 (its first step holds the compile)
 #   4 compiled peer bs8, only if the budget still holds the bs16 cases after it
 #   5 ours graph bs16   6 ours regional-graph bs16   7 the gpu test of compile = "regional" if time is left
+#   8 ours graph+qkv bs8 (fused q/k/v LoRA down-projections) if time is left
 #     bash bench/gpu_train_step_stop23.sh          (from a copy of the repo holding .whl_train/ or .whl/)
 #     DRY=1 OUT=/tmp/x TOTAL_S=900 bash bench/gpu_train_step_stop23.sh   # CPU, tiny UNet: the code paths only
 set -u
@@ -74,6 +75,8 @@ if [[ ${DRY:-0} != 1 ]] && (($(left) >= 120)); then
     -p no:cacheprovider -k regional --durations=3 >"$OUT/gpu_tests.txt" 2>&1
   tail -5 "$OUT/gpu_tests.txt"
 fi
+# the fused q/k/v LoRA down-projections (trainer_bridge/fused_qkv.py) on the plain graphed step, if time is left
+run_case qkv8 60 10 sd15-512:8:graph+qkv
 
 # summary: img/s, ratio to the peer, compile seconds (regional first step minus graph first step), % of 790 TFLOP/s
 python3 - "$R" <<'EOF' | tee "$OUT/summary.txt"
