@@ -7,6 +7,7 @@ eager forward + backward of the same shapes; the second step shows the compiled 
 
     python bench/compile_time.py                          # tiny UNet (the tests' config) on the CPU, both modes
     python bench/compile_time.py --unet sd15 --size 16    # real-size SD1.5 UNet config, 16x16 latents
+    TORCHINDUCTOR_COMPILE_THREADS=1 python bench/compile_time.py ...   # compilers in-process: process_cpu_s counts them
     python bench/compile_time.py --device cuda --unet sd15 --size 64 --batch 8 --dtype bf16
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -126,7 +128,7 @@ def main() -> None:
             args = ["--unet", a.unet, "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch),
                     "--size", str(a.size), "--rank", str(a.rank)]  # fmt: skip
             cmd = [sys.executable, __file__, *args, "--mode", mode]
-            t0 = time.perf_counter()
+            t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout or None)
                 line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 else ""
@@ -134,6 +136,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 res = dict(unet=a.unet, mode=mode, error=f"timed out after {a.timeout} s")
             res["process_s"] = round(time.perf_counter() - t0, 1)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU seconds of the process and the compilers it reaped (all of them with TORCHINDUCTOR_COMPILE_THREADS=1)
+            res["process_cpu_s"] = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1)
         line = json.dumps(res)
         print(line, flush=True)
         if a.out:

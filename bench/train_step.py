@@ -127,6 +127,24 @@ def emit(res: dict, out: str | None) -> None:
 _FLOPS: dict = {}
 
 
+def heartbeat(t0: float, counters):
+    """Every 15 s until the returned event is set, the compile's progress on stderr (graphs built so far), so a
+    case cut by its time limit still shows how far it got."""
+    import threading
+
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(15):
+            n = counters["stats"]["unique_graphs"]
+            print(
+                f"compiling: {time.perf_counter() - t0:.0f} s, {n} graphs so far", file=sys.stderr, flush=True
+            )
+
+    threading.Thread(target=beat, daemon=True).start()
+    return done
+
+
 def sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -196,9 +214,12 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
 
     sync()
     t0 = time.perf_counter()
+    done = heartbeat(t0, counters) if (compile_ or regional) else None
     one()  # graph: warm-up + capture; compile: compilation
     sync()
     first_s = time.perf_counter() - t0
+    if done:
+        done.set()
     graphs = counters["stats"]["unique_graphs"] - graphs0
     for _ in range(3):
         one()
