@@ -57,8 +57,8 @@ run_case() {
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
 }
 
-run_case peer8 60 420 sd15-512:8:peer-eager
-run_case graph8 60 360 sd15-512:8:graph
+run_case peer8 90 420 sd15-512:8:peer-eager
+run_case graph8 90 360 sd15-512:8:graph
 run_case regional8 460 60 sd15-512:8:regional-graph  # the figure this call is for: all it can have
 # bs16 regional compiles the same blocks at a new batch: about what bs8 took (its process wall time), a bit more
 EST16=$((WALL > 0 ? WALL + 30 : 150))
@@ -68,7 +68,7 @@ else
   echo "{\"case\": \"sd15-512:8:peer\", \"skipped\": \"budget kept for bs16\", \"left_s\": $(left)}" \
     | tee -a "$OUT/cases.jsonl"
 fi
-run_case graph16 60 $((EST16 < 200 ? EST16 : 200)) sd15-512:16:graph
+run_case graph16 90 $((EST16 < 200 ? EST16 : 200)) sd15-512:16:graph
 run_case regional16 400 15 sd15-512:16:regional-graph
 if [[ ${DRY:-0} != 1 ]] && (($(left) >= 120)); then
   timeout -k 5 $(($(left) - 15)) python3 -m pytest tests/test_fast_step_gpu.py -m gpu -v -W ignore \
@@ -76,7 +76,7 @@ if [[ ${DRY:-0} != 1 ]] && (($(left) >= 120)); then
   tail -5 "$OUT/gpu_tests.txt"
 fi
 # the fused q/k/v LoRA down-projections (trainer_bridge/fused_qkv.py) on the plain graphed step, if time is left
-run_case qkv8 60 10 sd15-512:8:graph+qkv
+run_case qkv8 90 10 sd15-512:8:graph+qkv
 
 # summary: img/s, ratio to the peer, compile seconds (regional first step minus graph first step), % of 790 TFLOP/s
 python3 - "$R" <<'EOF' | tee "$OUT/summary.txt"

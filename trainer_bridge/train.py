@@ -313,7 +313,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             te_fwd = [DDP(te, find_unused_parameters=sdxl, **kw) for te in tes]
         ddp_mods = [unet_ddp, *(te_fwd if train_te else [])]
     # compile = true: one static graph of the whole UNet per bucket shape; "regional": each repeated block compiled
-    # in place (identical blocks share code, minutes less to compile), the UNet itself called as is
+    # in place (identical blocks share compiled code), the UNet itself called as is; the fast step graphs it
     unet_fwd = torch.compile(unet_ddp, dynamic=False) if cfg.compile is True else unet_ddp
     if cfg.compile == "regional":
         from trainer_bridge.regions import compile_regions
