@@ -7,14 +7,22 @@ to_q/k/v/out.0, bf16 autocast. Prints one JSON line per case, with the fields of
 
 Variants (--variant): plain = the eager step; graph = trainer_bridge.fast_step (forward+backward and the
 optimizer step as CUDA graph replays, the default of `curate train`); compile-graph = the same over a
-torch.compile'd UNet (compile = true). --suite runs the peer (bench/peer/lora_step_peer.py) and ours on the same
-shapes in the same process and appends each figure to --out as soon as it is measured.
+torch.compile'd UNet (compile = true); regional-graph = the same with each repeated block compiled on its own
+(compile = "regional", trainer_bridge/regions.py); +qkv fuses the q/k/v LoRA down-projections of every
+self-attention into one matmul (trainer_bridge/fused_qkv.py), e.g. graph+qkv, regional-graph+qkv. --suite runs the peer (bench/peer/lora_step_peer.py) and ours
+on the same shapes in the same process and appends each figure to --out as soon as it is measured.
+
+    python bench/train_step.py --dry-run --suite --variants graph,regional-graph   # CPU, tiny UNet: code paths only
+
+--dry-run runs the same code on the CPU over a tiny UNet (no peer, no CUDA graphs, regions compiled with the
+aot_eager backend unless DRY_BACKEND=inductor), to check a suite's code paths before a device call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,13 +46,17 @@ SDXL = dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)  # fmt: skip
+TINY = dict(sample_size=8, cross_attention_dim=32, attention_head_dim=4, block_out_channels=(32, 64),
+            norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+DEV = "cuda"  # --dry-run: "cpu"
 ALPHAS = torch.cumprod(
     1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0
 ).float()
 
 
 def build(cfg: dict, rank: int, channels_last: bool, compile_: bool, checkpointing: bool = False):
-    with torch.device("cuda"):
+    with torch.device(DEV):
         unet = UNet2DConditionModel(**cfg)
     unet.requires_grad_(False).to(dtype=torch.bfloat16)
     if checkpointing:
@@ -57,29 +69,29 @@ def build(cfg: dict, rank: int, channels_last: bool, compile_: bool, checkpointi
         unet.to(memory_format=torch.channels_last)
     unet.train()
     params = lora_parameters(mods)
-    opt = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 1e-4, 0.01, "cuda")
+    opt = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 1e-4, 0.01, DEV)
     fwd = torch.compile(unet) if compile_ else unet
     return unet, fwd, opt, params
 
 
 def batch(cfg: dict, bs: int, channels_last: bool, size: int | None = None):
     s = size or cfg["sample_size"]
-    x = torch.randn(bs, 4, s, s, device="cuda")  # cached latents stay fp32, as in the trainer
+    x = torch.randn(bs, 4, s, s, device=DEV)  # cached latents stay fp32, as in the trainer
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    h = torch.randn(bs, 77, cfg["cross_attention_dim"], device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(bs, 77, cfg["cross_attention_dim"], device=DEV, dtype=torch.bfloat16)
     added = None
     if "addition_embed_type" in cfg:
-        added = dict(text_embeds=torch.randn(bs, 1280, device="cuda", dtype=torch.bfloat16),
-                     time_ids=torch.randn(bs, 6, device="cuda", dtype=torch.bfloat16))  # fmt: skip
+        added = dict(text_embeds=torch.randn(bs, 1280, device=DEV, dtype=torch.bfloat16),
+                     time_ids=torch.randn(bs, 6, device=DEV, dtype=torch.bfloat16))  # fmt: skip
     return x, h, added
 
 
 def step(fwd, opt, params, x, h, added, gen):
     """The body of trainer_bridge.train's loop for one optimizer step (grad_accum = 1)."""
     global ALPHAS
-    if ALPHAS.device.type != "cuda":
-        ALPHAS = ALPHAS.cuda()
+    if ALPHAS.device.type != DEV:
+        ALPHAS = ALPHAS.to(DEV)
     loss = diffusion_loss(fwd, x, h, added, ALPHAS, gen, autocast_dtype=torch.bfloat16)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -93,8 +105,9 @@ def fast(fwd, opt, params, max_grad_norm=1.0):
     from trainer_bridge.fast_step import FastStep
 
     global ALPHAS
-    ALPHAS = ALPHAS.cuda()
-    return FastStep(fwd, params, opt, ALPHAS, {"autocast_dtype": torch.bfloat16}, max_grad_norm=max_grad_norm)
+    ALPHAS = ALPHAS.to(DEV)
+    return FastStep(fwd, params, opt, ALPHAS, {"autocast_dtype": torch.bfloat16}, max_grad_norm=max_grad_norm,
+                    capture=DEV == "cuda")  # fmt: skip
 
 
 def fast_step(fs, x, h, added, gen):
@@ -114,61 +127,119 @@ def emit(res: dict, out: str | None) -> None:
 _FLOPS: dict = {}
 
 
+def heartbeat(t0: float, counters):
+    """Every 15 s until the returned event is set, the compile's progress on stderr (graphs built so far), so a
+    case cut by its time limit still shows how far it got."""
+    import threading
+
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(15):
+            n = counters["stats"]["unique_graphs"]
+            print(
+                f"compiling: {time.perf_counter() - t0:.0f} s, {n} graphs so far", file=sys.stderr, flush=True
+            )
+
+    threading.Thread(target=beat, daemon=True).start()
+    return done
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def mem_gib(reserved: bool = False) -> float:
+    if DEV != "cuda":
+        return 0.0
+    return round((torch.cuda.memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30, 2)
+
+
 def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, channels_last=False):
     """One figure of ours: build, warm up (capture / compile), time `blocks` x `iters` steps, report the median."""
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak()
     levers = set(
         variant.replace("-", "+").split("+")
-    )  # e.g. "graph", "compile+graph", "graph+cudnn", "graph+cl"
-    compile_ = "compile" in levers
+    )  # e.g. "graph", "compile+graph", "regional+graph", "graph+cudnn", "graph+cl"
+    compile_, regional = "compile" in levers, "regional" in levers
+    if DEV != "cuda":  # dry run: one step per block, kernels not compiled
+        blocks, iters = 1, 1
     channels_last = channels_last or "cl" in levers
     torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
     unet, fwd, opt, params = build(cfg, rank, channels_last, False)
+    fused_qkv = 0
+    if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
+        from trainer_bridge.fused_qkv import fuse_qkv_lora
+
+        fused_qkv = fuse_qkv_lora(unet)
     if compile_:
-        fwd = torch.compile(unet, dynamic=False)
+        fwd = torch.compile(unet, dynamic=False, backend="inductor" if DEV == "cuda" else "aot_eager")
     x, h, added = batch(cfg, bs, channels_last)
-    gen = torch.Generator("cuda").manual_seed(0)
+    gen = torch.Generator(DEV).manual_seed(0)
     if (name, bs) not in _FLOPS:
         step(unet, opt, params, x, h, added, gen)
-        torch.cuda.synchronize()
+        sync()
         with FlopCounterMode(display=False) as fc:
             step(unet, opt, params, x, h, added, gen)
         _FLOPS[name, bs] = fc.get_total_flops()
     flops = _FLOPS[name, bs]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()  # the peak of this variant's own steps (weights + state stay counted)
+    regions = []
+    if regional:  # after the FLOP count (an eager step): the blocks compile at the first step below
+        import trainer_bridge.regions as R
+
+        if DEV != "cuda":
+            R.BACKEND = os.environ.get("DRY_BACKEND", "aot_eager")
+        regions = R.compile_regions(unet)
+    from torch._dynamo.utils import counters
+
+    graphs0 = counters["stats"]["unique_graphs"]
+    breaks0 = sum(counters["graph_break"].values())
+    sync()
+    reset_peak()  # the peak of this variant's own steps (weights + state stay counted)
     fs = fast(fwd, opt, params) if "graph" in levers else None
 
     def one():
         return fast_step(fs, x, h, added, gen) if fs else step(fwd, opt, params, x, h, added, gen)
 
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
+    done = heartbeat(t0, counters) if (compile_ or regional) else None
     one()  # graph: warm-up + capture; compile: compilation
-    torch.cuda.synchronize()
+    sync()
     first_s = time.perf_counter() - t0
+    if done:
+        done.set()
+    graphs = counters["stats"]["unique_graphs"] - graphs0
     for _ in range(3):
         one()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(blocks):
         t0 = time.perf_counter()
         for _ in range(iters):
             loss = one()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) / iters)
     dt = sorted(times)[len(times) // 2]
-    emit(dict(impl="trainer_bridge", variant=variant, case=name, batch=bs, rank=rank, compile=compile_,
-              channels_last=channels_last, it_s=round(1 / dt, 3), img_s=round(bs / dt, 2),
+    emit(dict(impl="trainer_bridge", variant=variant, case=name, batch=bs, rank=rank,
+              compile="regional" if regional else compile_, channels_last=channels_last, it_s=round(1 / dt, 3), img_s=round(bs / dt, 2),
               step_ms=[round(t * 1e3, 2) for t in times], first_step_s=round(first_s, 1),
               tflop_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / dt / 1e12, 1),
-              peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              reserved_gib=round(torch.cuda.memory_reserved() / 2**30, 2),
-              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture),
+              peak_mem_gib=mem_gib(), reserved_gib=mem_gib(reserved=True),
+              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv,
+              compiled_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()) - breaks0,
+              recompiles_after_first=counters["stats"]["unique_graphs"] - graphs0 - graphs,
               lora_params_m=round(sum(p.numel() for p in params) / 1e6, 2),
               loss_finite=bool(torch.isfinite(loss))), out)  # fmt: skip
 
@@ -177,6 +248,9 @@ def run_peer(name, bs, compile_=False, out=None):
     """One figure of the peer (diffusers + peft reference step), its own code and timing, tagged impl=peer."""
     import contextlib
     import io
+
+    if DEV != "cuda":
+        return emit(dict(impl="peer", case=name, batch=bs, skipped="dry run (CPU)"), out)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
     import lora_step_peer as P
@@ -191,12 +265,14 @@ def run_peer(name, bs, compile_=False, out=None):
 
 SHAPES = [("sd15-512", SD15, 1), ("sd15-512", SD15, 8), ("sd15-512", SD15, 16), ("sdxl-1024", SDXL, 1),
           ("sdxl-1024", SDXL, 4)]  # fmt: skip
+DRY_SHAPES = [("sd15-tiny", TINY, 1), ("sd15-tiny", TINY, 8), ("sd15-tiny", TINY, 16)]  # --dry-run
 
 
 def suite(out, variants, which, compiled_cases, batches=None):
     """Peer and ours side by side: per shape the peer, then each of our variants; compiled cases last."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
+    emit(dict(gpu=gpu, torch=torch.__version__,
               diffusers=__import__("diffusers").__version__, peft=__import__("peft").__version__), out)  # fmt: skip
 
     def guarded(fn, *args, **kw):  # one failing figure must not cost the others
@@ -205,17 +281,19 @@ def suite(out, variants, which, compiled_cases, batches=None):
         except Exception as e:  # noqa: BLE001
             emit(dict(error=f"{type(e).__name__}: {str(e)[:300]}", args=[str(a)[:40] for a in args]), out)
 
-    for name, cfg, bs in SHAPES:
+    for name, cfg, bs in SHAPES if DEV == "cuda" else DRY_SHAPES:
         if name.split("-")[0] not in which or (batches and bs not in batches):
             continue
         guarded(run_peer, name, bs, out=out)
         for v in variants:
             guarded(run_variant, name, cfg, bs, v, out=out)
-    for case in compiled_cases:  # e.g. "sd15-512:8:peer", "sd15-512:8:compile-graph"
+    for case in compiled_cases:  # e.g. "sd15-512:8:peer", "sd15-512:8:compile-graph", "sd15-512:8:peer-eager"
         name, bs, who = case.split(":")
         cfg = SD15 if name.startswith("sd15") else SDXL
-        if who == "peer":
-            guarded(run_peer, name, int(bs), compile_=True, out=out)
+        if DEV != "cuda":
+            name, cfg = "sd15-tiny", TINY
+        if who in ("peer", "peer-eager"):  # peer = the compiled peer, peer-eager its eager step
+            guarded(run_peer, name, int(bs), compile_=who == "peer", out=out)
         else:
             guarded(run_variant, name, cfg, int(bs), who, out=out)
 
@@ -258,14 +336,24 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument(
-        "--variant", default="plain", help="plain | graph | compile-graph | graph+cudnn | graph+cl"
+        "--variant",
+        default="plain",
+        help="plain | graph | compile-graph | regional-graph | graph+cudnn | graph+cl",
     )
     ap.add_argument("--suite", action="store_true", help="peer + ours side by side, every shape")
     ap.add_argument("--variants", default="graph,plain", help="with --suite: our variants per shape")
     ap.add_argument("--compiled", default="sd15-512:8:peer,sd15-512:8:compile-graph",
                     help="with --suite: name:batch:who cases run last (who = peer or a variant)")  # fmt: skip
     ap.add_argument("--batches", default="", help="with --suite: only these batch sizes, e.g. 8,16")
+    ap.add_argument("--cases", default="", help="only these name:batch:who cases, in order (who: peer-eager, "
+                    "peer = compiled peer, or one of our variants), e.g. sd15-512:8:peer-eager,sd15-512:8:graph")  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny UNet: the code paths, no real figures")
     a = ap.parse_args()
+    if a.dry_run:
+        DEV = "cpu"
+    if a.cases:
+        suite(a.out, [], [], [c for c in a.cases.split(",") if c])
+        sys.exit(0)
     if a.suite:
         bs_only = [int(b) for b in a.batches.split(",") if b]
         suite(

@@ -77,3 +77,42 @@ def test_train_default_fast_step_matches_plain(family, tmp_path, monkeypatch):
     moved = sum(a[k].float().norm() ** 2 for k in ups) ** 0.5
     off = sum((b[k].float() - a[k].float()).norm() ** 2 for k in ups) ** 0.5
     assert moved > 0 and off / moved < 0.05, (off, moved)
+
+
+def test_train_regional_compile_graphed_matches_plain(tmp_path, monkeypatch):
+    """compile = "regional" on CUDA: the inductor-compiled blocks (LoRA on attention, feed-forward and resnet
+    convs inside them) are captured into the fast step's CUDA graphs (replayed, no fallback warning, no graph
+    breaks) and end with the plain step's losses and LoRA file."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tests.test_trainer_gpu import _tiny_setup
+    from trainer_bridge import TrainConfig, train
+    from trainer_bridge.export import load_lora
+
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real_replay(g))[1])
+    setup = {**_tiny_setup("sd15", tmp_path), "log_every_n_steps": 1, "max_steps": 6, "grad_accum": 2,
+             "save_state": False}  # fmt: skip
+    plain = train(TrainConfig(**setup, output_dir=str(tmp_path / "plain"), fast="off"))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fast = train(TrainConfig(**setup, output_dir=str(tmp_path / "fast"), compile="regional"))
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    finally:
+        torch._dynamo.reset()
+    assert not [w for w in caught if "fast step" in str(w.message)], [str(w.message) for w in caught]
+    assert graphs > 0 and breaks == 0, (graphs, dict(counters["graph_break"]))
+    assert len(replays) == 6 * 2 + 6  # the compiled step ran as graph replays
+    assert plain.losses[0] != plain.losses[1]
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-2, atol=1e-4)
+    a, _ = load_lora(plain.lora_path)
+    b, _ = load_lora(fast.lora_path)
+    ups = [k for k in a if k.endswith("lora_up.weight")]
+    moved = sum(a[k].float().norm() ** 2 for k in ups) ** 0.5
+    off = sum((b[k].float() - a[k].float()).norm() ** 2 for k in ups) ** 0.5
+    assert moved > 0 and off / moved < 0.05, (off, moved)

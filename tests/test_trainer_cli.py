@@ -37,6 +37,9 @@ def test_commands_fail_with_one_line(tmp_path):
     assert r.exit_code == 2 and "LoRA file not found" in r.output
     r = CliRunner().invoke(_app(), ["train", str(tmp_path), "--set", "optimizr=adamw"])
     assert r.exit_code == 2 and "unknown training option(s): optimizr" in r.output
+    r = CliRunner().invoke(_app(), ["train", str(tmp_path), "--set", "compile=whole"])
+    assert r.exit_code == 2 and "compile must be true, false or 'regional', got 'whole'" in r.output
+    assert "Traceback" not in r.output
     r = CliRunner().invoke(_app(), ["train", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output
 

@@ -121,7 +121,8 @@ class TrainConfig:
     # speed
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
     gradient_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile: true = the whole UNet; "regional" = each repeated block on its own (trainer_bridge/regions.py)
+    compile: bool | str = False
     # data parallel (torch DDP): per-device batch stays batch_size; the global batch is batch_size * grad_accum * gpus
     gpus: int = 1  # > 1 spawns that many ranks; under torchrun / accelerate launch, WORLD_SIZE wins
     ddp_backend: str = (
@@ -195,6 +196,9 @@ class TrainConfig:
             f.name: type(f.default) if f.default is not dataclasses.MISSING else list
             for f in dataclasses.fields(self)
         }
+        types.pop("compile")
+        if not (isinstance(self.compile, bool) or self.compile == "regional"):
+            raise TrainError(f"compile must be true, false or 'regional', got {self.compile!r}")
         for name, want in types.items():
             v = getattr(self, name)
             if want is float and isinstance(v, int) and not isinstance(v, bool):

@@ -56,7 +56,7 @@ def make_fast_step(cfg: Any, *, unet_fwd, params, optimizer, alphas_cumprod, los
             return None
         return _new(cfg, unet_fwd, params, optimizer, alphas_cumprod, loss_kw, capture=False)
     reason = why_not(cfg, device.type, world, train_te, scaler)
-    if not reason and mode == "auto" and getattr(cfg, "compile", False):
+    if not reason and mode == "auto" and getattr(cfg, "compile", False) is True:
         reason = "compile = true runs without CUDA graphs (set fast = 'graph' to capture the compiled step)"
     if reason:
         if device.type == "cuda" or mode == "graph":

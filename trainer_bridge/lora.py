@@ -48,7 +48,11 @@ class LoRAModule(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        h = self.lora_down(x)
+        return self.forward_from_down(x, self.lora_down(x))
+
+    def forward_from_down(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The output given h = lora_down(x), computed elsewhere (trainer_bridge/fused_qkv.py: one matmul for
+        the q/k/v down-projections of a self-attention)."""
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)  # kohya's network_dropout: on the rank-r features
         y = self.base_layer(x)

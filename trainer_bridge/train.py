@@ -313,9 +313,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if train_te:  # SDXL reads CLIP-L's penultimate layer: its last layer's LoRA gets no gradient
             te_fwd = [DDP(te, find_unused_parameters=sdxl, **kw) for te in tes]
         ddp_mods = [unet_ddp, *(te_fwd if train_te else [])]
-    unet_fwd = (
-        torch.compile(unet_ddp, dynamic=False) if cfg.compile else unet_ddp
-    )  # one static graph per bucket shape
+    # compile = true: one static graph of the whole UNet per bucket shape; "regional": each repeated block compiled
+    # in place (identical blocks share compiled code), the UNet itself called as is; the fast step graphs it
+    unet_fwd = torch.compile(unet_ddp, dynamic=False) if cfg.compile is True else unet_ddp
+    if cfg.compile == "regional":
+        from trainer_bridge.regions import compile_regions
+
+        compile_regions(unet)
     params = lyco.parameters() if lyco else L.lora_parameters(all_mods)
     groups = [{"params": lyco.parameters("unet") if lyco else L.lora_parameters(mods), "lr": cfg.unet_lr}]
     if te_mods or (lyco and lyco.te_nets):
