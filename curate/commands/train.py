@@ -312,6 +312,7 @@ def register(app: typer.Typer) -> None:
             "warnings": result.warnings,
             "epochs_grid": str(result.epochs_grid) if result.epochs_grid else None,
             "epochs_log": str(result.epochs_log) if result.epochs_log else None,
+            "earlier_run": str(result.earlier_run) if result.earlier_run else None,
         }
 
     @app.command("lora-info")

@@ -1,0 +1,131 @@
+"""New-user journeys over captions and training: train twice, resume after a stop, typos in --set, a plan
+after `curate tag --trigger`. Folders are built in tmp_path, the CLI runs through typer's CliRunner, and the
+trainer runs on the tiny models of tests/trainer_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.test_roundtrip_train import TINY, no_model_loads, one_line_error, picture
+from tests.trainer_fixtures import sd15_dir  # noqa: F401  (pytest fixture)
+
+run = CliRunner().invoke
+# one optimizer step at 64 px: writes the LoRA and its metadata
+STEP = [*TINY, "max_steps=1", "resolution=64"]
+
+
+def sets(*extra: str) -> list[str]:
+    return [a for s in (*STEP, *extra) for a in ("--set", s)]
+
+
+def kohya_folder(root: Path) -> Path:
+    """root/3_mychar/ with two pictures and hand-written captions."""
+    for i in range(2):
+        picture(root / "3_mychar" / f"img{i}.png", 64, 64, i)
+        (root / "3_mychar" / f"img{i}.txt").write_text(f"mychar, tag{i}")
+    return root
+
+
+@pytest.mark.slow
+def test_training_again_keeps_the_earlier_lora(tmp_path, sd15_dir):  # noqa: F811
+    """Train, change one setting, train again into the same folder: the first LoRA (and its epoch files) are
+    moved to OUTPUT/earlier/1/ and the run says so; the new file is the new setting's; nothing is lost."""
+    from trainer_bridge.export import load_lora
+
+    ds, out = kohya_folder(tmp_path / "ds"), tmp_path / "out"
+    args = ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out)]
+    r = run(app, [*args, *sets("network_dim=4", "save_every_n_epochs=1", "max_steps=0", "epochs=2")])
+    assert r.exit_code == 0, r.output
+    assert "earlier" not in r.output
+    first = (out / "lora.safetensors").read_bytes()
+    epoch1 = (out / "lora-000001.safetensors").read_bytes()
+    r = run(app, [*args, *sets("network_dim=8", "mixed_precision='bf16'")])
+    assert r.exit_code == 0, r.output
+    kept = out / "earlier" / "1"
+    assert (kept / "lora.safetensors").read_bytes() == first
+    assert (kept / "lora-000001.safetensors").read_bytes() == epoch1
+    assert (kept / "lora-state" / "state.json").is_file() and (kept / "lora-000001-state").is_dir()
+    assert not (out / "lora-000001.safetensors").exists()  # this run saved no epoch files
+    text = r.output.replace("\n", "")
+    assert "an earlier run's lora.safetensors and 3 more file(s) are kept in" in text, r.output
+    assert load_lora(kept / "lora.safetensors")[1]["ss_network_dim"] == "4"
+    meta = load_lora(out / "lora.safetensors")[1]
+    assert meta["ss_network_dim"] == "8"
+    assert meta["ss_mixed_precision"] == "no"  # on the CPU the run is fp32, whatever mixed_precision says
+    # a third run: the next free number, the second file kept too
+    second = (out / "lora.safetensors").read_bytes()
+    r = run(app, [*args, *sets("network_dim=4"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["earlier_run"] == str(out / "earlier" / "2")
+    assert (out / "earlier" / "2" / "lora.safetensors").read_bytes() == second
+
+
+@pytest.mark.slow
+def test_resume_reads_the_latent_and_text_caches(tmp_path, sd15_dir, monkeypatch):  # noqa: F811
+    """A run with the base given as a relative path, stopped after a step, then `curate train --resume STATE`
+    (which records absolute paths): the latents and caption embeddings come from the cache, none re-encoded."""
+    ds = kohya_folder(tmp_path / "ds")
+    monkeypatch.chdir(sd15_dir.parent)
+    r = run(app, ["train", str(ds), "--base", sd15_dir.name, "--output-dir", str(tmp_path / "out"), "--json",
+                  *sets("max_steps=3", "stop_after_steps=1", "batch_size=1")])  # fmt: skip
+    assert r.exit_code == 130, r.output
+    first = json.loads(r.stdout)
+    assert (first["timings"]["latents_encoded"], first["timings"]["te_encoded"]) == (2, 3), first["timings"]
+    r = run(app, ["train", "--resume", first["state"], "--json"])
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)["timings"]
+    assert (t["latents_encoded"], t["latents_cached"], t["te_encoded"], t["te_cached"]) == (0, 2, 0, 3), t
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("optimizer='adamw9'", "unknown optimizer 'adamw9'"),
+        ("lr_scheduler='cosin'", "unknown lr_scheduler 'cosin'"),
+    ],
+)
+def test_unknown_optimizer_or_scheduler_is_one_line_before_the_model_loads(
+    tmp_path, monkeypatch, setting, needle
+):
+    no_model_loads(monkeypatch)
+    ds = kohya_folder(tmp_path / "ds")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    r = run(
+        app, ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "out"), "--set", setting]
+    )
+    assert r.exit_code == 2, r.output
+    one_line_error(r.output, needle)
+
+
+def test_plan_uses_the_trigger_curate_tag_put_first(tmp_path):
+    """`curate tag --trigger mychar` then `curate plan` (no --trigger): the plan pins the trigger
+    (keep_tokens 1), prompts with it, names the LoRA after it and reads the set as a character, as the
+    export and the trainer will; it said "keep_tokens 0: no trigger word" and suggested a style."""
+    import tests.tiny_wd14 as tiny_wd14
+
+    ds = tmp_path / "ds"
+    for i in range(3):
+        picture(ds / f"p{i}.png", 64, 64, i)
+    model = tiny_wd14.build(tmp_path / "tagger")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["tag", str(ds), "--model", str(model), "--trigger", "mychar"])
+    assert r.exit_code == 0, r.output
+    assert all((ds / f"p{i}.txt").read_text().startswith("mychar, ") for i in range(3))
+    r = run(app, ["plan", str(ds), "--json", "--out", str(tmp_path / "train.toml")])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert (p["train"]["keep_tokens"], p["train"]["sample_prompts"]) == (1, ["mychar"]), p["train"]
+    assert p["train"]["output_name"] == "mychar"
+    assert p["suggestion"]["kind"] == "character", p["suggestion"]
+    assert "curate tag" in p["reasons"]["keep_tokens"]
+    # a trigger given to plan still wins
+    r = run(app, ["plan", str(ds), "--json", "--trigger", "other", "--out", str(tmp_path / "t2.toml")])
+    assert json.loads(r.stdout)["train"]["sample_prompts"] == ["other"]
