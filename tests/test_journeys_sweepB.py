@@ -129,3 +129,37 @@ def test_plan_uses_the_trigger_curate_tag_put_first(tmp_path):
     # a trigger given to plan still wins
     r = run(app, ["plan", str(ds), "--json", "--trigger", "other", "--out", str(tmp_path / "t2.toml")])
     assert json.loads(r.stdout)["train"]["sample_prompts"] == ["other"]
+
+
+@pytest.mark.parametrize("flag", [["--trigger", "zzz"], ["--class", "woman"]])
+def test_trigger_on_a_folder_curate_never_scanned_is_one_line(tmp_path, monkeypatch, flag):
+    """`curate train ./pics --trigger zzz` on a folder with no manifest trained without the trigger (the flag
+    only reaches curate's export): now a one-line error with the two fixes, before any model loads."""
+    no_model_loads(monkeypatch)
+    for i in range(2):
+        picture(tmp_path / "pics" / f"{i}.png", 64, 64, i)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "out"
+    r = run(app, ["train", str(tmp_path / "pics"), "--base", str(base), "--output-dir", str(out), *flag])
+    assert r.exit_code == 2, r.output
+    one_line_error(r.output, f"{flag[0]} applies to a curated dataset", "curate scan", f"5_{flag[1]}")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_images_without_any_caption_are_named_in_a_warning(tmp_path, sd15_dir):  # noqa: F811
+    """A plain folder of pictures, no caption files and no `N_name` folder: every image trains on an empty
+    caption; the run says so (and --json lists it under warnings), with the fix."""
+    pics = tmp_path / "pics"
+    for i in range(2):
+        picture(pics / f"{i}.png", 64, 64, i)
+    (pics / "0.txt").write_text("a red square")
+    r = run(app, ["train", str(pics), "--base", str(sd15_dir), "--output-dir", str(tmp_path / "out"),
+                  "--json", *sets()])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    warnings = json.loads(r.stdout)["warnings"]
+    assert warnings == ["1 of 2 training images have no caption (no caption file, no class tokens from a "
+                        "N_name folder): they train on an empty caption; run `curate tag` or add .txt files"]  # fmt: skip
+    assert f"warning: {warnings[0]}" in r.stderr  # also said while it runs, before the model loads

@@ -205,6 +205,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
     val_items = D.list_items(spec.val_subsets, spec) if spec.val_subsets else []
     if not any(not it.subset.is_reg for it in items):
         raise TrainError(f"no images found under {cfg.data}")
+    bare = sum(1 for it in items if not it.subset.is_reg and not it.caption)
+    caption_warnings = [f"{bare} of {sum(1 for it in items if not it.subset.is_reg)} training images have no "
+                        "caption (no caption file, no class tokens from a N_name folder): they train on an empty "
+                        "caption; run `curate tag` or add .txt files"] if bare else []  # fmt: skip
+    for w in caption_warnings:
+        say(f"warning: {w}")
     earlier = keep_earlier_run(out_dir, cfg.output_name) if main and not resumed else None
     if earlier:
         more = f" and {len(earlier[1]) - 1} more file(s)" if len(earlier[1]) > 1 else ""
@@ -618,6 +624,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     result = TrainResult(None, None, global_step, start_epoch)
     result.earlier_run = earlier[0] if earlier else None
+    result.warnings += caption_warnings
     if resumed:  # the epochs table and val losses of the run so far
         result.epochs = [EpochRecord.from_dict(d) for d in resumed[3].get("epochs", [])]
         result.val_losses = list(resumed[3].get("val_losses", []))

@@ -29,6 +29,13 @@ def _training_data(
     files and caption files changed since the last scan, so the export is never stale.
     """
     if not (source / ".curate" / "manifest.db").exists():
+        for flag, value in (("--trigger", trigger), ("--class", class_word)):
+            if value is not None:  # only curate's export writes them into captions / folder names
+                raise CurateError(
+                    f"{flag} applies to a curated dataset; {source} has no manifest, so it trains as it is: "
+                    f"run `curate scan {source}` first, or name its folder 5_{value} (repeats_words) or put "
+                    "the word in its caption files"
+                )
         if reg is not None:
             raise CurateError(
                 f"--reg applies to a curated dataset; {source} is a kohya folder or dataset TOML: "
