@@ -163,3 +163,35 @@ def test_images_without_any_caption_are_named_in_a_warning(tmp_path, sd15_dir): 
     assert warnings == ["1 of 2 training images have no caption (no caption file, no class tokens from a "
                         "N_name folder): they train on an empty caption; run `curate tag` or add .txt files"]  # fmt: skip
     assert f"warning: {warnings[0]}" in r.stderr  # also said while it runs, before the model loads
+
+
+def test_trigger_added_after_a_hand_edit_is_reported_with_the_fix(tmp_path):
+    """tag, edit one caption by hand, then `curate tag --trigger abc`: the hand edit survives, and the run says
+    that caption lacks the trigger (so the export leaves keep_tokens at 0) and how to add it; the suggested
+    `curate edit --trigger abc --overwrite` does, with a backup, and the export then pins it."""
+    import tomllib
+
+    import tests.tiny_wd14 as tiny_wd14
+
+    ds = tmp_path / "ds"
+    for i in range(3):
+        picture(ds / f"p{i}.png", 64, 64, i)
+    model = tiny_wd14.build(tmp_path / "tagger")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    assert run(app, ["tag", str(ds), "--model", str(model)]).exit_code == 0
+    (ds / "p0.txt").write_text("my own words, blue dress")
+    r = run(app, ["tag", str(ds), "--trigger", "abc", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["captions"]["lack_trigger"] == ["p0.png"]
+    assert (ds / "p0.txt").read_text() == "my own words, blue dress"  # the hand edit survives
+    r = run(app, ["tag", str(ds), "--trigger", "abc"])
+    text = " ".join(r.output.split())
+    assert "1 of 3 caption(s) do not start with the trigger 'abc' (p0.png)" in text, r.output
+    assert "curate edit" in text and "--trigger abc --overwrite" in text
+    r = run(app, ["edit", str(ds), "--trigger", "abc", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert (ds / "p0.txt").read_text().strip() == "abc, my own words, blue dress"
+    assert list((ds / ".curate" / "caption_backups").rglob("p0.txt"))
+    r = run(app, ["export", str(ds), str(tmp_path / "exp"), "--format", "kohya"])
+    assert r.exit_code == 0, r.output
+    assert tomllib.loads((tmp_path / "exp" / "dataset.toml").read_text())["general"]["keep_tokens"] == 1
