@@ -195,3 +195,32 @@ def test_trigger_added_after_a_hand_edit_is_reported_with_the_fix(tmp_path):
     r = run(app, ["export", str(ds), str(tmp_path / "exp"), "--format", "kohya"])
     assert r.exit_code == 0, r.output
     assert tomllib.loads((tmp_path / "exp" / "dataset.toml").read_text())["general"]["keep_tokens"] == 1
+
+
+def test_caption_combine_later_reuses_the_stored_sentences(tmp_path, monkeypatch):
+    """`curate caption DS --model ./blip --num-beams 1`, `curate tag`, then `curate caption DS --combine`: the
+    sentences are stored, so no model runs; it said "captioner Salesforce/blip-image-captioning-large is not
+    downloaded" (the default model, not the one used) and combined nothing."""
+    import tests.tiny_blip as tiny_blip
+    import tests.tiny_wd14 as tiny_wd14
+    from curate.models import blip
+
+    ds = tmp_path / "ds"
+    for i in range(2):
+        picture(ds / f"p{i}.png", 64, 64, i)
+    captioner, tagger = tiny_blip.build(tmp_path / "blip"), tiny_wd14.build(tmp_path / "tagger")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    r = run(app, ["caption", str(ds), "--model", str(captioner), "--num-beams", "1", "--max-length", "8"])
+    assert r.exit_code == 0, r.output
+    sentence = (ds / "p0.txt").read_text().strip()
+    assert run(app, ["tag", str(ds), "--model", str(tagger), "--trigger", "zz"]).exit_code == 0
+
+    def boom(*a, **k):
+        raise AssertionError("the captioner was loaded again")
+
+    monkeypatch.setattr(blip, "load_blip", boom)
+    r = run(app, ["caption", str(ds), "--combine", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["run"]["cached"] == 2
+    parts = (ds / "p0.txt").read_text().strip().split(", ")
+    assert parts[0] == "zz" and sentence in parts and len(parts) > 2, parts
