@@ -224,3 +224,19 @@ def test_caption_combine_later_reuses_the_stored_sentences(tmp_path, monkeypatch
     assert json.loads(r.stdout)["run"]["cached"] == 2
     parts = (ds / "p0.txt").read_text().strip().split(", ")
     assert parts[0] == "zz" and sentence in parts and len(parts) > 2, parts
+
+
+def test_lora_resize_never_replaces_an_existing_file_unasked(tmp_path):
+    """`curate lora-resize a.safetensors --out b.safetensors` when b is another LoRA (an epoch file, an earlier
+    resize): a one-line error, b untouched; --overwrite replaces it."""
+    from tests.test_lora_resize import _lora
+
+    src, other = _lora(tmp_path / "a.safetensors"), _lora(tmp_path / "b.safetensors", seed=1)
+    before = other.read_bytes()
+    r = run(app, ["lora-resize", str(src), "--rank", "2", "--out", str(other)])
+    assert r.exit_code == 2, r.output
+    one_line_error(r.output, f"{other} exists", "--overwrite")
+    assert other.read_bytes() == before
+    r = run(app, ["lora-resize", str(src), "--rank", "2", "--out", str(other), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert other.read_bytes() != before
