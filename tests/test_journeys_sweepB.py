@@ -88,11 +88,11 @@ def test_resume_reads_the_latent_and_text_caches(tmp_path, sd15_dir, monkeypatch
     [
         ("optimizer='adamw9'", "unknown optimizer 'adamw9'"),
         ("lr_scheduler='cosin'", "unknown lr_scheduler 'cosin'"),
+        ("netwrk_dim=8", "unknown training option(s): netwrk_dim (did you mean network_dim?)"),
+        ("unet_lrr=1e-4", "unet_lrr (did you mean unet_lr?)"),
     ],
 )
-def test_unknown_optimizer_or_scheduler_is_one_line_before_the_model_loads(
-    tmp_path, monkeypatch, setting, needle
-):
+def test_set_typo_is_one_line_before_the_model_loads(tmp_path, monkeypatch, setting, needle):
     no_model_loads(monkeypatch)
     ds = kohya_folder(tmp_path / "ds")
     base = tmp_path / "base"

@@ -40,6 +40,17 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restart
               "piecewise_constant")  # fmt: skip
 
 
+def _with_hints(unknown: list[str], names: set[str]) -> str:
+    """`netwrk_dim (did you mean network_dim?)`: each unknown option with its closest known name, if any."""
+    import difflib
+
+    def one(k: str) -> str:
+        close = difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.75)
+        return f"{k} (did you mean {close[0]}?)" if close else k
+
+    return ", ".join(map(one, unknown))
+
+
 def check_output_dir(path: str | Path) -> Path:
     """output_dir is a folder (created when missing); an existing file there is a mistake, never replaced."""
     out = Path(path).expanduser()
@@ -173,7 +184,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in values if k not in names and not isinstance(values[k], dict))
         if unknown:
-            raise TrainError(f"unknown training option(s): {', '.join(unknown)}")
+            raise TrainError(f"unknown training option(s): {_with_hints(unknown, names)}")
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def override(self, overrides: dict[str, Any] | list[str]) -> TrainConfig:
@@ -192,7 +203,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(self)}
         bad = sorted(set(overrides) - names)
         if bad:
-            raise TrainError(f"unknown training option(s): {', '.join(bad)}")
+            raise TrainError(f"unknown training option(s): {_with_hints(bad, names)}")
         return dataclasses.replace(self, **overrides)
 
     def _checked(self) -> TrainConfig:
