@@ -240,3 +240,56 @@ def test_lora_resize_never_replaces_an_existing_file_unasked(tmp_path):
     r = run(app, ["lora-resize", str(src), "--rank", "2", "--out", str(other), "--overwrite"])
     assert r.exit_code == 0, r.output
     assert other.read_bytes() != before
+
+
+def test_train_exports_at_the_resolution_it_trains(tmp_path, monkeypatch):
+    """`curate train DS --base <SDXL>` on a curated dataset that never ran `curate bucket`: the export the run
+    writes (OUTPUT/data/dataset.toml, usable with sd-scripts) says 1024 as the trainer does, without the
+    "no `curate bucket` run: ... resolution 512" warning; --set resolution=768 exports 768."""
+    import tomllib
+
+    no_model_loads(monkeypatch)
+    ds = tmp_path / "ds"
+    for i in range(2):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    base = tmp_path / "sdxl"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    out = tmp_path / "out"
+    for extra, want in (([], 1024), (["--set", "resolution=768"], 768)):
+        r = run(app, ["train", str(ds), "--base", str(base), "--output-dir", str(out), *extra])
+        assert "the model was loaded" in str(r.exception), r.output  # the export came first
+        assert "no `curate bucket` run" not in r.output, r.output
+        toml = tomllib.loads((out / "data" / "dataset.toml").read_text())
+        assert toml["datasets"][0]["resolution"] == want, toml
+
+
+def test_caption_settings_given_to_train_reach_the_export(tmp_path, monkeypatch):
+    """`curate train DS --set shuffle_caption=false --set flip_aug=true --set keep_tokens=2` on a curated
+    dataset: the export's dataset TOML (which the trainer reads, and whose [general] wins over [train]) carries
+    them; they were dropped for the export's own defaults (shuffle on, flip off, keep_tokens from the trigger)."""
+    import tomllib
+
+    no_model_loads(monkeypatch)
+    ds = tmp_path / "ds"
+    for i in range(2):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(f"mychar, red, tag{i}")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    base = tmp_path / "sd15"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "out"
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]
+
+    def general(*extra: str) -> dict:
+        r = run(app, [*args, *extra])
+        assert "the model was loaded" in str(r.exception), r.output
+        return tomllib.loads((out / "data" / "dataset.toml").read_text())["general"]
+
+    g = general()
+    assert (g["shuffle_caption"], g["flip_aug"]) == (True, False)  # tag captions: the export's defaults
+    g = general("--set", "shuffle_caption=false", "--set", "flip_aug=true", "--set", "keep_tokens=2")
+    assert (g["shuffle_caption"], g["flip_aug"], g["keep_tokens"]) == (False, True, 2), g

@@ -216,6 +216,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         more = f" and {len(earlier[1]) - 1} more file(s)" if len(earlier[1]) > 1 else ""
         say(f"an earlier run's {earlier[1][0]}{more} are kept in {earlier[0]} "
             f"(this run writes {out_dir / cfg.output_name}.safetensors)")  # fmt: skip
+        if f"{cfg.output_name}.safetensors" not in earlier[1] and f"{cfg.output_name}-state" in earlier[1]:
+            say(f"that run had stopped; to continue it instead: Ctrl-C, then "
+                f"curate train --resume {earlier[0] / (cfg.output_name + '-state')}")  # fmt: skip
     timings: dict[str, Any] = {}
     t_phase = time.perf_counter()
     base = load_base(cfg.base, family, cfg.v_prediction)
