@@ -45,12 +45,15 @@ def test_training_again_keeps_the_earlier_lora(tmp_path, sd15_dir):  # noqa: F81
     assert "earlier" not in r.output
     first = (out / "lora.safetensors").read_bytes()
     epoch1 = (out / "lora-000001.safetensors").read_bytes()
+    (out / "sample").mkdir()
+    (out / "sample" / "lora_000002_00.png").write_bytes(b"a sample of that run")  # as sample_prompts write
     r = run(app, [*args, *sets("network_dim=8", "mixed_precision='bf16'")])
     assert r.exit_code == 0, r.output
     kept = out / "earlier" / "1"
     assert (kept / "lora.safetensors").read_bytes() == first
     assert (kept / "lora-000001.safetensors").read_bytes() == epoch1
     assert (kept / "lora-state" / "state.json").is_file() and (kept / "lora-000001-state").is_dir()
+    assert (kept / "sample" / "lora_000002_00.png").read_bytes() == b"a sample of that run"
     assert not (out / "lora-000001.safetensors").exists()  # this run saved no epoch files
     text = r.output.replace("\n", "")
     assert "an earlier run's lora.safetensors and 3 more file(s) are kept in" in text, r.output

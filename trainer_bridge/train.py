@@ -96,17 +96,19 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
 
 def keep_earlier_run(out_dir: Path, name: str) -> tuple[Path, list[str]] | None:
-    """Move an earlier run's <name>.safetensors, its epoch / step files and their -state/ folders into
+    """Move an earlier run's <name>.safetensors, its epoch / step files, their -state/ folders and samples into
     out_dir/earlier/<N>/ (N: the next free number), so a new run never overwrites them; None if there are none."""
     pat = re.compile(re.escape(name) + r"(-\d{6}|-step\d{6})?(\.safetensors|-state)")
     found = sorted((f.name for f in out_dir.iterdir() if pat.fullmatch(f.name)),
                    key=lambda f: (f != f"{name}.safetensors", f))  # fmt: skip
     if not found:
         return None
+    sample = re.compile(re.escape(name) + r"_\d{6}_\d{2}\.png|epochs\.png")  # its sample images and grid
+    samples = [f"sample/{f.name}" for f in (out_dir / "sample").glob("*.png") if sample.fullmatch(f.name)]
     taken = [int(d.name) for d in (out_dir / "earlier").glob("*") if d.name.isdigit()]
     dest = out_dir / "earlier" / str(max(taken, default=0) + 1)
-    dest.mkdir(parents=True)
-    for f in found:
+    (dest / "sample" if samples else dest).mkdir(parents=True)
+    for f in found + samples:
         (out_dir / f).rename(dest / f)
     return dest, found
 
