@@ -84,6 +84,7 @@ def _training_data(
             layout.keep_tokens = keep
             for sub in layout.subsets:
                 sub.keep_tokens = keep
+            layout.warnings[:] = [w for w in layout.warnings if "keep_tokens = 0 there" not in w]
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
             return str(target / "dataset.toml")
