@@ -301,3 +301,24 @@ def test_caption_settings_given_to_train_reach_the_export(tmp_path, monkeypatch)
     assert (g["shuffle_caption"], g["flip_aug"]) == (True, False)  # tag captions: the export's defaults
     g = general("--set", "shuffle_caption=false", "--set", "flip_aug=true", "--set", "keep_tokens=2")
     assert (g["shuffle_caption"], g["flip_aug"], g["keep_tokens"]) == (False, True, 2), g
+
+
+def test_plan_for_another_family_names_the_plan_not_only_the_flag(tmp_path, monkeypatch):
+    """`curate plan DS --model sdxl --out x.toml`, then `curate train DS --config x.toml --base <SD1.5>`: the one
+    line said "drop --family", a flag the user never passed; it now names the TOML's model_family too."""
+    no_model_loads(monkeypatch)
+    ds = kohya_folder(tmp_path / "ds")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    plan = tmp_path / "x.toml"
+    assert run(app, ["plan", str(ds), "--model", "sdxl", "--out", str(plan)]).exit_code == 0
+    base = tmp_path / "sd15"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    r = run(
+        app,
+        ["train", str(ds), "--config", str(plan), "--base", str(base), "--output-dir", str(tmp_path / "o")],
+    )
+    assert r.exit_code == 2, r.output
+    one_line_error(
+        r.output, "but model_family is sdxl", "model_family from the training TOML", "--model sd15"
+    )
