@@ -322,3 +322,29 @@ def test_plan_for_another_family_names_the_plan_not_only_the_flag(tmp_path, monk
     one_line_error(
         r.output, "but model_family is sdxl", "model_family from the training TOML", "--model sd15"
     )
+
+
+def test_caption_edited_inside_the_training_export_is_not_replaced(tmp_path, monkeypatch):
+    """A caption fixed by hand in OUTPUT/data (the export `curate train` made), then a change in the dataset
+    that makes the next `curate train` re-export: the re-export would silently replace the fix, so it stops with
+    one line naming the file and what to do; the fixed file is untouched."""
+    no_model_loads(monkeypatch)
+    ds = tmp_path / "ds"
+    for i in range(2):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    base = tmp_path / "sd15"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "out"
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]
+    assert "the model was loaded" in str(run(app, args).exception)
+    rec = json.loads((out / "data" / "curate_export.json").read_text())["images"]
+    fixed = out / "data" / Path(next(r["file"] for r in rec if r["source"] == "p0.png")).with_suffix(".txt")
+    fixed.write_text("mychar, fixed in the export")
+    (ds / "p1.txt").write_text("mychar, changed in the dataset")
+    r = run(app, args)
+    assert r.exit_code == 2, r.output
+    one_line_error(r.output, "edited in", "p0.png", "would replace")
+    assert fixed.read_text() == "mychar, fixed in the export"

@@ -88,6 +88,13 @@ def _training_data(
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
             return str(target / "dataset.toml")
+        edited = _edited_in_export(target, old) if old else []
+        if edited:  # a fix made in the export itself: replacing the folder would lose it without a word
+            raise CurateError(
+                f"{len(edited)} caption(s) were edited in {target} (e.g. {edited[0][0]}, the caption of "
+                f"{edited[0][1]}) and the re-export this run needs would replace them: put the fix in the "
+                f"dataset's caption ({edited[0][1]}'s .txt in {source}) or move {target} away, then rerun"
+            )
         if ranks > 1:
             raise CurateError(
                 f"the export in {target} is out of date (the dataset or the export options changed); "
@@ -113,6 +120,23 @@ def _training_data(
             why = "0 changed (the export format changed)"
         console.print(f"re-exported: {why}; {counts} images in {escape(str(target))}", highlight=False)
     return str(target / "dataset.toml")
+
+
+def _edited_in_export(target: Path, record: dict) -> list[tuple[str, str]]:
+    """(caption file in the export, its source image) for each exported caption whose text is no longer what
+    the export wrote (kept in its curate_export.json), i.e. edited there by hand."""
+    from ..export.kohya import CAPTION_EXTENSION
+
+    edited = []
+    for im in record.get("images") or []:
+        f = target / Path(im.get("file", "")).with_suffix(CAPTION_EXTENSION)
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # gone or unreadable: nothing of the user's to keep
+        if im.get("caption") is not None and text.strip() != str(im["caption"]).strip():
+            edited.append((str(f.relative_to(target)), str(im.get("source", ""))))
+    return edited
 
 
 def summary_table(t: dict):
