@@ -16,6 +16,7 @@ Writes bench/results/dedupe_scale_5k.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -150,7 +151,9 @@ def fit(points: list[dict], key: str = "cpu_seconds") -> dict:
     }
 
 
-def timed(root: Path, out: dict, planted: dict[str, str], scan: bool = True) -> tuple[list, dict]:
+def timed(
+    root: Path, out: dict, planted: dict[str, str], scan: bool = True, groups_out: Path | None = None
+) -> tuple[list, dict]:
     """Scan + dedupe auto on the set, timed; fills ``out``; returns the records and their light features."""
     from curate import Dataset
     from curate.stages import features as F
@@ -180,12 +183,16 @@ def timed(root: Path, out: dict, planted: dict[str, str], scan: bool = True) -> 
             per_kind[kind][1] += 1
             per_kind[kind][0] += int(c_ in group_of and group_of.get(o) == group_of[c_])
         false_groups = sum(1 for g in res.groups if len({planted.get(p, p) for p in g.members}) > 1)
+        digest = hashlib.sha256(json.dumps([[g.keeper, g.members] for g in res.groups]).encode()).hexdigest()
+        if groups_out is not None:  # keeper and members of every group, to compare two runs
+            groups_out.write_text(json.dumps([[g.keeper, g.members] for g in res.groups]) + "\n")
         out["quality"] = {
             "copies_found": found,
             "recall": round(found / max(1, len(planted)), 4),
             "recall_per_kind": {k: round(a / b, 3) for k, (a, b) in sorted(per_kind.items())},
             "groups": len(res.groups),
             "groups_joining_distinct_images": false_groups,
+            "groups_digest": digest[:16],
         }
         records = sorted(ds.manifest.images(), key=lambda r: r.path)
         light = F.load_light(ds.manifest, [r.sha256 for r in records])
@@ -214,7 +221,7 @@ def run(args) -> dict:
         light = F.load_light(man, [r.sha256 for r in records])
         man.close()
     else:
-        records, light = timed(root, out, planted, scan=not args.no_scan)
+        records, light = timed(root, out, planted, scan=not args.no_scan, groups_out=args.groups_out)
     recs = [r for r in records if r.sha256 in light]
     codes = np.stack([light[r.sha256].codes for r in recs])
     descs = [light[r.sha256].desc for r in recs]
@@ -255,6 +262,7 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--no-scan", action="store_true", help="time only the dedupe of a scanned set")
     ap.add_argument("--curve-only", action="store_true", help="skip the timed dedupe")
+    ap.add_argument("--groups-out", type=Path, help="write every group's keeper and members here (JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_scale_5k.json")
     args = ap.parse_args()
     res = {"machine": machine_info(), "scale": run(args)}

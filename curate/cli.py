@@ -88,11 +88,24 @@ def _print_scan(d: dict) -> None:
         ("new images decoded", d["decoded"]),
         ("unchanged (skipped)", d["unchanged"]),
         ("missing since last scan", d["missing"]),
+        *(
+            (("changed since last scan (run filter and dedupe again)", d["changed"]),)
+            if d.get("changed")
+            else ()
+        ),
+        *((("moved (their rejects and decisions follow)", d["moved"]),) if d.get("moved") else ()),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
         *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+    links = d.get("linked_folders") or []
+    if links:
+        more = f" and {len(links) - 3} more" if len(links) > 3 else ""
+        warn(
+            f"{len(links)} symlinked folder(s) not followed, their images are not in the dataset: "
+            f"{', '.join(links[:3])}{more}; copy or bind-mount the folder into the dataset to include it"
+        )
 
 
 def _caption_rows(c: dict) -> list[tuple[str, int]]:
@@ -220,6 +233,13 @@ def filter_cmd(
     with _open(path, manifest, config, create=False) as ds:
         flags = None
         if allow:
+            from .config import KNOWN_FLAGS
+            from .errors import CurateError
+
+            allow = [f.strip() for a in allow for f in a.split(",") if f.strip()]
+            unknown = [f for f in allow if f not in KNOWN_FLAGS]
+            if unknown:
+                raise CurateError(f"unknown --allow {unknown[0]!r}; choose from {', '.join(KNOWN_FLAGS)}")
             flags = tuple(f for f in ds.config.filter.reject_flags if f not in allow)
         res = ds.filter(
             min_side=min_side,
@@ -233,7 +253,7 @@ def filter_cmd(
         out = {"filter": res.as_dict()}
         if not as_json:
             examples: dict[str, list[str]] = {}
-            for p, found in ds.manifest.rejected_paths().items():
+            for p, found in ds.manifest.rejected_paths(raw=True).items():
                 for _stage, reason, _ in (f for f in found if f[0] == "filter"):
                     for r in reason.split(","):
                         examples.setdefault(r, []).append(p)
@@ -248,6 +268,13 @@ def filter_cmd(
                     rows,
                 )
             )
+            if res.kept_by_hand:
+                more = f" and {len(res.kept_by_hand) - 3} more" if len(res.kept_by_hand) > 3 else ""
+                console.print(
+                    f"{len(res.kept_by_hand)} of them kept by hand (`curate keep`), so exported anyway: "
+                    f"{escape(', '.join(res.kept_by_hand[:3]))}{more}",
+                    highlight=False,
+                )
         if apply:
             out["apply"] = _apply_and_print(ds, as_json)
     if as_json:
@@ -390,6 +417,15 @@ def dedupe(
                 **({"thorough": True} if thorough else {}),
             )
         out = {"dedupe": res.as_dict()}
+        decided = ds.manifest.decisions()
+        dropped = {p for g in res.groups for p in g.members[1:]}
+        keepers = {g.keeper for g in res.groups}
+        by_hand = {  # what `curate keep` / `curate reject` change in these groups (export follows them)
+            "kept": sorted(p for p in dropped if decided.get(p, ("",))[0] == "keep"),
+            "rejected": sorted(p for p in keepers if decided.get(p, ("",))[0] == "reject"),
+        }
+        if by_hand["kept"] or by_hand["rejected"]:
+            out["dedupe"]["by_hand"] = by_hand
         if cleared is not None:
             out["dedupe"]["overrides_cleared"] = cleared
         if recorded is not None:
@@ -409,6 +445,14 @@ def dedupe(
                     rows,
                 )
             )
+            notes = [f"{p} kept by hand" for p in by_hand["kept"]]
+            notes += [f"{p} rejected by hand" for p in by_hand["rejected"]]
+            if notes:
+                console.print(
+                    f"decisions by hand win over the table: {escape('; '.join(notes))} "
+                    "(`curate keep --undo` forgets one)",
+                    highlight=False,
+                )
             if cleared is not None:
                 console.print(
                     f"forgot {cleared} hand choice(s) (curate review, --keeper, --same, --not-duplicate)"
@@ -459,6 +503,13 @@ def check(
     no_scan: Annotated[
         bool, typer.Option("--no-scan", help="Use the manifest as is, do not rescan.")
     ] = False,
+    git: Annotated[
+        bool,
+        typer.Option(
+            "--git",
+            help="Only files git tracks (staged included), not ignored or untracked ones: the hook's.",
+        ),
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -476,7 +527,7 @@ def check(
         if not no_scan:
             with progress_bar("scan", enabled=not as_json) as bar:
                 ds.scan(progress=bar)
-        violations = ds.check(rule)
+        violations = ds.check(rule, git=git)
     if as_json:
         print_json({"ok": not violations, "violations": [v.as_dict() for v in violations]})
     elif violations:
@@ -558,7 +609,12 @@ def status(
         present = {r[0] for r in ds.manifest.conn.execute("SELECT path FROM files WHERE status='ok'")}
         rejects = {p: f for p, f in ds.manifest.rejected_paths().items() if p in present}
     if as_json:
-        print_json(counts)
+        rows = [
+            {"path": p, "stage": stage, "reason": reason, "detail": detail}
+            for p, found in sorted(rejects.items())
+            for stage, reason, detail in found
+        ]
+        print_json({**counts, "rejected": rows})
     else:
         console.print(table("status", ["", "count"], list(counts.items())))
         by: dict[tuple[str, str], list[str]] = {}

@@ -341,8 +341,10 @@ class Config:
         if not p.exists():
             return cls()
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
+        except UnicodeDecodeError:
+            raise CurateError(f"cannot parse {p}: it is not UTF-8 text; save it as UTF-8") from None
+        except tomllib.TOMLDecodeError as exc:
             raise CurateError(f"cannot parse {p}: {exc}; fix the TOML syntax") from None
         except OSError as exc:
             raise CurateError(f"cannot read {p}: {exc.strerror or exc}") from None

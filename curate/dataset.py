@@ -137,10 +137,11 @@ class Dataset:
             opts.pop(key, None)
         return outliers(self.manifest, progress=progress, **opts)
 
-    def check(self, rules: list[str] | None = None):
-        from .stages.check import check
+    def check(self, rules: list[str] | None = None, *, git: bool = False):
+        """Violated rules; ``git``: only files git tracks (what a commit holds, for the pre-commit hook)."""
+        from .stages.check import check, git_tracked
 
-        return check(self.manifest, self.config, rules)
+        return check(self.manifest, self.config, rules, git_tracked(self.root) if git else None)
 
     def apply(self, *, dry_run: bool = False):
         """Move rejected files into ``.curate/quarantine`` (undo with :meth:`restore`)."""
@@ -335,7 +336,7 @@ class Dataset:
         """Forget the manual decisions on these files (the stages' own decisions apply again)."""
         from .stages.user_captions import resolve_image
 
-        rels = list(dict.fromkeys(resolve_image(self.manifest, p) for p in paths))
+        rels = list(dict.fromkeys(resolve_image(self.manifest, p, allow_missing=True) for p in paths))
         self.manifest.set_decisions(rels, None)
         return rels
 

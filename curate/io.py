@@ -45,13 +45,22 @@ class Decoded:
     flags: list[str] = field(default_factory=list)
 
 
-def iter_image_files(root: Path, *, exclude: tuple[str, ...] = (STATE_DIR,)) -> Iterator[Path]:
+def iter_image_files(
+    root: Path, *, exclude: tuple[str, ...] = (STATE_DIR,), linked_dirs: list[str] | None = None
+) -> Iterator[Path]:
     """Yield image-like files under ``root`` (by extension), skipping hidden and state folders.
 
-    Broken symlinks are yielded too, so the scan can report them.
+    Broken symlinks are yielded too, so the scan can report them. Symlinked folders are not followed;
+    their paths (relative to ``root``) are appended to ``linked_dirs`` when given, so the scan can say so.
     """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in exclude)
+        if linked_dirs is not None:
+            linked_dirs += [
+                (Path(dirpath) / d).relative_to(root).as_posix()
+                for d in dirnames
+                if os.path.islink(os.path.join(dirpath, d))
+            ]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue

@@ -712,8 +712,11 @@ class Manifest:
         return out
 
     def set_rejects(self, stage: str, rejects: dict[str, tuple[str, str | None]]) -> None:
-        """Replace every reject row of ``stage`` with ``rejects`` (path -> (reason, detail))."""
+        """Replace every reject row of ``stage`` with ``rejects`` (path -> (reason, detail)); records that
+        the stage ran (export warns when filter or dedupe never did)."""
         with self.transaction():
+            self.set_meta(f"ran.{stage}", str(time.time()))
+            self.conn.execute("DELETE FROM meta WHERE key=?", (f"changed_since.{stage}",))
             self.conn.execute("DELETE FROM rejects WHERE stage=?", (stage,))
             self.conn.executemany(
                 "INSERT INTO rejects(path, stage, reason, detail) VALUES (?,?,?,?)",
@@ -731,6 +734,31 @@ class Manifest:
                 self.conn.execute(
                     f"UPDATE images SET {', '.join(f'{c}=?' for c in cols)} WHERE sha256=?", [*vals, sha]
                 )
+
+    def stage_ran(self, stage: str) -> bool:
+        """Whether ``stage`` (filter, dedupe) has run on this manifest (its rejects, or a manifest written
+        before the record was kept: any reject or group it left)."""
+        if self.get_meta(f"ran.{stage}") is not None:
+            return True
+        if self.conn.execute("SELECT 1 FROM rejects WHERE stage=? LIMIT 1", (stage,)).fetchone():
+            return True
+        return stage == "dedupe" and bool(
+            self.conn.execute("SELECT 1 FROM images WHERE dup_group IS NOT NULL LIMIT 1").fetchone()
+        )
+
+    def nothing_kept(self, verb: str) -> str:
+        """The error when no image is kept: why, and the fix (scan, or the rejects `curate status` lists)."""
+        n = self.conn.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
+        if not n:
+            return f"no images to {verb}; put images in {self.root} and run `curate scan {self.root}`"
+        return (
+            f"no kept images to {verb}: all {n} files are rejected or unusable; `curate status` lists why "
+            "(lower a threshold, or `curate keep` files)"
+        )
+
+    def changed_since(self, stage: str) -> list[str]:
+        """Files whose bytes the scan found changed since ``stage`` (filter, dedupe) last ran."""
+        return json.loads(self.get_meta(f"changed_since.{stage}") or "[]")
 
     def file_errors(self) -> list[sqlite3.Row]:
         """Files that could not be read at all (permissions, broken symlinks)."""

@@ -272,3 +272,34 @@ def test_near_keeper_is_two_links_inside_the_component():
     assert _near_keeper(0, [0, 1, 2, 3], adj) == {1, 2}
     assert _near_keeper(2, [0, 1, 2, 3], adj) == {0, 1, 3}
     assert _near_keeper(3, [3], adj) == set()
+
+
+def _collage(*photos, widths):
+    """Photos side by side (each resized to its share of a 640 x 360 frame)."""
+    import numpy as np
+    from PIL import Image
+
+    parts = [
+        np.asarray(Image.open(p).convert("RGB").resize((w, 360))) for p, w in zip(photos, widths, strict=True)
+    ]
+    return Image.fromarray(np.concatenate(parts, axis=1))
+
+
+def test_collages_sharing_one_photo_are_not_linked_but_a_crop_is():
+    """The policy for shared parts: two collages that hold the same photo beside different ones are not
+    duplicates (each has its own content over as much of the frame); a crop of one, wholly inside it, is."""
+    pytest.importorskip("skimage")
+    from curate.stages import features as F
+    from curate.stages.local_match import verify
+
+    src = source_photos()
+    a = _collage(src["coffee"], src["chelsea"], widths=(320, 320))
+    b = _collage(src["coffee"], src["coins"], widths=(320, 320))
+    fa, fb = (F.decode_row(F.extract(im)) for im in (a, b))
+    v = verify(fa, fb)
+    assert not v.ok and "shared part" in v.why, v.why
+    # the tile median alone (the rule before) would have linked them: the coffee half matches exactly
+    assert v.inliers >= 10 and v.ncc >= 0.5 and min(v.cover_a, v.cover_b) > 0.9
+    crop = a.crop((0, 0, 448, 360))  # the shared photo and part of its neighbour: all of it is in a
+    vc = verify(fa, F.decode_row(F.extract(crop)))
+    assert vc.ok and vc.inliers >= 10 and vc.cover_b > 0.9, vc.why

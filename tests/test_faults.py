@@ -195,22 +195,58 @@ def test_killed_scan_leaves_no_workers_and_resumes(tmp_path, sig):
     manifest_consistent(root, n)
 
 
+# Put on PYTHONPATH as sitecustomize: the first heavy import (typer, rich or click) that `curate.cli` makes, after
+# `python -m curate` has armed its handlers, writes the marker and stalls, so the test's Ctrl-C lands inside the
+# heavy imports every time, whatever the machine's load (no sleep to guess).
+_STALL_IN_HEAVY_IMPORT = """
+import os, sys, time
+
+
+class _StallFinder:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("typer", "rich", "click") and "curate.cli" in sys.modules:
+            sys.meta_path.remove(self)
+            sys.stderr.write("stalled importing " + name + "\\n")
+            with open(os.environ["CURATE_TEST_STALL_MARKER"], "w") as f:
+                f.write(name)
+            time.sleep(120)  # Ctrl-C (KeyboardInterrupt) ends it, inside `from .cli import main`
+        return None
+
+
+sys.meta_path.insert(0, _StallFinder())
+"""
+
+
 def test_ctrl_c_while_starting_exits_130_quietly(tmp_path):
-    root = make_dataset(tmp_path, 40, side=48)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import curate"], env=env(), check=True)
-    startup = time.perf_counter() - t0  # interpreter + site + `import curate` (light): no handler before that
-    for attempt in range(4):
-        p = popen("scan", str(root))
-        time.sleep(startup * (1.3 + 0.4 * attempt) + 0.02)  # in the heavy imports (typer, rich, plugins)
+    """Ctrl-C during the heavy imports of `python -m curate scan` (typer, rich: before any command runs) exits 130
+    with the one interrupted line, no traceback."""
+    root = make_dataset(tmp_path, 4, side=48)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STALL_IN_HEAVY_IMPORT)
+    marker = tmp_path / "stalled"
+    p = subprocess.Popen([sys.executable, "-m", "curate", "scan", str(root)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**env(), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}",
+                              "CURATE_TEST_STALL_MARKER": str(marker)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), f"curate never reached its heavy imports (exit {p.poll()})"
+        stalled_in = marker.read_text()
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
-        if "Traceback" in err and f'File "{REPO}' not in err:
-            continue  # it landed in the interpreter's own start-up (site), before any curate code ran
-        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-        assert p.returncode == 130, err
-        return
-    pytest.fail("every Ctrl-C landed before curate started; the machine is too loaded to time this")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert stalled_in.partition(".")[0] in ("typer", "rich", "click"), stalled_in
+    assert f"stalled importing {stalled_in}" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == faults.interrupted_message(), err
+    assert not (root / ".curate").exists()  # no command ran: nothing was written
 
 
 def test_ctrl_c_and_sigterm_in_any_command_exit_130_and_143(planted, monkeypatch):

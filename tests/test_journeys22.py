@@ -1,5 +1,6 @@
 """User journeys: kohya concept folders whose hand captions start with the class token (keep_tokens per
-subset), durable dedupe overrides written from the CLI, and the text-encoder cache pruned after caption edits.
+subset), durable dedupe overrides written from the CLI, and the text-encoder and latent caches pruned after
+caption and image edits.
 
 Folders are built in tmp_path and the CLI runs through typer's CliRunner; the trainer runs on the tiny
 models of tests/trainer_fixtures.py.
@@ -308,3 +309,111 @@ def test_text_encoder_cache_drops_the_entry_of_an_edited_caption(tmp_path, sd15_
     # a third run with nothing changed encodes nothing and removes nothing
     t = train()
     assert (t["te_encoded"], t["te_cached"], t["te_pruned"]) == (0, 4, 0), t
+
+
+def test_latent_cache_drops_the_files_of_removed_and_changed_images(tmp_path, sd15_dir):  # noqa: F811
+    """train, delete one image and repaint another, train again: only the repainted image is encoded, the two
+    stale latent files are removed, the others are reused byte for byte; files the cache did not write (or
+    wrote for another VAE) stay."""
+    import torch
+    from safetensors.torch import save_file
+
+    ds = tmp_path / "ds"
+    for i in range(4):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(f"a photo of sks number {i}")
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    out = tmp_path / "out"
+    sets = [*TINY, "batch_size=1", "resolution=64"]
+
+    def train() -> dict:
+        r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out), "--json",
+                      *(a for s in sets for a in ("--set", s))])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["timings"]
+
+    cache = out / "cache"
+
+    def latents() -> dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in cache.glob("*_*_*x*.safetensors")}
+
+    t = train()
+    assert (t["latents_encoded"], t["latents_cached"], t["latents_pruned"]) == (4, 0, 0), t
+    first = latents()
+    assert len(first) == 4
+    vid = next(iter(first)).split("_")[1]
+    # beside the cache's files: a latent of another VAE, and files it never wrote
+    other = cache / f"{'ab' * 10}_{'cd' * 6}_64x64.safetensors"
+    save_file({"latent": torch.zeros(4, 8, 8), "crop": torch.zeros(2)}, str(other))
+    odd = cache / f"{'ef' * 10}_{vid}_64x64.safetensors"  # our name, not our tensors
+    save_file({"w": torch.zeros(1)}, str(odd))
+    (cache / "notes.txt").write_text("mine")
+    te_before = sorted(f.name for f in (cache / "te").iterdir())
+
+    def name_of(img: Path) -> str:
+        from trainer_bridge.data import content_hash
+
+        return f"{content_hash(img)}_{vid}_64x64.safetensors"
+
+    gone, repainted = name_of(ds / "p0.png"), name_of(ds / "p1.png")
+    assert {gone, repainted} <= first.keys()
+    (ds / "p0.png").unlink()
+    (ds / "p0.txt").unlink()
+    picture(ds / "p1.png", 64, 64, 9)  # the same name, other pixels
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+
+    t = train()
+    assert (t["latents_encoded"], t["latents_cached"], t["latents_pruned"]) == (1, 2, 2), t
+    second = latents()
+    assert gone not in second and repainted not in second and name_of(ds / "p1.png") in second
+    kept = {n: b for n, b in first.items() if n not in (gone, repainted)}
+    assert kept.items() <= second.items()  # the unchanged images' files, untouched
+    assert other.name in second and odd.name in second and (cache / "notes.txt").read_text() == "mine"
+    assert len(second) == 3 + 2  # this run's three images, plus the two files that are not its own
+    te_after = sorted(f.name for f in (cache / "te").iterdir())  # the te cache prunes its own: p0's caption
+    assert t["te_pruned"] == 1 and len(te_after) == len(te_before) - 1 and set(te_after) <= set(te_before)
+
+
+def test_summary_table_says_how_many_stale_cache_files_went():
+    from rich.console import Console
+
+    from curate.commands.train import summary_table
+
+    t = {"latent_cache_s": 0.5, "latents_encoded": 1, "latents_cached": 2, "latents_pruned": 2,
+         "te_cache_s": 0.1, "te_encoded": 0, "te_cached": 3, "te_pruned": 0}  # fmt: skip
+    con = Console(width=200, record=True)
+    con.print(summary_table(t))
+    text = con.export_text()
+    assert "0.5 s (1 images encoded, 2 from the cache, 2 stale removed)" in text
+    assert "0.1 s (0 captions encoded, 3 from the cache)" in text  # nothing removed: not mentioned
+
+
+def test_lora_info_shows_what_each_subset_trained_with(tmp_path, sd15_dir):  # noqa: F811
+    """a tiny run on the two concept folders (shuffled): lora-info lists each subset's repeats, keep_tokens,
+    shuffle and class token, in the table and in --json."""
+    ds = tmp_path / "ds"
+    two_concepts(ds)
+    out = tmp_path / "out"
+    sets = [*TINY, "batch_size=1", "max_steps=2", "resolution=64", "shuffle_caption=true"]
+    r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out),
+                  *(a for s in sets for a in ("--set", s))])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run(app, ["lora-info", str(out / "lora.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    got = {s["image_dir"]: s for s in info["subsets"]}
+    assert {k: (s["img_count"], s["num_repeats"], s["keep_tokens"], s["shuffle_caption"], s["class_tokens"],
+                s["is_reg"]) for k, s in got.items()} == {
+        "10_mychar": (2, 10, 1, True, "mychar", False),
+        "5_otherchar": (3, 5, 0, True, "otherchar", False),
+    }  # fmt: skip
+    assert info["problems"] == []
+    r = run(app, ["lora-info", str(out / "lora.safetensors")])
+    assert r.exit_code == 0, r.output
+    rows = [
+        [c.strip() for c in line.split("│")[1:-1]] for line in r.output.splitlines() if line.count("│") == 8
+    ]
+    assert sorted(rows) == [  # no regularization subset: no reg column
+        ["10_mychar", "2", "10", "1", "yes", "no", "mychar"],
+        ["5_otherchar", "3", "5", "0", "yes", "no", "otherchar"],
+    ], r.output

@@ -70,7 +70,7 @@ def test_batched_equals_one_at_a_time_and_caches(vae, tmp_path):
         )
     finally:
         del vae.encode
-    assert stats == {"latents_encoded": 7, "latents_cached": 0}
+    assert stats == {"latents_encoded": 7, "latents_cached": 0, "latents_pruned": 0}
     # one bucket shape per batch, at most 2 images, buckets in order (w x h: 48x80, 64x64, 80x48);
     # 64x64 holds 5 images, 4 of them flipped: 9 encodes -> batches of 2, 2, 2, 2, 1
     assert shapes == [(1, 3, 80, 48)] + [(2, 3, 64, 64)] * 4 + [(1, 3, 64, 64), (1, 3, 48, 80)], shapes
@@ -99,7 +99,7 @@ def test_batched_equals_one_at_a_time_and_caches(vae, tmp_path):
         ro = D.encode_latents(items, vae, "cpu", tmp_path / "cache", "vid1", flips, read_only=True)
     finally:
         del vae.encode
-    assert stats == {"latents_encoded": 0, "latents_cached": 7}
+    assert stats == {"latents_encoded": 0, "latents_cached": 7, "latents_pruned": 0}
     for a, b, c in zip(got, again, ro, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and a[2] == b[2] == c[2]
 
@@ -110,18 +110,21 @@ def test_cache_keys_invalidate(vae, tmp_path):
     cache = tmp_path / "cache"
     D.encode_latents(items, vae, "cpu", cache, "vidA", flips)
     stats: dict = {}
-    # another VAE id: everything re-encoded beside the old files
+    # another VAE id: everything re-encoded beside the old files, which that VAE's pruning leaves alone
     D.encode_latents(items, vae, "cpu", cache, "vidB", flips, stats=stats)
-    assert stats["latents_encoded"] == 3 and len(list(cache.glob("*_vidB_*"))) == 3
-    # flip_aug turned on: the cached file has no mirror, so that image is encoded again (both latents)
+    assert stats["latents_encoded"] == 3 and stats["latents_pruned"] == 0
+    assert len(list(cache.glob("*_vidB_*"))) == 3 and len(list(cache.glob("*_vidA_*"))) == 3
+    # flip_aug turned on: the cached file has no mirror, so that image is encoded again (both latents), in place
     D.encode_latents(items, vae, "cpu", cache, "vidA", [True, False, False], stats=stats)
-    assert stats == {"latents_encoded": 1, "latents_cached": 2}
-    # the image's bytes changed: a new content hash, a new file; another bucket: a new file
+    assert stats == {"latents_encoded": 1, "latents_cached": 2, "latents_pruned": 0}
+    # the image's bytes changed: a new content hash, a new file; another bucket: a new file; the two old ones go
+    old = {f.name for f in cache.glob("*_vidA_*")}
     Image.new("RGB", (64, 64), (200, 10, 10)).save(items[0].path)
     items[2].bucket = (48, 80)
     D.encode_latents(items, vae, "cpu", cache, "vidA", flips, stats=stats)
-    assert stats == {"latents_encoded": 2, "latents_cached": 1}
-    assert len(list(cache.glob("*_vidA_*"))) == 5
+    assert stats == {"latents_encoded": 2, "latents_cached": 1, "latents_pruned": 2}
+    now = {f.name for f in cache.glob("*_vidA_*")}
+    assert len(now) == 3 and len(old & now) == 1 and len(list(cache.glob("*_vidB_*"))) == 3
     with pytest.raises(TrainError, match="latent cache miss"):
         D.encode_latents(items, vae, "cpu", cache, "vidC", flips, read_only=True)
 

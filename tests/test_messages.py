@@ -223,6 +223,12 @@ def _lora(path: Path, metadata: dict[str, str]) -> Path:
         ({"ss_tag_frequency": "{not json"}, ["ss_tag_frequency is not JSON"]),
         ({"ss_tag_frequency": '{"1_x": 3, "2_y": {"a": "many"}}'}, ["2 entries that are not tag counts"]),
         ({"ss_network_alpha": "nan", "ss_network_args": "[1]"}, ["ss_network_alpha", "ss_network_args"]),
+        ({"ss_datasets": "{not json"}, ["ss_datasets is not JSON"]),
+        ({"ss_datasets": '{"subsets": []}'}, ["ss_datasets is a JSON dict"]),
+        (
+            {"ss_datasets": '[{"subsets": 3}, 7, {"subsets": [{"image_dir": 5, "keep_tokens": "x"}]}]'},
+            ["ss_datasets has 2 entries that are not a dataset or subset"],
+        ),
     ],
 )
 def test_lora_info_odd_metadata_shows_what_it_can(tmp_path: Path, meta, needles):

@@ -297,3 +297,72 @@ def test_diffusers_drops_dora_scale_and_applies_a_plain_lora(pipe, tmp_path):
     assert torch.allclose(outs["dora"], outs["plain"], atol=1e-6)
     # so not lycoris' (and ComfyUI's) output
     assert float((outs["dora"] - ours).norm() / (ours - base).norm()) > 0.1
+
+
+@pytest.fixture
+def lycoris_kohya_state():
+    """lycoris' kohya network keeps its preset in class attributes: put them back after the test."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = {k: v for k, v in vars(LycorisNetworkKohya).items() if k.isupper()}
+    yield LycorisNetworkKohya
+    for k in [k for k in vars(LycorisNetworkKohya) if k.isupper()]:
+        delattr(LycorisNetworkKohya, k)
+    for k, v in saved.items():
+        setattr(LycorisNetworkKohya, k, v)
+
+
+@pytest.mark.slow
+def test_lycoris_kohya_loader_reads_the_dora_file_with_its_network_args(pipe, tmp_path, lycoris_kohya_state):
+    """lycoris' own kohya wrapper (what sd-scripts runs for network_module = lycoris.kohya) rebuilds the network
+    from the file's ss_network_args (wd_on_output = False) and loads the [1, in] dora_scale: every UNet module's
+    merged weight and the UNet output equal the trained network's (1e-4). Its from-weights loader ignores the
+    args and cannot take them; its "full" preset trips over diffusers' time embedding. docs/networks.md."""
+    import toml
+    from lycoris.config import PRESET
+    from lycoris.kohya import create_network, create_network_from_weights
+
+    net, unet, te, path = _dora_file(pipe, tmp_path, conv_dim=4)
+    tensors, meta = load_lora(path)
+    args = json.loads(meta["ss_network_args"])
+    assert args["wd_on_output"] == "False" and args["preset"] == "full"
+    fresh = lambda: (copy.deepcopy(pipe.text_encoder), copy.deepcopy(pipe.unet))  # noqa: E731
+
+    # lycoris 4.1.3's "full" preset names the TimestepEmbedding class and its linears: the same module twice
+    with pytest.raises(AssertionError, match="duplicated lora name: lora_unet_time_embedding_linear_1"):
+        create_network(1.0, 4, 2, None, *fresh(), **args)
+    # the same preset without the class (its linears stay, by name), as a preset file lycoris reads
+    full = dict(PRESET["full"])
+    full["unet_target_module"] = [m for m in full["unet_target_module"] if m != "TimestepEmbedding"]
+    (tmp_path / "full.toml").write_text(toml.dumps(full))
+    te2, unet2 = fresh()
+    theirs = create_network(1.0, 4, 2, None, te2, unet2, **(args | {"preset": str(tmp_path / "full.toml")}))
+    # apply_to, then load_weights, as sd-scripts does: its modules register (and take the weights) in apply_to
+    theirs.apply_to(te2, unet2, True, True)
+    state = theirs.load_weights(str(path))
+    unet_keys = lambda keys: [k for k in keys if k.startswith("lora_unet_")]  # noqa: E731
+    assert not unet_keys(state.get("missing keys", [])) and not unet_keys(state.get("unexpected keys", []))
+    # the text encoder: transformers 5's CLIPTextModel has no text_model level, so lycoris names its modules
+    # lora_te_encoder_..., ours (sd-scripts', ComfyUI's) lora_te_text_model_encoder_...: none of them loads here
+    te_keys = sorted(k for k in tensors if k.startswith("lora_te_"))
+    assert te_keys and sorted(state["unexpected keys"]) == te_keys
+    ours = {net.names[m.lora_name]: m for m in net.modules}
+    worst, n = 0.0, 0
+    for m in theirs.unet_loras:
+        assert m.wd and not m.wd_on_out and m.dora_scale.shape[0] == 1
+        mine = ours[m.lora_name]
+        base = mine.org_weight.float()
+        with torch.no_grad():
+            a = mine.get_merged_weight()[0].reshape(base.shape)
+            b = m.get_merged_weight()[0].reshape(base.shape)
+        worst, n = max(worst, float((a - b).abs().max() / (a - base).abs().max())), n + 1
+    assert n == len(unet_keys(ours)) and n > 50 and worst < 1e-4, (n, worst)
+    want, base_out = _unet_out(unet), _unet_out(pipe.unet)
+    rel = float((_unet_out(unet2) - want).norm() / (want - base_out).norm())
+    print(f"lycoris kohya: {n} UNet modules, merged weight max rel {worst:.2e}, UNet output rel {rel:.2e}")
+    assert rel < 1e-4, rel
+
+    # create_network_from_weights builds every module with lycoris' default wd_on_out=True ([out, 1]), whatever
+    # the file's args, and copies our [1, in] dora_scale into it: a shape error, never a wrong merge
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        create_network_from_weights(1.0, str(path), None, *fresh(), weights_sd=dict(tensors))

@@ -470,6 +470,29 @@ def _tick(progress, task, done: int, t0: float, unit: str = "images") -> None:
     progress.update(task, completed=done, rate=f"{done / dt:.1f} {unit}/s" if dt > 0 else "")
 
 
+def prune_latent_cache(cache_dir: Path, vid: str, keep: set[Path]) -> int:
+    """Remove the cache's own latent files for this VAE id (vid) that this run did not use: images deleted or
+    changed since they were encoded, or encoded at a bucket this run no longer has. Files of another vid (another
+    VAE or base model), files named otherwise (the te/ folder, a user's notes) and files without the cache's
+    tensors are left alone. Returns how many were removed."""
+    from safetensors import SafetensorError, safe_open
+
+    ours = re.compile(rf"[0-9a-f]{{20}}_{re.escape(vid)}_[0-9]+x[0-9]+\.safetensors")  # encode_latents' names
+    removed = 0
+    for f in sorted(cache_dir.iterdir()):
+        if f in keep or not ours.fullmatch(f.name) or not f.is_file():
+            continue
+        try:
+            with safe_open(str(f), "pt") as sf:
+                keys = set(sf.keys())
+        except (SafetensorError, OSError):
+            continue  # not readable as the cache writes them: not ours to judge
+        if {"latent", "crop"} <= keys:
+            f.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: str, flip: list[bool],
                    read_only: bool = False, batch_size: int = 0, console=None,
                    stats: dict | None = None):  # fmt: skip
@@ -477,7 +500,8 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
 
     The images not in the cache are encoded in batches of one bucket (same h x w), latent_batch_size() images
     per VAE call (batch_size > 0 overrides it), through pinned host memory, in the VAE's dtype under no_grad;
-    a flipped copy is the decoded image mirrored (no second decode). stats gets encoded / cached counts.
+    a flipped copy is the decoded image mirrored (no second decode). stats gets encoded / cached counts and, once
+    the cache holds every latent of this run, latents_pruned: this VAE's files no item used (prune_latent_cache).
     read_only: every latent must come from the cache (DDP ranks > 0 read what rank 0 wrote; they never encode)."""
     import time
 
@@ -506,7 +530,15 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
         todo.append(k)
     if stats is not None:
         stats.update(latents_encoded=len(todo), latents_cached=len(items) - len(todo))
+
+    def prune() -> None:
+        if cache_dir and not read_only:
+            pruned = prune_latent_cache(cache_dir, vid, {f for f in files if f is not None})
+            if stats is not None:
+                stats["latents_pruned"] = pruned
+
     if not todo:
+        prune()
         return out
     # jobs (item, flipped) grouped by bucket, then cut into batches of one shape
     by_bucket: dict[tuple[int, int], list[int]] = {}
@@ -561,6 +593,7 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
                 out[k] = (tensors["latent"], tensors.get("latent_flipped"), crop)
                 n_done += 1
                 _tick(progress, task, n_done, t0)
+    prune()
     return out
 
 

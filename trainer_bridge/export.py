@@ -144,8 +144,49 @@ def _tag_counts(meta: dict[str, str], problems: list[str]) -> dict[str, int]:
     return top
 
 
+SUBSET_KEYS = ("image_dir", "img_count", "num_repeats", "keep_tokens", "shuffle_caption", "flip_aug",
+               "class_tokens", "is_reg")  # fmt: skip  # what lora-info shows of each ss_datasets subset
+
+
+def _subsets(meta: dict[str, str], problems: list[str]) -> list[dict[str, Any]]:
+    """The per-subset training settings of ss_datasets ([{subsets: [{image_dir, keep_tokens, ...}]}], as
+    sd-scripts and curate write them), one dict of SUBSET_KEYS per subset (None where a key is missing);
+    image_dir is the folder's name. Odd parts are skipped and reported."""
+    raw = meta.get("ss_datasets")
+    if raw in (None, ""):
+        return []
+    try:
+        datasets = json.loads(raw)
+    except ValueError:
+        problems.append("ss_datasets is not JSON")
+        return []
+    if not isinstance(datasets, list):
+        problems.append(f"ss_datasets is a JSON {type(datasets).__name__}, not a list of datasets")
+        return []
+    out, odd = [], 0
+    for d in datasets:
+        subs = d.get("subsets") if isinstance(d, dict) else None
+        if not isinstance(subs, list):
+            odd += 1
+            continue
+        for sub in subs:
+            if not isinstance(sub, dict):
+                odd += 1
+                continue
+            row = {k: sub.get(k) for k in SUBSET_KEYS}
+            if isinstance(row["image_dir"], str):
+                row["image_dir"] = Path(row["image_dir"]).name or row["image_dir"]
+            out.append(row)
+    if odd:
+        problems.append(
+            f"ss_datasets has {odd} entr{'y that is' if odd == 1 else 'ies that are'} not a dataset or subset"
+        )
+    return out
+
+
 def lora_info(path: str | Path) -> dict[str, Any]:
-    """Summary of a LoRA file for `curate lora-info`: rank, alpha, base model, lrs, modules, tag frequency.
+    """Summary of a LoRA file for `curate lora-info`: rank, alpha, base model, lrs, modules, tag frequency and
+    the per-subset settings (keep_tokens, shuffle_caption, repeats, class tokens) from ss_datasets.
 
     Odd metadata never stops it: what can be read is shown, and ``problems`` says what could not.
     """
@@ -200,6 +241,7 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "resolution": meta.get("ss_resolution", ""),
         "num_train_images": meta.get("ss_num_train_images", ""),
         "top_tags": sorted(top.items(), key=lambda kv: -kv[1])[:20],
+        "subsets": _subsets(meta, problems),
         "model_hash": meta.get("sshs_model_hash", ""),
         "resize": js("curate_resize", dict),  # written by `curate lora-resize`, else None
         "problems": problems,

@@ -42,7 +42,8 @@ class TrainResult:
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 for stop_after_steps
     # where the time went (seconds) and the steady-state speed: total_s, load_s, latent_cache_s, te_cache_s,
-    # latents_encoded / latents_cached, te_encoded / te_cached / te_pruned, steady_img_s (None: too few clean intervals)
+    # latents_encoded / latents_cached / latents_pruned, te_encoded / te_cached / te_pruned, steady_img_s (None: too
+    # few clean intervals)
     timings: dict[str, Any] = field(default_factory=dict)
     epochs: list[EpochRecord] = field(default_factory=list)  # one per saved epoch (and the final file)
     warnings: list[str] = field(default_factory=list)  # the overfitting warning (epochs.py)

@@ -32,12 +32,20 @@ def split(
     phash_threshold: Annotated[
         int, typer.Option(help="pHash bits within which images count as near-duplicates (kept together).")
     ] = 10,
+    clear_moves: Annotated[
+        bool, typer.Option("--clear-moves", help="Forget the moves made in `curate review` first.")
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
     """Split kept images into train/val; near-duplicates always land on the same side."""
     with _open(path, manifest, config) as ds:
+        if clear_moves:
+            from ..stages.split import MOVES_KEY
+
+            with ds.manifest.transaction():
+                ds.manifest.conn.execute("DELETE FROM meta WHERE key=?", (MOVES_KEY,))
         res = ds.split(val, seed, balance_tag=balance_tag, phash_threshold=phash_threshold)
     if as_json:
         print_json(res.as_dict())

@@ -139,6 +139,25 @@ def _edited_in_export(target: Path, record: dict) -> list[tuple[str, str]]:
     return edited
 
 
+SUBSET_COLUMNS = (
+    "folder",
+    "images",
+    "repeats",
+    "keep_tokens",
+    "shuffle",
+    "flip",
+    "class",
+    "reg",
+)  # SUBSET_KEYS
+
+
+def _cell(v) -> str:
+    """A subset setting as lora-info's table shows it: yes / no, '-' where the file does not say."""
+    if v is None or v == "":
+        return "-"
+    return "yes" if v is True else "no" if v is False else str(v)
+
+
 def summary_table(t: dict):
     """Where the time of a training went: model load, latent and text-encoder caches, steps (steady img/s), total."""
 
@@ -376,8 +395,9 @@ def register(app: typer.Typer) -> None:
         file: Annotated[Path, typer.Argument(help="A LoRA .safetensors file.")],
         as_json: JsonOpt = False,
     ) -> None:
-        """Rank, alpha, base model, learning rates and tag frequency from a LoRA's metadata."""
+        """Rank, alpha, base model, learning rates, tag frequency and per-subset settings from a LoRA's metadata."""
         from trainer_bridge import lora_info
+        from trainer_bridge.export import SUBSET_KEYS
 
         info = lora_info(str(file))
         if as_json:
@@ -394,5 +414,11 @@ def register(app: typer.Typer) -> None:
 
             rows.append(("resize", describe(info["resize"])))
         console.print(table(str(file), ["", "value"], rows))
+        if info["subsets"]:  # ss_datasets: what each subset's captions and images got
+            n = len(SUBSET_KEYS) - (
+                not any(s["is_reg"] for s in info["subsets"])
+            )  # no reg subset: no reg column
+            rows = [[_cell(s[k]) for k in SUBSET_KEYS[:n]] for s in info["subsets"]]
+            console.print(table("subsets", SUBSET_COLUMNS[:n], rows))
         if info.get("problems"):
             warn(f"{file}: {'; '.join(info['problems'])} (shown as missing above)")

@@ -83,11 +83,21 @@ def looks_like_tags(text: str) -> bool:
     return True
 
 
+def one_line(text: str) -> str:
+    """The caption on one line, as trainers read only the first: lines of tags are joined with commas
+    (a space would fuse the last tag of a line with the first of the next), sentences with a space."""
+    lines = [" ".join(ln.split()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if len(lines) > 1 and looks_like_tags(", ".join(ln.rstrip(",") for ln in lines)):
+        return ", ".join(ln.rstrip(",").rstrip() for ln in lines)
+    return " ".join(lines)
+
+
 def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str | None = None) -> str:
     """Caption text for one image: the caption a person wrote (or edited), else curate's, else its tags;
     the trigger word is put first when given (prepended when missing, never substituted)."""
     text = (rec.user_caption or "").strip() or (rec.caption or "").strip() or tag_caption(rec.tags or [])
-    text = " ".join(text.split())  # trainers read the first line only
+    text = one_line(text)
     if not text:  # what kohya would fall back to (class_tokens); an empty caption file is an error there
         return " ".join(w for w in (trigger, class_word) if w)
     if trigger:
@@ -165,7 +175,26 @@ def collect(
     items = []
     records = manifest.kept_images()
     if not records:
-        raise CurateError("no kept images to export; run `curate scan` (and check `curate status`)")
+        raise CurateError(manifest.nothing_kept("export"))
+    skipped = [f"`curate {s}`" for s in ("filter", "dedupe") if not manifest.stage_ran(s)]
+    if skipped:
+        let_through = {
+            "`curate filter`": "too small, blurry or badly exposed images",
+            "`curate dedupe`": "duplicates",
+        }
+        warnings.append(
+            f"no {' or '.join(skipped)} run: {' and '.join(let_through[s] for s in skipped)} are exported "
+            f"too; run {' and '.join(skipped)} first"
+        )
+    kept_paths = {r.path for r in records}
+    stale = {s: [p for p in manifest.changed_since(s) if p in kept_paths] for s in ("filter", "dedupe")}
+    stale_stages = [f"`curate {s}`" for s, ps in stale.items() if ps and f"`curate {s}`" not in skipped]
+    if stale_stages:
+        n = len({p for ps in stale.values() for p in ps})
+        warnings.append(
+            f"{n} image(s) changed since the last {' and '.join(stale_stages)}: they are exported unchecked; "
+            f"run {' and '.join(stale_stages)} again"
+        )
     if all(r.split is None for r in records):
         warnings.append("no split stored: every image goes to train; run `curate split` for a validation set")
     no_caption = 0

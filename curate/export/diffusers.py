@@ -46,6 +46,9 @@ def export_diffusers(
     warn = link_warning(link, manifest.root)
     if warn:
         res.warnings.append(warn)
+    from ..stages.user_captions import jsonl_columns
+
+    cache: dict = {}
     with staging(out) as tmp:
         for split, folder in SPLIT_DIRS.items():
             chosen = [it for it in items if it.split == split]
@@ -55,7 +58,9 @@ def export_diffusers(
             lines = []
             names = write_images(chosen, tmp / folder, res, resize=settings if resize else None, link=link)
             for it, name in zip(chosen, names, strict=True):
-                lines.append(json.dumps({"file_name": name, "text": it.caption}, ensure_ascii=False))
+                extra = jsonl_columns(manifest.root, it.rec.path, cache)  # the user's other columns
+                row = {"file_name": name, "text": it.caption, **extra}
+                lines.append(json.dumps(row, ensure_ascii=False))
             (tmp / folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
             res.files.append(f"{folder}/metadata.jsonl")
             setattr(res, split, len(chosen))

@@ -502,7 +502,7 @@ def make_app(rv: Review, token: str, port: int) -> Starlette:
         return rv.merge_groups(a, c)
 
     def decide(b):
-        return rv.decide(list(b["paths"]), b.get("decision"))
+        return rv.decide(b["paths"], b.get("decision"))
 
     def reject_sha(b):
         rec = rv.record(b["sha"])
@@ -516,8 +516,8 @@ def make_app(rv: Review, token: str, port: int) -> Starlette:
 
     def caption(b):
         if "parts" in b:
-            return rv.edit_caption(b["path"], parts=list(b["parts"]))
-        return rv.edit_caption(b["path"], text=str(b["text"]))
+            return rv.edit_caption(b["path"], parts=b["parts"])
+        return rv.edit_caption(b["path"], text=b["text"])
 
     def bulk(b):
         return rv.bulk(b["op"], b.get("tag", ""), b.get("new", ""), b.get("paths") or None)

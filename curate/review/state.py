@@ -451,6 +451,12 @@ class Review:
         """keep / reject / None (forget) for files, one transaction."""
         if not paths:
             raise CurateError("no files selected")
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise CurateError("paths must be a list of files")
+        known = self.reader.file_index()
+        unknown = [p for p in paths if p not in known]
+        if unknown:
+            raise CurateError(f"{unknown[0]} is not an image of this dataset; reload the page")
         words = {"keep": "keep anyway", "reject": "reject by hand", None: "forget the decision on"}[decision]
         action = f"{words} {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
         with self.writer() as m, m.transaction():
@@ -583,7 +589,13 @@ class Review:
 
     def edit_caption(self, path: str, *, parts: list[str] | None = None, text: str | None = None) -> str:
         sha = self.sha_of_path(path)
-        new = self._text(parts) if parts is not None else " ".join(str(text or "").split())
+        if parts is not None and (isinstance(parts, str) or not all(isinstance(x, str) for x in parts)):
+            raise CurateError("parts must be a list of tags")
+        if parts is None and not isinstance(text, str):
+            raise CurateError("the caption text must be a string")
+        from ..export.common import one_line
+
+        new = self._text(parts) if parts is not None else one_line(text)
         if not new:
             raise CurateError("a caption cannot be empty; leave at least one tag or word")
         if new == self.caption(self.record(sha)):
@@ -631,7 +643,7 @@ class Review:
     # -- split ---------------------------------------------------------------------------------------------
     def move(self, sha: str, side: str) -> str:
         """Move an image to train or val, with every image it must not be separated from."""
-        from ..stages.split import leak_groups
+        from ..stages.split import MOVES_KEY, leak_groups
 
         if side not in ("train", "val"):
             raise CurateError(f"side must be train or val, got {side!r}")
@@ -644,8 +656,13 @@ class Review:
         labels = leak_groups(kept)
         group = [r for r, g in zip(kept, labels, strict=True) if g == labels[k]]
         with self.writer() as m, m.transaction():
-            before = self._snapshot(m, [r.sha256 for r in group])
+            before = self._snapshot(m, [r.sha256 for r in group], meta=(MOVES_KEY,))
             m.conn.executemany("UPDATE images SET split=? WHERE sha256=?", [(side, r.sha256) for r in group])
+            moves = json.loads(m.get_meta(MOVES_KEY) or "{}")  # replayed by every `curate split`
+            for r in group:
+                moves.pop(r.sha256, None)
+            moves[sha] = side
+            m.set_meta(MOVES_KEY, json.dumps(moves))
             action = f"move {kept[k].path} to {side}"
             if len(group) > 1:
                 action += f" with {len(group) - 1} near-duplicate(s) (no leak across the split)"

@@ -637,7 +637,7 @@ def check_captions(manifest: Manifest, config: Any) -> list:
     """Rule "captions": only active once captions exist or a trigger is configured."""
     from ..models.clip_tokenizer import MAX_TOKENS, count_tokens
     from .check import Violation
-    from .user_captions import refresh
+    from .user_captions import _jsonl_entries, refresh
 
     manifest.ensure_table(TABLES)
     refresh(manifest)
@@ -652,15 +652,8 @@ def check_captions(manifest: Manifest, config: Any) -> list:
     recs = manifest.kept_images()
     texts: dict[str, str | None] = {}
     if fmt == "jsonl":
-        meta = manifest.root / "metadata.jsonl"
-        entries = {}
-        if meta.exists():
-            for line in meta.read_text(encoding="utf-8").splitlines():
-                try:
-                    obj = json.loads(line)
-                    entries[str(obj.get("file_name"))] = obj.get("text")
-                except json.JSONDecodeError:
-                    continue
+        meta = manifest.root / "metadata.jsonl"  # lines that are not objects skipped, any encoding read
+        entries = _jsonl_entries(meta) if meta.exists() else {}
         for r in recs:
             texts[r.path] = entries.get(r.path)
     else:

@@ -6,11 +6,14 @@ Rules are functions (manifest, config) -> violations, registered by name, so lat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import CurateError
 from ..manifest import Manifest
 from .dedupe import find_duplicates
 from .filter import reasons_for
@@ -27,6 +30,7 @@ class Violation:
 
 
 Rule = Callable[[Manifest, Config], list[Violation]]
+Only = set[str] | None  # the files a check judges (None: all); `curate check --git`: what git tracks
 RULES: dict[str, Rule] = {}
 
 
@@ -47,25 +51,35 @@ def _unreadable(m: Manifest, cfg: Config) -> list[Violation]:
     return out
 
 
+def _kept_by_hand(m: Manifest) -> set[str]:
+    """Files `curate keep` kept: the quality and duplicate rules let them pass, as filter and dedupe do."""
+    return {p for p, (decision, _) in m.decisions().items() if decision == "keep"}
+
+
 @rule("quality")
 def _quality(m: Manifest, cfg: Config) -> list[Violation]:
     out = []
+    kept = _kept_by_hand(m)
     for rec in m.images(include_errors=False):
-        for reason, detail in reasons_for(rec, cfg.filter):
-            out += [Violation(p, reason, detail) for p in rec.paths]
+        for reason, detail in reasons_for(rec, cfg.filter, config_fix=True):
+            out += [Violation(p, reason, detail) for p in rec.paths if p not in kept]
     return out
 
 
 @rule("duplicates")
-def _duplicates(m: Manifest, cfg: Config) -> list[Violation]:
+def _duplicates(m: Manifest, cfg: Config, only: Only = None) -> list[Violation]:
     method = cfg.dedupe.method if cfg.dedupe.method in ("auto", "phash", "dhash", "hash") else "auto"
     from dataclasses import replace
 
     groups, _, _ = find_duplicates(m, replace(cfg.dedupe, method=method))
     out = []
+    kept = _kept_by_hand(m)
     for g in groups:
-        for p in g.members[1:]:
-            out.append(Violation(p, "duplicate", f"{g.method} duplicate of {g.keeper}"))
+        members = [p for p in g.members if only is None or p in only]  # a copy git ignores is no duplicate
+        for p in members[1:]:
+            if p in kept:
+                continue
+            out.append(Violation(p, "duplicate", f"{g.method} duplicate of {members[0]}"))
     return out
 
 
@@ -83,10 +97,31 @@ def _captions(m: Manifest, cfg: Config) -> list[Violation]:
     return check_captions(m, cfg)
 
 
-def check(manifest: Manifest, cfg: Config, rules: list[str] | None = None) -> list[Violation]:
-    """Evaluate the named rules (default: all) against the manifest's current state."""
+def check(
+    manifest: Manifest, cfg: Config, rules: list[str] | None = None, only: Only = None
+) -> list[Violation]:
+    """Evaluate the named rules (default: all) against the manifest's current state; with ``only``, on
+    those files alone (duplicates are judged among them)."""
     names = rules or list(RULES)
     out: list[Violation] = []
     for name in names:
-        out += RULES[name](manifest, cfg)
+        fn = RULES[name]
+        out += fn(manifest, cfg, only) if fn is _duplicates else fn(manifest, cfg)  # type: ignore[call-arg]
+    if only is not None:
+        out = [v for v in out if v.path in only]
     return sorted(out, key=lambda v: (v.path, v.rule))
+
+
+def git_tracked(root: Path) -> set[str]:
+    """Files git tracks under ``root`` (the index: staged files included), relative to ``root``."""
+    import subprocess
+
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached"], capture_output=True, check=False
+        )
+    except OSError:
+        raise CurateError("--git needs git, which is not installed; leave --git out") from None
+    if res.returncode != 0:
+        raise CurateError(f"{root} is not in a git work tree; run `git init` there or leave --git out")
+    return {os.fsdecode(p) for p in res.stdout.split(b"\0") if p}

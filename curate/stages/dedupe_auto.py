@@ -3,7 +3,8 @@
 1. Direct accept: 64-bit pHash distance <= ``phash_threshold`` (8).
 2. Candidates: multi-crop pHash and ORB descriptor voting (see :mod:`.local_match`), plus CLIP pairs
    for ``--method both``; at most a few partners per image.
-3. Each candidate pair is verified: RANSAC homography on the stored grey copies + tile-median NCC.
+3. Each candidate pair is verified: RANSAC homography on the stored grey copies + tile-median NCC, with most of
+   the overlap's tiles agreeing (a shared part of two frames is not a duplicate).
 4. Groups are stars, never chains: in each connected component the keeper is chosen first
    (:mod:`.keeper`), and a member joins only with a verified link to that keeper (checked on the spot when
    the component linked it only through others). Members left out form groups of their own the same way.
@@ -170,7 +171,7 @@ def star_groups(
         small_comp.clear()
         if len(comp) <= SMALL_COMPONENT:
             small_comp.update(comp)
-        keeper, _ = choose([copies[m] for m in comp], evidence)
+        keeper, _ = choose([copies[m] for m in comp], evidence, explain=False)  # _make_group explains
         k = next(m for m in comp if copies[m] is keeper)
         reach = _near_keeper(k, comp, adj) if len(comp) > SMALL_COMPONENT else None
         if check is not None and verify and cache is not None:
@@ -190,8 +191,11 @@ def star_groups(
             groups.append(_make_group(copies, members, edges, method, evidence))  # members[0] is the keeper
         if len(rest) > 1:
             sub = {m: n for n, m in enumerate(rest)}
-            si = [sub[a] for a, b in link if a in sub and b in sub and link[(a, b)] is not None]
-            sj = [sub[b] for a, b in link if a in sub and b in sub and link[(a, b)] is not None]
+            # the verified links among the members left over, through their own adjacency (a scan of every
+            # link per component made the grouping quadratic in the number of links)
+            kept = [(a, b) for a in rest for b in adj.get(a, ()) if a < b and b in sub and link.get((a, b))]
+            si = [sub[a] for a, _ in kept]
+            sj = [sub[b] for _, b in kept]
             for g in connected_groups(len(rest), np.array(si, np.int64), np.array(sj, np.int64)):
                 todo.append([rest[x] for x in g])
     if stats is not None:

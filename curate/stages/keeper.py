@@ -142,8 +142,10 @@ def choose(
     copies: list[Copy],
     evidence: Callable[[Copy, Copy], dict[str, Any] | None] | None = None,
     keeper: Copy | None = None,
+    explain: bool = True,
 ) -> tuple[Copy, dict[str, str]]:
-    """The keeper and, per other path, the rule that decided.
+    """The keeper and, per other path, the rule that decided (``explain=False``: the keeper only, an empty
+    dict, and n fewer comparisons).
 
     The keeper is the champion of a challenge round (the rules need not be transitive);
     ``evidence(x, y)`` gives the verification evidence of a matched pair, oriented x -> a.
@@ -164,6 +166,8 @@ def choose(
             for y in copies[n + 1 :]:
                 wins[id(x if cmp(x, y)[0] > 0 else y)] += 1
         keeper = max(copies, key=lambda c: wins[id(c)])
+        if not explain:
+            return keeper, {}
         return keeper, {c.rec.path: cmp(keeper, c)[1] for c in copies if c is not keeper}
     # Champion and challengers (2n comparisons, each may measure one pair): a second pass settles the
     # rare non-transitive case.
@@ -175,5 +179,7 @@ def choose(
                 keeper, changed = c, True
         if not changed:
             break
+    if not explain:
+        return keeper, {}
     why = {c.rec.path: cmp(keeper, c)[1] for c in copies if c is not keeper}
     return keeper, why

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -45,6 +46,9 @@ class ScanResult:
     interrupted: bool = False
     captions: dict[str, Any] = field(default_factory=dict)  # caption files beside the images (user_captions)
     bad_names: list[str] = field(default_factory=list)  # not valid UTF-8 (shown escaped); left out
+    linked_folders: list[str] = field(default_factory=list)  # symlinked folders, not followed
+    changed: int = 0  # files whose bytes changed since the last scan (their filter/dedupe rejects dropped)
+    moved: int = 0  # new paths holding the bytes of a file now missing: its rejects and decisions follow it
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,7 +190,7 @@ def scan(
     todo: list[tuple[str, int, int]] = []  # (rel, size, mtime_ns)
     seen: set[str] = set()
     file_errors: list[tuple[str, str, str]] = []
-    for p in iter_image_files(root):
+    for p in iter_image_files(root, linked_dirs=res.linked_folders):
         rel = p.relative_to(root).as_posix()
         res.total_files += 1
         if not _is_utf8(rel):  # the manifest stores paths as UTF-8 TEXT: such a name cannot be recorded
@@ -227,6 +231,7 @@ def scan(
     abs_paths = [str(root / rel) for rel, _, _ in todo]
 
     inserted: set[str] = set()
+    arrived: list[tuple[str, str]] = []  # (path, sha256) of files new to the manifest
 
     def record(path: str, row: dict[str, Any]) -> None:
         rel = Path(path).relative_to(root).as_posix()
@@ -248,6 +253,12 @@ def scan(
             res.decoded += 1
             if row.get("error"):
                 res.errors[row["error"]] = res.errors.get(row["error"], 0) + 1
+        was = index.get(rel)
+        if was is None:
+            arrived.append((rel, row["sha256"]))
+        if was and was[0] and was[0] != row["sha256"]:  # new bytes: the old ones' rejects are stale
+            res.changed += 1
+            forget_stale_rejects(manifest, rel)
         manifest.upsert_file(rel, row["sha256"], size, mtime)
 
     def run(results) -> None:
@@ -298,10 +309,61 @@ def scan(
         with contextlib.suppress(Exception):
             _write_scan_rejects(manifest)
         raise
+    res.moved = carry_over_moves(manifest, arrived)
     _write_scan_rejects(manifest)
     res.captions = _refresh_captions(manifest).as_dict()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+STALE_STAGES = ("filter", "dedupe")
+
+
+def carry_over_moves(manifest: Manifest, arrived: list[tuple[str, str]]) -> int:
+    """A new path whose bytes are those of a file now missing is that file moved (into a concept folder,
+    say): its filter / dedupe rejects and the person's keep / reject go with it, so a rejected image does
+    not come back as new. Returns how many moves were carried over."""
+    if not arrived:
+        return 0
+    gone: dict[str, list[str]] = {}
+    for path, sha in manifest.conn.execute("SELECT path, sha256 FROM files WHERE status='missing'"):
+        gone.setdefault(sha, []).append(path)
+    st = ",".join("?" * len(STALE_STAGES))
+    n = 0
+    with manifest.transaction():
+        for rel, sha in arrived:
+            olds = gone.get(sha)
+            if not olds:
+                continue
+            old = olds.pop(0)  # one new path per old one: copies made elsewhere stay new files
+            n += 1
+            manifest.conn.execute(
+                f"INSERT OR REPLACE INTO rejects(path, stage, reason, detail) SELECT ?, stage, reason, detail"
+                f" FROM rejects WHERE path=? AND stage IN ({st})",
+                (rel, old, *STALE_STAGES),
+            )
+            manifest.conn.execute(
+                "INSERT OR IGNORE INTO decisions(path, decision, reason, at) SELECT ?, decision, reason, at"
+                " FROM decisions WHERE path=?",
+                (rel, old),
+            )
+    return n
+
+
+def forget_stale_rejects(manifest: Manifest, rel: str) -> None:
+    """``rel`` holds new bytes: drop the filter / dedupe rejects made on the old ones (a cropped panorama
+    is no longer too wide; `curate apply` must not quarantine it for that) and note the file for those
+    stages, so export says to run them again (`set_rejects` clears the note)."""
+    manifest.conn.execute(
+        f"DELETE FROM rejects WHERE path=? AND stage IN ({','.join('?' * len(STALE_STAGES))})",
+        (rel, *STALE_STAGES),
+    )
+    for stage in STALE_STAGES:
+        if manifest.stage_ran(stage):
+            key = f"changed_since.{stage}"
+            paths = json.loads(manifest.get_meta(key) or "[]")
+            if rel not in paths:
+                manifest.set_meta(key, json.dumps([*paths, rel]))
 
 
 def _refresh_captions(manifest: Manifest):

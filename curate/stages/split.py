@@ -9,6 +9,7 @@ stratum (e.g. per character), so each stratum gets its share.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class SplitResult:
     target: float
     strata: dict[str, dict[str, int]] = field(default_factory=dict)  # stratum -> {"train": n, "val": n}
     notes: list[str] = field(default_factory=list)
+    moved_by_hand: int = 0  # images put on a side in `curate review`, kept there (with their groups)
 
     @property
     def val_fraction(self) -> float:
@@ -140,6 +142,25 @@ def crossing_groups(
     return [paths[g] for g, s in seen.items() if len(s - {None}) > 1]
 
 
+MOVES_KEY = "split.moves"  # meta: {sha256: "train" | "val"}, oldest first, written by `curate review`
+
+
+def apply_moves(manifest: Manifest, records: list[ImageRecord], sides: dict[str, str], labels: list) -> int:
+    """Put the images moved by hand (and everything grouped with them) on their chosen side; the latest
+    move wins within a group. Returns how many moves applied (moves of images no longer kept are ignored)."""
+    moves = json.loads(manifest.get_meta(MOVES_KEY) or "{}")
+    label_of = {r.sha256: g for r, g in zip(records, labels, strict=True)}
+    applied = 0
+    for sha, side in moves.items():
+        if sha not in label_of or side not in ("train", "val"):
+            continue
+        applied += 1
+        for r in records:
+            if label_of[r.sha256] == label_of[sha]:
+                sides[r.sha256] = side
+    return applied
+
+
 def split(
     manifest: Manifest,
     val: float = 0.1,
@@ -155,8 +176,9 @@ def split(
         raise CurateError(f"--phash-threshold must be between 0 and 64 bits, got {phash_threshold}")
     records = manifest.kept_images()
     if not records:
-        raise CurateError("no kept images to split; run `curate scan` first (and check `curate status`)")
+        raise CurateError(manifest.nothing_kept("split"))
     sides, labels = assign(records, val, seed, balance_tag, phash_threshold)
+    moved = apply_moves(manifest, records, sides, labels)
     crossing = crossing_groups(records, sides, labels)  # type: ignore[arg-type]
     if crossing:  # construction makes this impossible; keep the assertion where it matters
         raise AssertionError(f"near-duplicate group split across train/val: {crossing[0]}")
@@ -179,7 +201,13 @@ def split(
         seed=seed,
         target=val,
         strata=strata,
+        moved_by_hand=moved,
     )
+    if moved:
+        res.notes.append(
+            f"{moved} image(s) moved by hand in `curate review` stay on their side, with their near-duplicates "
+            "(`curate split --clear-moves` forgets the moves)"
+        )
     if val and not 0.10 <= res.val_fraction <= 0.20:
         res.notes.append(
             f"validation is {res.val_fraction:.0%} of the images; 10-20% is the usual range"

@@ -78,8 +78,11 @@ def _read_text(path: Path) -> str | None:
         return None
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace")
+    except UnicodeDecodeError:  # a legacy Windows editor's text (cp1252), else Latin-1, which takes any byte:
+        try:  # decoding with "replace" turned the person's accents into U+FFFD in every export
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
 
 
 def _clean(text: str) -> str:
@@ -100,6 +103,31 @@ def _jsonl_entries(path: Path) -> dict[str, str]:
         if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj.get("file_name") is not None:
             out[str(obj["file_name"])] = obj["text"]
     return out
+
+
+def jsonl_columns(root: Path, rel: str, cache: dict[str, dict[str, dict]] | None = None) -> dict[str, Any]:
+    """The other columns (besides file_name and text) of image ``rel``'s entry in the nearest
+    metadata.jsonl holding one (its folder or above, as HF imagefolder reads them); {} when none."""
+    cache = {} if cache is None else cache
+    parts = PurePosixPath(rel).parts
+    for i in range(len(parts) - 1, -1, -1):
+        d = "/".join(parts[:i])
+        if d not in cache:
+            meta = (root / d if d else root) / JSONL
+            objs: dict[str, dict] = {}
+            if meta.is_file():
+                for line in (_read_text(meta) or "").splitlines():
+                    try:
+                        obj = json.loads(line) if line.strip() else None
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict) and obj.get("file_name") is not None:
+                        objs[str(obj["file_name"])] = obj
+            cache[d] = objs
+        obj = cache[d].get("/".join(parts[i:]))
+        if obj is not None:
+            return {k: v for k, v in obj.items() if k not in ("file_name", "text")}
+    return {}
 
 
 def refresh(manifest: Manifest) -> RefreshResult:
@@ -287,8 +315,10 @@ def _backup(manifest: Manifest, rel: str, text: str, stamp: str) -> str:
     return str(bdir)
 
 
-def resolve_image(manifest: Manifest, path: str | os.PathLike) -> str:
-    """A path the user typed (relative to the dataset or the current folder, or absolute) -> manifest path."""
+def resolve_image(manifest: Manifest, path: str | os.PathLike, *, allow_missing: bool = False) -> str:
+    """A path the user typed (relative to the dataset or the current folder, or absolute) -> manifest path.
+
+    A file the last scan found gone is an error unless ``allow_missing`` (forgetting a decision on it)."""
     root = manifest.root
     raw = Path(path).expanduser()
     candidates = [raw] if raw.is_absolute() else [root / raw, Path.cwd() / raw]
@@ -304,6 +334,10 @@ def resolve_image(manifest: Manifest, path: str | os.PathLike) -> str:
             if rel.split("/", 1)[0] == STATE_DIR:
                 continue
             if rel in index:
+                if index[rel][3] == "missing" and not allow_missing:
+                    raise CurateError(
+                        f"{path} is gone since the last scan of {root}; pick a file that is there"
+                    )
                 return rel
     if outside:
         raise CurateError(f"{path} is outside the dataset {root}; pass a file inside it")
@@ -325,7 +359,9 @@ def caption_target(manifest: Manifest, rel: str, srcs: dict, fmt: str | None = N
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) if "\n" in str(text) else str(text).strip()
+    from ..export.common import one_line  # lines of tags joined with commas, as export joins them
+
+    return one_line(str(text)) if "\n" in str(text) else str(text).strip()
 
 
 def set_captions(manifest: Manifest, texts: dict[str, str], fmt: str | None = None) -> dict[str, str]:
