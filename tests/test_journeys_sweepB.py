@@ -348,3 +348,18 @@ def test_caption_edited_inside_the_training_export_is_not_replaced(tmp_path, mon
     assert r.exit_code == 2, r.output
     one_line_error(r.output, "edited in", "p0.png", "would replace")
     assert fixed.read_text() == "mychar, fixed in the export"
+
+
+def test_block_dims_of_the_wrong_length_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """`--set block_dims=[1,2]` was refused only after the base model loaded and every latent was encoded; the
+    UNet's config.json says how many blocks it has, so it is now refused first (13 for this tiny UNet)."""
+    no_model_loads(monkeypatch)
+    ds = kohya_folder(tmp_path / "ds")
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (base / "unet" / "config.json").write_text('{"block_out_channels": [32, 64], "layers_per_block": 2}')
+    r = run(app, ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "o"),
+                  "--set", "block_dims=[1,2]"])  # fmt: skip
+    assert r.exit_code == 2, r.output
+    one_line_error(r.output, "block_dims has 2 values; sd15 takes 13")

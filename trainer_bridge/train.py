@@ -214,6 +214,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         "caption; run `curate tag` or add .txt files"] if bare else []  # fmt: skip
     for w in caption_warnings:
         say(f"warning: {w}")
+    if cfg.block_dims or cfg.block_alphas:  # their length is the UNet's block count: checked before it loads
+        from trainer_bridge import lycoris_net as LY
+
+        want = LY.n_blocks_of(cfg.base, family)
+        if want is not None:
+            LY.check_blocks(cfg, family, want)
     earlier = keep_earlier_run(out_dir, cfg.output_name) if main and not resumed else None
     if earlier:
         more = f" and {len(earlier[1]) - 1} more file(s)" if len(earlier[1]) > 1 else ""
