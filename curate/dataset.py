@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,14 @@ class Dataset:
         from .stages.caption import BlipConfig, caption_images
         from .stages.captions import Outcome, apply_changes
 
-        cfg = override(_coerce(BlipConfig, self.config.section("blip"), "blip"), **options)
+        cfg = _coerce(BlipConfig, self.config.section("blip"), "blip")
+        # the captioner and generation options of the last `curate caption` (as tag remembers its tagger),
+        # so a later `--combine` reuses the stored sentences instead of loading the default model
+        last = json.loads(self.manifest.get_meta("caption.options") or "{}")
+        keys = ("num_beams", "min_length", "max_length", "repetition_penalty", "prompt", "max_side")
+        remembered = {k: last.get(k) for k in keys}
+        remembered["model"] = self.manifest.get_meta("caption.model")  # a local folder's absolute path
+        cfg = override(override(cfg, **remembered), **options)
         run = caption_images(self.manifest, cfg, progress=progress)
         changes = {**(caption or {}), "source": "both" if combine else "caption"}
         return Outcome(run, apply_changes(self.manifest, self.config, changes, overwrite=overwrite))

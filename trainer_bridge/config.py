@@ -35,6 +35,22 @@ def check_output_name(name: str) -> None:
         )
 
 
+# diffusers.optimization.SchedulerType's values (piecewise_constant is accepted, not advertised)
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial",
+              "piecewise_constant")  # fmt: skip
+
+
+def _with_hints(unknown: list[str], names: set[str]) -> str:
+    """`netwrk_dim (did you mean network_dim?)`: each unknown option with its closest known name, if any."""
+    import difflib
+
+    def one(k: str) -> str:
+        close = difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.75)
+        return f"{k} (did you mean {close[0]}?)" if close else k
+
+    return ", ".join(map(one, unknown))
+
+
 def check_output_dir(path: str | Path) -> Path:
     """output_dir is a folder (created when missing); an existing file there is a mistake, never replaced."""
     out = Path(path).expanduser()
@@ -169,7 +185,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in values if k not in names and not isinstance(values[k], dict))
         if unknown:
-            raise TrainError(f"unknown training option(s): {', '.join(unknown)}")
+            raise TrainError(f"unknown training option(s): {_with_hints(unknown, names)}")
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def override(self, overrides: dict[str, Any] | list[str]) -> TrainConfig:
@@ -188,7 +204,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(self)}
         bad = sorted(set(overrides) - names)
         if bad:
-            raise TrainError(f"unknown training option(s): {', '.join(bad)}")
+            raise TrainError(f"unknown training option(s): {_with_hints(bad, names)}")
         return dataclasses.replace(self, **overrides)
 
     def _checked(self) -> TrainConfig:
@@ -235,6 +251,16 @@ class TrainConfig:
             raise TrainError(f"epochs must be >= 1 (or set max_steps to cap the run), got {self.epochs}")
         if not 0 <= self.caption_dropout <= 1:
             raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        # names build_optimizer / diffusers' get_scheduler take: checked here, before the model loads
+        if self.optimizer.lower() not in ("adamw", "adamw8bit", "prodigy", "adafactor"):
+            raise TrainError(
+                f"unknown optimizer {self.optimizer!r}; choose adamw, adamw8bit, prodigy or adafactor"
+            )
+        if self.lr_scheduler not in SCHEDULERS:
+            raise TrainError(
+                f"unknown lr_scheduler {self.lr_scheduler!r}; choose constant, constant_with_warmup, cosine, "
+                "cosine_with_restarts, linear or polynomial"
+            )
         if self.save_precision not in ("fp16", "bf16", "fp32"):
             raise TrainError(f"save_precision must be fp16, bf16 or fp32, got {self.save_precision!r}")
         from trainer_bridge.lycoris_net import ALGOS, PRESETS

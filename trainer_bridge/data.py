@@ -395,11 +395,17 @@ def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
     return x, (top, left)
 
 
+def _config_of(config: dict) -> dict:
+    """A model config without the path it was loaded from (`_name_or_path`: "sd15" and "/abs/sd15" are one model),
+    so a resume (which records absolute paths) or another working folder still hits the caches."""
+    return {k: v for k, v in config.items() if k != "_name_or_path"}
+
+
 def vae_id(vae, base_name: str) -> str:
     """A short id of the VAE (config + a weight fingerprint), part of the latent cache key."""
     import torch
 
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(_config_of(dict(vae.config)), sort_keys=True, default=str).encode())
     h.update(base_name.encode())
     with torch.no_grad():
         for p in list(vae.parameters())[:4]:
@@ -627,7 +633,7 @@ def te_id(tokenizers: list, text_encoders: list, base_name: str, clip_skip: int,
         probe = tok(["a photo of sks, 1girl, red"], truncation=True).input_ids[0]
         h.update(f"{type(tok).__name__}|{tok.model_max_length}|{len(tok)}|{probe}".encode())
         clip = getattr(te, "module", te)
-        h.update(json.dumps(clip.config.to_dict(), sort_keys=True, default=str).encode())
+        h.update(json.dumps(_config_of(clip.config.to_dict()), sort_keys=True, default=str).encode())
         with torch.no_grad():
             for p in clip.parameters():
                 flat = p.detach().reshape(-1)

@@ -192,6 +192,24 @@ def n_blocks(unet: nn.Module) -> int:
     return 2 * len(c.block_out_channels) * (c.layers_per_block + 1) + 1
 
 
+def n_blocks_of(base: str, family: str) -> int | None:
+    """n_blocks() from a diffusers folder's unet/config.json, or the family's for a single .safetensors file;
+    None when only the loaded model can tell (a hub id): checked again after the model loads."""
+    import json
+    from pathlib import Path
+
+    p = Path(base).expanduser()
+    if (p / "unet" / "config.json").is_file():
+        try:
+            c = json.loads((p / "unet" / "config.json").read_text())
+            return 2 * len(c["block_out_channels"]) * (int(c["layers_per_block"]) + 1) + 1
+        except (ValueError, KeyError, TypeError):
+            return None  # the loader reports a broken config
+    if p.is_file():
+        return {"sd15": 25, "sdxl": 19}.get(family)
+    return None
+
+
 def check_blocks(cfg, family: str, want: int) -> None:
     """One-line errors for block_dims / block_alphas of the wrong length or with bad values."""
     for name in ("block_dims", "block_alphas"):

@@ -121,7 +121,8 @@ def check_family(base: str, family: str) -> tuple[str, str]:
     if family and found and family != found:
         raise TrainError(
             f"base model {base} is {NAMES[found]} ({why}) but model_family is {family}; "
-            f"drop --family (it is read from the model) or use a {NAMES[family]} base"
+            f"drop --family and model_family from the training TOML (it is read from the model; `curate plan "
+            f"--model {found}` writes a matching plan) or use a {NAMES[family]} base"
         )
     if family:
         return family, ""

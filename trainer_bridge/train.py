@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import random
+import re
 import signal
 import time
 import uuid
@@ -48,6 +49,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # the overfitting warning (epochs.py)
     epochs_grid: Path | None = None  # sample/epochs.png: a row per sample prompt, a column per saved epoch
     epochs_log: Path | None = None  # logs/epochs.json: the epochs table, best epoch and warnings
+    earlier_run: Path | None = None  # output_dir/earlier/N: an earlier run's files, moved (never overwritten)
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
@@ -92,6 +94,24 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
             f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose constant, constant_with_warmup, cosine, "
             "cosine_with_restarts, linear or polynomial"
         ) from None
+
+
+def keep_earlier_run(out_dir: Path, name: str) -> tuple[Path, list[str]] | None:
+    """Move an earlier run's <name>.safetensors, its epoch / step files, their -state/ folders and samples into
+    out_dir/earlier/<N>/ (N: the next free number), so a new run never overwrites them; None if there are none."""
+    pat = re.compile(re.escape(name) + r"(-\d{6}|-step\d{6})?(\.safetensors|-state)")
+    found = sorted((f.name for f in out_dir.iterdir() if pat.fullmatch(f.name)),
+                   key=lambda f: (f != f"{name}.safetensors", f))  # fmt: skip
+    if not found:
+        return None
+    sample = re.compile(re.escape(name) + r"_\d{6}_\d{2}\.png|epochs\.png")  # its sample images and grid
+    samples = [f"sample/{f.name}" for f in (out_dir / "sample").glob("*.png") if sample.fullmatch(f.name)]
+    taken = [int(d.name) for d in (out_dir / "earlier").glob("*") if d.name.isdigit()]
+    dest = out_dir / "earlier" / str(max(taken, default=0) + 1)
+    (dest / "sample" if samples else dest).mkdir(parents=True)
+    for f in found + samples:
+        (out_dir / f).rename(dest / f)
+    return dest, found
 
 
 def train(config: TrainConfig | str | Path, **overrides: Any) -> TrainResult:
@@ -188,6 +208,26 @@ def _train(cfg: TrainConfig) -> TrainResult:
     val_items = D.list_items(spec.val_subsets, spec) if spec.val_subsets else []
     if not any(not it.subset.is_reg for it in items):
         raise TrainError(f"no images found under {cfg.data}")
+    bare = sum(1 for it in items if not it.subset.is_reg and not it.caption)
+    caption_warnings = [f"{bare} of {sum(1 for it in items if not it.subset.is_reg)} training images have no "
+                        "caption (no caption file, no class tokens from a N_name folder): they train on an empty "
+                        "caption; run `curate tag` or add .txt files"] if bare else []  # fmt: skip
+    for w in caption_warnings:
+        say(f"warning: {w}")
+    if cfg.block_dims or cfg.block_alphas:  # their length is the UNet's block count: checked before it loads
+        from trainer_bridge import lycoris_net as LY
+
+        want = LY.n_blocks_of(cfg.base, family)
+        if want is not None:
+            LY.check_blocks(cfg, family, want)
+    earlier = keep_earlier_run(out_dir, cfg.output_name) if main and not resumed else None
+    if earlier:
+        more = f" and {len(earlier[1]) - 1} more file(s)" if len(earlier[1]) > 1 else ""
+        say(f"an earlier run's {earlier[1][0]}{more} are kept in {earlier[0]} "
+            f"(this run writes {out_dir / cfg.output_name}.safetensors)")  # fmt: skip
+        if f"{cfg.output_name}.safetensors" not in earlier[1] and f"{cfg.output_name}-state" in earlier[1]:
+            say(f"that run had stopped; to continue it instead: Ctrl-C, then "
+                f"curate train --resume {earlier[0] / (cfg.output_name + '-state')}")  # fmt: skip
     timings: dict[str, Any] = {}
     t_phase = time.perf_counter()
     base = load_base(cfg.base, family, cfg.v_prediction)
@@ -464,7 +504,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "ss_network_module": "lycoris.kohya" if lyco else "networks.lora", "ss_network_dim": cfg.network_dim,
             "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": cfg.network_dropout,
             "ss_network_args": LY.network_args(cfg) if lyco else {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.conv_dim else {},
-            "ss_mixed_precision": cfg.mixed_precision, "ss_full_fp16": False, "ss_v2": False,
+            "ss_mixed_precision": cfg.mixed_precision if amp else "no", "ss_full_fp16": False, "ss_v2": False,
             "ss_base_model_version": BASE_MODEL_VERSION[cfg.model_family], "ss_v_parameterization": v_pred,
             "ss_clip_skip": cfg.clip_skip or "None", "ss_max_token_length": "None", "ss_cache_latents": cfg.cache_latents,
             "ss_seed": cfg.seed, "ss_noise_offset": cfg.noise_offset, "ss_multires_noise_iterations": cfg.multires_noise_iterations,
@@ -599,6 +639,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     result = TrainResult(None, None, global_step, start_epoch)
+    result.earlier_run = earlier[0] if earlier else None
+    result.warnings += caption_warnings
     if resumed:  # the epochs table and val losses of the run so far
         result.epochs = [EpochRecord.from_dict(d) for d in resumed[3].get("epochs", [])]
         result.val_losses = list(resumed[3].get("val_losses", []))

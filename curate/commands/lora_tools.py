@@ -46,10 +46,16 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="Per-module rank: sv_ratio=R, sv_fro=F, sv_cumulative=C or threshold=T."),
         ] = None,
+        overwrite: Annotated[
+            bool, typer.Option(help="Replace --out when it exists (never the input).")
+        ] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Shrink a LoRA by SVD of each module's up@down; reports each module's relative Frobenius error."""
         from trainer_bridge.resize import resize_lora
+
+        if out.exists() and not overwrite and out.resolve() != file.resolve():
+            raise CurateError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
 
         method, param = _parse_dynamic(dynamic) if dynamic else (None, None)
         note = resize_lora(file, out, rank=rank, method=method, param=param)

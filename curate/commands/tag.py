@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Any
 
 import typer
@@ -86,6 +87,17 @@ def _print_outcome(title: str, d: dict[str, Any]) -> None:
         err_console.print(
             f"[yellow]kept {len(w['not_applied'])} caption(s) written by hand as they are[/]; rerun the same "
             "command with --overwrite to apply this edit to them (each is backed up first)",
+            highlight=False,
+        )
+    lack = cap.get("lack_trigger") or []
+    if lack:  # a caption kept as written (or a trigger added after the edit): the export then pins nothing
+        names = ", ".join(lack[:3]) + (f" and {len(lack) - 3} more" if len(lack) > 3 else "")
+        trig = ", ".join(cap["trigger"])
+        err_console.print(
+            f"[yellow]warning[/]: {len(lack)} of {cap['images']} caption(s) do not start with the trigger "
+            f"{trig!r} ({escape(names)}), so the export sets keep_tokens = 0 and shuffling moves the trigger; "
+            f"put it first in them, or run `curate edit DIR --trigger {shlex.quote(trig)} --overwrite` "
+            "(backs them up first)",
             highlight=False,
         )
     for p, n in cap["over_limit"][:10]:

@@ -20,6 +20,9 @@ def _training_data(
     trigger: str | None,
     class_word: str | None,
     reg: Path | None = None,
+    family: str = "sd15",
+    resolution: int = 0,
+    captions: dict | None = None,
 ) -> str:
     """A kohya folder / dataset TOML as is; a curate dataset exported into ``output_dir/data``.
 
@@ -29,6 +32,13 @@ def _training_data(
     files and caption files changed since the last scan, so the export is never stale.
     """
     if not (source / ".curate" / "manifest.db").exists():
+        for flag, value in (("--trigger", trigger), ("--class", class_word)):
+            if value is not None:  # only curate's export writes them into captions / folder names
+                raise CurateError(
+                    f"{flag} applies to a curated dataset; {source} has no manifest, so it trains as it is: "
+                    f"run `curate scan {source}` first, or name its folder 5_{value} (repeats_words) or put "
+                    "the word in its caption files"
+                )
         if reg is not None:
             raise CurateError(
                 f"--reg applies to a curated dataset; {source} is a kohya folder or dataset TOML: "
@@ -40,7 +50,9 @@ def _training_data(
     from ..export.kohya import export_kohya, kohya_layout
 
     target = output_dir / "data"
-    opts = {"repeats": repeats, "trigger": trigger, "class_word": class_word, "reg": reg}
+    captions = dict(captions or {})  # shuffle_caption / flip_aug / keep_tokens the user chose for this run
+    keep = captions.pop("keep_tokens", None)
+    opts = {"repeats": repeats, "trigger": trigger, "class_word": class_word, "reg": reg, **captions}
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1 and read_export_record(target) is None:  # before touching the manifest
         raise CurateError(
@@ -63,10 +75,26 @@ def _training_data(
                 f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
                 "(or use curate train --gpus N, which exports first)"
             )
+        from ..stages.bucket import family_settings, stored_settings
+
+        if stored_settings(ds.manifest) is None:  # no `curate bucket`: the buckets of what this run trains
+            opts["settings"] = family_settings(family, resolution=resolution or None)
         layout = kohya_layout(ds.manifest, **opts)
+        if keep is not None:  # the dataset TOML's keep_tokens wins over [train]'s: write the chosen one there
+            layout.keep_tokens = keep
+            for sub in layout.subsets:
+                sub.keep_tokens = keep
+            layout.warnings[:] = [w for w in layout.warnings if "keep_tokens = 0 there" not in w]
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
             return str(target / "dataset.toml")
+        edited = _edited_in_export(target, old) if old else []
+        if edited:  # a fix made in the export itself: replacing the folder would lose it without a word
+            raise CurateError(
+                f"{len(edited)} caption(s) were edited in {target} (e.g. {edited[0][0]}, the caption of "
+                f"{edited[0][1]}) and the re-export this run needs would replace them: put the fix in the "
+                f"dataset's caption ({edited[0][1]}'s .txt in {source}) or move {target} away, then rerun"
+            )
         if ranks > 1:
             raise CurateError(
                 f"the export in {target} is out of date (the dataset or the export options changed); "
@@ -92,6 +120,23 @@ def _training_data(
             why = "0 changed (the export format changed)"
         console.print(f"re-exported: {why}; {counts} images in {escape(str(target))}", highlight=False)
     return str(target / "dataset.toml")
+
+
+def _edited_in_export(target: Path, record: dict) -> list[tuple[str, str]]:
+    """(caption file in the export, its source image) for each exported caption whose text is no longer what
+    the export wrote (kept in its curate_export.json), i.e. edited there by hand."""
+    from ..export.kohya import CAPTION_EXTENSION
+
+    edited = []
+    for im in record.get("images") or []:
+        f = target / Path(im.get("file", "")).with_suffix(CAPTION_EXTENSION)
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # gone or unreadable: nothing of the user's to keep
+        if im.get("caption") is not None and text.strip() != str(im["caption"]).strip():
+            edited.append((str(f.relative_to(target)), str(im.get("source", ""))))
+    return edited
 
 
 SUBSET_COLUMNS = (
@@ -271,16 +316,26 @@ def register(app: typer.Typer) -> None:
             "gpus": gpus,
         }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
+        # caption options chosen for this run (--set, or the [train] table), which an export must carry: its
+        # dataset TOML's values win over [train]'s in the trainer, as in sd-scripts
+        chosen = {item.partition("=")[0].strip() for item in set_ or []}
+        if config:
+            import tomllib
+
+            table_ = tomllib.loads(config.read_text(encoding="utf-8"))
+            table_ = table_.get("train", table_)
+            chosen |= {k for k in ("shuffle_caption", "flip_aug") if k in table_}
+            chosen |= {"keep_tokens"} if table_.get("keep_tokens") else set()  # 0 there is the plan's default
+        captions = {k: getattr(cfg, k) for k in ("shuffle_caption", "flip_aug", "keep_tokens") if k in chosen}
         check_output_dir(cfg.output_dir)  # before the on-the-fly export writes into it
         if source is not None:
-            data = _training_data(
-                source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word, reg
-            )
+            from trainer_bridge.models import check_family
+
+            fam = check_family(cfg.base, cfg.model_family)[0] if cfg.base else cfg.model_family or "sd15"
+            data = _training_data(source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word,
+                                  reg, fam, cfg.resolution, captions)  # fmt: skip
             if data != str(source) and not cfg.resolution:
                 # a curated dataset: the export's TOML does not choose the resolution (--set > plan > family)
-                from trainer_bridge.models import check_family
-
-                fam = check_family(cfg.base, cfg.model_family)[0] if cfg.base else cfg.model_family or "sd15"
                 cfg = cfg.override({"resolution": FAMILY_RESOLUTION[fam]})
             cfg = cfg.override({"data": data})
         if not cfg.data:
@@ -331,6 +386,7 @@ def register(app: typer.Typer) -> None:
             "warnings": result.warnings,
             "epochs_grid": str(result.epochs_grid) if result.epochs_grid else None,
             "epochs_log": str(result.epochs_log) if result.epochs_log else None,
+            "earlier_run": str(result.earlier_run) if result.earlier_run else None,
         }
 
     @app.command("lora-info")

@@ -460,6 +460,8 @@ class CaptionResult:
     dropped_common: list[str]
     over_limit: list[tuple[str, int]]  # (path, tokens) over 75 CLIP tokens
     settings: dict[str, Any]
+    # images whose caption (kept as a person wrote it) does not start with the trigger: the export pins none
+    lack_trigger: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -582,7 +584,10 @@ def rebuild(
     ]
     dropped = sorted({t for b in built for t in b.dropped_common})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-    return CaptionResult(len(built), cfg.keep_tokens, list(cfg.trigger), res, dropped, over, settings)
+    n = len(cfg.trigger)  # compared as the export compares them (export/kohya.py's _stored_trigger_tokens)
+    lack = [b.paths[0] for b, t in zip(built, texts, strict=True)
+            if n and [p.strip() for p in t.split(",")][:n] != list(cfg.trigger)]  # fmt: skip
+    return CaptionResult(len(built), cfg.keep_tokens, list(cfg.trigger), res, dropped, over, settings, lack)
 
 
 # -- statistics and checks -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ The result is a TOML whose ``[train]`` table is what ``trainer_bridge.TrainConfi
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -430,6 +431,10 @@ def plan(
 
     captioned = [c for c in map(make_caption, images) if c]  # none yet: assume tags will come (curate tag)
     tag_captions = sum(map(looks_like_tags, captioned)) > len(captioned) / 2 if captioned else True
+    stored: list[str] = []  # the trigger words `curate tag --trigger` put first (the export pins them too)
+    if trigger is None:
+        stored = [str(t) for t in json.loads(manifest.get_meta("caption.trigger") or "[]")]
+        trigger = ", ".join(stored) or None
     name = trigger or manifest.root.name
     p = plan_training(
         len(images),
@@ -446,6 +451,11 @@ def plan(
         kind=kind,
     )
     p.dataset = str(manifest.root)
+    if stored:
+        p.train["keep_tokens"] = len(stored)
+        p.reasons["keep_tokens"] = (
+            f"keep the trigger word(s) `curate tag --trigger` put first ({trigger}) when captions shuffle"
+        )
     from .bucket import stored_settings
 
     bs = stored_settings(manifest)
