@@ -432,6 +432,18 @@ def _nvjpeg(device: str) -> bool:
     return gpu_decode_available(device)
 
 
+def _finish_oldest(running: deque, store: Callable, waits: dict[str, float]) -> None:
+    """Wait for the oldest batch in flight and store its scores; the wait goes to waits["model"], the storing to
+    waits["store"]."""
+    done_batch, handle = running.popleft()
+    t0 = time.perf_counter()
+    probs = handle.result()
+    t1 = time.perf_counter()
+    store(done_batch, probs)
+    waits["model"] += t1 - t0
+    waits["store"] += time.perf_counter() - t1
+
+
 def _tag_on_gpu(
     tagger: Any,
     todo: list[ImageRecord],
@@ -448,15 +460,6 @@ def _tag_on_gpu(
     feed = _GpuFeed(tagger, todo, root, batch_size, workers)
     running: deque = deque()
     waits = {"decode": 0.0, "model": 0.0, "store": 0.0}
-
-    def finish() -> None:
-        done_batch, handle = running.popleft()
-        t0 = time.perf_counter()
-        probs = handle.result()
-        t1 = time.perf_counter()
-        store(done_batch, probs)
-        waits["model"] += t1 - t0
-        waits["store"] += time.perf_counter() - t1
 
     try:
         items = iter(feed)
@@ -475,9 +478,9 @@ def _tag_on_gpu(
             if recs:
                 running.append((recs, tagger.submit(x)))
             while len(running) > 1:
-                finish()
+                _finish_oldest(running, store, waits)
         while running:
-            finish()
+            _finish_oldest(running, store, waits)
     finally:
         feed.close()
     where = f"nvJPEG on {tagger.device}" if cuda else f"torchvision on {tagger.device}"
@@ -612,13 +615,7 @@ def tag_images(
                         fill()
                         running.append((batch, tagger.submit(x)))
                     while running and (len(running) > 1 or not pending):
-                        done_batch, handle = running.popleft()
-                        tw = time.perf_counter()
-                        probs = handle.result()
-                        t1 = time.perf_counter()
-                        store(done_batch, probs)
-                        waits["model"] += t1 - tw
-                        waits["store"] += time.perf_counter() - t1
+                        _finish_oldest(running, store, waits)
                 info["waits"] = {k: round(v, 3) for k, v in waits.items()}
             finally:
                 dec.close()
