@@ -23,6 +23,14 @@ from tests.trainer_fixtures import sd15_dir  # noqa: F401  (pytest fixture)
 run = CliRunner().invoke
 
 
+def train_timings(ds: Path, base: Path, out: Path, sets: list[str]) -> dict:
+    """`curate train DS --json` with these --set options: the run's timings (cache counts among them)."""
+    r = run(app, ["train", str(ds), "--base", str(base), "--output-dir", str(out), "--json",
+                  *(a for s in sets for a in ("--set", s))])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["timings"]
+
+
 def two_concepts(root: Path) -> dict[Path, bytes]:
     """root/10_mychar/ (every caption starts with mychar) and root/5_otherchar/ (one of three does not).
 
@@ -271,10 +279,7 @@ def test_text_encoder_cache_drops_the_entry_of_an_edited_caption(tmp_path, sd15_
     sets = [*TINY, "batch_size=1", "resolution=64"]
 
     def train() -> dict:
-        r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out), "--json",
-                      *(a for s in sets for a in ("--set", s))])  # fmt: skip
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["timings"]
+        return train_timings(ds, sd15_dir, out, sets)
 
     def entries() -> dict[str, str]:
         got = {}
@@ -327,10 +332,7 @@ def test_latent_cache_drops_the_files_of_removed_and_changed_images(tmp_path, sd
     sets = [*TINY, "batch_size=1", "resolution=64"]
 
     def train() -> dict:
-        r = run(app, ["train", str(ds), "--base", str(sd15_dir), "--output-dir", str(out), "--json",
-                      *(a for s in sets for a in ("--set", s))])  # fmt: skip
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["timings"]
+        return train_timings(ds, sd15_dir, out, sets)
 
     cache = out / "cache"
 

@@ -26,6 +26,13 @@ def sets(*extra: str) -> list[str]:
     return [a for s in (*STEP, *extra) for a in ("--set", s)]
 
 
+def model_folder(base: Path, pipeline: str = "StableDiffusionPipeline") -> Path:
+    """A base-model folder that only names its pipeline: enough for the checks made before a model loads."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "model_index.json").write_text(f'{{"_class_name": "{pipeline}"}}')
+    return base
+
+
 def kohya_folder(root: Path) -> Path:
     """root/3_mychar/ with two pictures and hand-written captions."""
     for i in range(2):
@@ -103,9 +110,7 @@ def test_resume_reads_the_latent_and_text_caches(tmp_path, sd15_dir, monkeypatch
 def test_set_typo_is_one_line_before_the_model_loads(tmp_path, monkeypatch, setting, needle):
     no_model_loads(monkeypatch)
     ds = kohya_folder(tmp_path / "ds")
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    base = model_folder(tmp_path / "base")
     r = run(
         app, ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "out"), "--set", setting]
     )
@@ -146,9 +151,7 @@ def test_trigger_on_a_folder_curate_never_scanned_is_one_line(tmp_path, monkeypa
     no_model_loads(monkeypatch)
     for i in range(2):
         picture(tmp_path / "pics" / f"{i}.png", 64, 64, i)
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    base = model_folder(tmp_path / "base")
     out = tmp_path / "out"
     r = run(app, ["train", str(tmp_path / "pics"), "--base", str(base), "--output-dir", str(out), *flag])
     assert r.exit_code == 2, r.output
@@ -262,9 +265,7 @@ def test_train_exports_at_the_resolution_it_trains(tmp_path, monkeypatch):
         picture(ds / f"p{i}.png", 64, 64, i)
         (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
     assert run(app, ["scan", str(ds)]).exit_code == 0
-    base = tmp_path / "sdxl"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    base = model_folder(tmp_path / "sdxl", "StableDiffusionXLPipeline")
     out = tmp_path / "out"
     for extra, want in (([], 1024), (["--set", "resolution=768"], 768)):
         r = run(app, ["train", str(ds), "--base", str(base), "--output-dir", str(out), *extra])
@@ -286,9 +287,7 @@ def test_caption_settings_given_to_train_reach_the_export(tmp_path, monkeypatch)
         picture(ds / f"p{i}.png", 64, 64, i)
         (ds / f"p{i}.txt").write_text(f"mychar, red, tag{i}")
     assert run(app, ["scan", str(ds)]).exit_code == 0
-    base = tmp_path / "sd15"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    base = model_folder(tmp_path / "sd15")
     out = tmp_path / "out"
     args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]
 
@@ -311,9 +310,7 @@ def test_plan_for_another_family_names_the_plan_not_only_the_flag(tmp_path, monk
     assert run(app, ["scan", str(ds)]).exit_code == 0
     plan = tmp_path / "x.toml"
     assert run(app, ["plan", str(ds), "--model", "sdxl", "--out", str(plan)]).exit_code == 0
-    base = tmp_path / "sd15"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    base = model_folder(tmp_path / "sd15")
     r = run(
         app,
         ["train", str(ds), "--config", str(plan), "--base", str(base), "--output-dir", str(tmp_path / "o")],
@@ -334,9 +331,7 @@ def test_caption_edited_inside_the_training_export_is_not_replaced(tmp_path, mon
         picture(ds / f"p{i}.png", 64, 64, i)
         (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
     assert run(app, ["scan", str(ds)]).exit_code == 0
-    base = tmp_path / "sd15"
-    base.mkdir()
-    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    base = model_folder(tmp_path / "sd15")
     out = tmp_path / "out"
     args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]
     assert "the model was loaded" in str(run(app, args).exception)
