@@ -19,17 +19,7 @@ pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision.io")
 
-
-@pytest.fixture(scope="module")
-def timm_dir(tmp_path_factory):
-    return tiny_wd14.build_timm(tmp_path_factory.mktemp("wd") / "tagger", onnx=False)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    wd14._CACHE.clear()
-    yield
-    wd14._CACHE.clear()
+from tests.test_tag_decode import _fresh_cache, timm_dir  # noqa: E402, F401  (pytest fixtures: tiny timm tagger)
 
 
 @pytest.fixture()
@@ -69,7 +59,7 @@ def _worst(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("decode", ["cpu", "feed"])
-def test_compiled_run_with_a_partial_last_batch_compiles_once(ds7, timm_dir, graphs, monkeypatch, decode):
+def test_compiled_run_with_a_partial_last_batch_compiles_once(ds7, timm_dir, graphs, monkeypatch, decode):  # noqa: F811
     base = TagConfig(model=str(timm_dir), backend="torch", device="cpu", batch_size=3, workers=2, force=True)
     key = model_key(str(timm_dir))
     if decode == "feed":  # the nvJPEG feed's batches (device tensors built on other threads), on CPU
@@ -94,7 +84,7 @@ def test_compiled_run_with_a_partial_last_batch_compiles_once(ds7, timm_dir, gra
     assert sum(run.waits.values()) <= run.seconds - run.load_seconds + 0.01
 
 
-def test_compiled_tagger_pads_splits_and_reports_a_recompile(timm_dir, graphs):
+def test_compiled_tagger_pads_splits_and_reports_a_recompile(timm_dir, graphs):  # noqa: F811
     tg = wd14.load_tagger(str(timm_dir), "cpu", "torch", compile=True)
     eager = wd14.load_tagger(str(timm_dir), "cpu", "torch")
     assert tg.recompiles == -1  # not warmed yet
@@ -116,7 +106,7 @@ def test_compiled_tagger_pads_splits_and_reports_a_recompile(timm_dir, graphs):
     ]
 
 
-def test_warm_leaves_no_compile_workers_behind(timm_dir, graphs, monkeypatch):
+def test_warm_leaves_no_compile_workers_behind(timm_dir, graphs, monkeypatch):  # noqa: F811
     """inductor's compile-worker pool would otherwise boot, or idle, through the tagging (16 processes on 16
     cores); the tagger turns its eager start off and shuts it down after the warm-up compile."""
     import os
@@ -141,7 +131,7 @@ def test_warm_leaves_no_compile_workers_behind(timm_dir, graphs, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_on_cuda_with_nvjpeg_feed_compiles_once_and_matches_eager(ds7, timm_dir):
+def test_compiled_on_cuda_with_nvjpeg_feed_compiles_once_and_matches_eager(ds7, timm_dir):  # noqa: F811
     """The real thing: inductor on CUDA, the nvJPEG feed on its streams, the model on its own stream."""
     base = TagConfig(model=str(timm_dir), backend="torch", device="cuda", batch_size=3, workers=2, force=True)
     key = model_key(str(timm_dir))
