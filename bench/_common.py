@@ -57,9 +57,13 @@ def summarize(times: list[float], n_items: int) -> dict[str, Any]:
     }
 
 
-def emit(record: dict[str, Any]) -> None:
-    """One JSON line per case on stdout."""
-    print(json.dumps(record), flush=True)
+def emit(record: dict[str, Any], out: str | Path | None = None) -> None:
+    """One JSON line per case on stdout, also appended to `out` when given (so a run cut short keeps its lines)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import emit  # noqa: E402
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, norm_num_groups=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -139,11 +140,7 @@ def main() -> None:
             r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             # CPU seconds of the process and the compilers it reaped (all of them with TORCHINDUCTOR_COMPILE_THREADS=1)
             res["process_cpu_s"] = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1)
-        line = json.dumps(res)
-        print(line, flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
+        emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_step import SD15, SDXL, batch, build  # noqa: E402
 
+from bench._common import emit  # noqa: E402
 from trainer_bridge.loss import diffusion_loss  # noqa: E402
 
 CASES = {"sd15": ("sd15-512", SD15, 8), "sdxl": ("sdxl-1024", SDXL, 4)}
@@ -127,11 +128,7 @@ def main() -> None:
             res = q.get()
             base = base or res["img_s"]
             res["efficiency"] = round(res["img_s"] / (n * base), 3)
-            line = json.dumps(res)
-            print(line, flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(line + "\n")
+            emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import emit  # noqa: E402  (one JSON line, also appended to --out)
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 THINGS = ["ball", "chair", "car", "cup", "lamp", "hat", "book", "flower"]
-
-
-def emit(res: dict, out: str | None) -> None:
-    line = json.dumps(res)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def _clip_te(hidden: int, layers: int, heads: int, inter: int, act: str, projection: int | None):

@@ -32,6 +32,7 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import emit  # noqa: E402  (one JSON line, also appended to --out)
 from trainer_bridge.lora import inject_unet, lora_parameters  # noqa: E402
 from trainer_bridge.loss import diffusion_loss  # noqa: E402
 from trainer_bridge.train import build_optimizer  # noqa: E402
@@ -114,14 +115,6 @@ def fast_step(fs, x, h, added, gen):
     loss = fs.micro_step(x, h, added, gen)
     fs.optimizer_step()
     return loss
-
-
-def emit(res: dict, out: str | None) -> None:
-    line = json.dumps(res)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 _FLOPS: dict = {}
