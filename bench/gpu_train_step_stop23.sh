@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# Stop 23 device call (issue 14): regional compilation under the graphed step (compile = "regional"), next to the
-# peer, in ONE call of at most TOTAL_S (560) seconds. One process per case, each under its own `timeout` cut to
-# what the budget has left; every figure is appended to $OUT/train_step.jsonl as soon as it is measured, each
-# case's exit status and wall time to $OUT/cases.jsonl, its stdout/stderr to $OUT/logs.tgz (re-tarred after each
-# case, so a call cut short still returns them). Order:
-#   1 peer SD1.5 512² bs8   2 ours graph bs8   3 ours regional-graph bs8 (its first step holds the compile)
-#   4 compiled peer bs8, only if the budget still holds the bs16 cases after it
-#   5 ours graph bs16   6 ours regional-graph bs16   7 the gpu test of compile = "regional" if time is left
-#   8 ours graph+qkv bs8 (fused q/k/v LoRA down-projections) if time is left
+# Stop 23 device call 1 (issue 14): where the step's GPU time goes, the eager kernel levers (bf16 norms, cuDNN
+# attention) at SD1.5 bs8 / bs16 next to the peer, then regional compilation inside the graphs, in ONE call of at
+# most TOTAL_S (560) seconds. One process per group, each under its own `timeout` cut to what the budget has left;
+# every figure is appended to $OUT/train_step.jsonl (profile figures to $OUT/profile.jsonl) as soon as it is
+# measured, each case's exit status and wall time to $OUT/cases.jsonl, stdout/stderr to $OUT/logs.tgz.
 #     bash bench/gpu_train_step_stop23.sh          (from a copy of the repo holding .whl_train/ or .whl/)
 #     DRY=1 OUT=/tmp/x TOTAL_S=900 bash bench/gpu_train_step_stop23.sh   # CPU, tiny UNet: the code paths only
 set -u
@@ -57,26 +53,19 @@ run_case() {
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
 }
 
-run_case peer8 90 420 sd15-512:8:peer-eager
-run_case graph8 90 360 sd15-512:8:graph
-run_case regional8 460 60 sd15-512:8:regional-graph  # the figure this call is for: all it can have
-# bs16 regional compiles the same blocks at a new batch: about what bs8 took (its process wall time), a bit more
-EST16=$((WALL > 0 ? WALL + 30 : 150))
-if (($(left) - 60 - EST16 >= 120)); then
-  run_case peer_compiled8 240 $((60 + EST16)) sd15-512:8:peer
-else
-  echo "{\"case\": \"sd15-512:8:peer\", \"skipped\": \"budget kept for bs16\", \"left_s\": $(left)}" \
-    | tee -a "$OUT/cases.jsonl"
+# 0: where the time goes (SDPA backends at SD1.5's shapes; kernel time per category at bs16), ~90 s
+if [[ ${DRY:-0} != 1 ]]; then
+  timeout -k 5 60 python3 bench/profile_step.py sdpa --batch 16 --out "$OUT/profile.jsonl" >"$LOGS/sdpa.out" 2>&1
+  timeout -k 5 120 python3 bench/profile_step.py kernels --batch 16 --levers plain,graph,graph+bf16norm \
+    --out "$OUT/profile.jsonl" >"$LOGS/kernels.out" 2>&1
+  echo "{\"case\": \"profile\", \"left_s\": $(left)}" | tee -a "$OUT/cases.jsonl"
 fi
-run_case graph16 90 $((EST16 < 200 ? EST16 : 200)) sd15-512:16:graph
-run_case regional16 400 15 sd15-512:16:regional-graph
-if [[ ${DRY:-0} != 1 ]] && (($(left) >= 120)); then
-  timeout -k 5 $(($(left) - 15)) python3 -m pytest tests/test_fast_step_gpu.py -m gpu -v -W ignore \
-    -p no:cacheprovider -k regional --durations=3 >"$OUT/gpu_tests.txt" 2>&1
-  tail -5 "$OUT/gpu_tests.txt"
-fi
-# the fused q/k/v LoRA down-projections (trainer_bridge/fused_qkv.py) on the plain graphed step, if time is left
-run_case qkv8 90 10 sd15-512:8:graph+qkv
+# 1: the eager levers at bs8 and bs16, one process each (the attention-backend cases last: a CUDA error there
+# must not cost the others)
+run_case levers8 150 300 sd15-512:8:peer-eager,sd15-512:8:graph,sd15-512:8:graph+bf16norm,sd15-512:8:graph+cudnnattn,sd15-512:8:graph+bf16norm+cudnnattn
+run_case levers16 120 240 sd15-512:16:graph,sd15-512:16:graph+bf16norm,sd15-512:16:graph+bf16norm+cudnnattn
+# 2: regional compilation inside the graphs, bs8: all the call has left
+run_case regional8 400 10 sd15-512:8:regional-graph
 
 # summary: img/s, ratio to the peer, compile seconds (regional first step minus graph first step), % of 790 TFLOP/s
 python3 - "$R" <<'EOF' | tee "$OUT/summary.txt"
@@ -94,10 +83,21 @@ for r in rows:
 for (bs, who), r in sorted(fig.items()):
     peer, graph = fig.get((bs, "peer")), fig.get((bs, "graph"))
     extra = f" x{r['img_s'] / peer['img_s']:.2f} peer" if peer and who != "peer" else ""
-    if who == "regional-graph" and graph:
+    if who.startswith("regional-graph") and graph:
         extra += f", x{r['img_s'] / graph['img_s']:.2f} graph, compile ~{r['first_step_s'] - graph['first_step_s']:.0f} s"
         extra += f" ({r['compiled_graphs']} graphs, {r['graph_breaks']} breaks, {r['recompiles_after_first']} late)"
     tf = r.get("achieved_tflops", 0)
     print(f"bs{bs} {who}: {r['img_s']} img/s, {tf} TFLOP/s ({100 * tf / 790:.0f} %), peak {r.get('peak_mem_gib')} GiB{extra}")
 EOF
+python3 - "$OUT/profile.jsonl" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys, os
+
+if os.path.exists(sys.argv[1]):
+    for r in map(json.loads, open(sys.argv[1])):
+        if r.get("what") == "sdpa":
+            print("sdpa", r["shape"], {k: v for k, v in r.items() if k.endswith(("_ms", "_error"))})
+        elif r.get("what") == "kernels":
+            print("kernels", r["levers"], "wall", r["wall_ms"], "kernel", r["kernel_ms"], r["by_category_ms"])
+EOF
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
 echo "total ${SECONDS}s"

@@ -172,6 +172,11 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
     torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
     unet, fwd, opt, params = build(cfg, rank, channels_last, False)
     fused_qkv = 0
+    from trainer_bridge.kernels import bf16_norms, set_attention_backend
+
+    attn = set_attention_backend({"cudnnattn": "cudnn", "flashattn": "flash", "effattn": "efficient"}.get(
+        next((lv for lv in levers if lv.endswith("attn")), ""), "auto"))  # fmt: skip
+    norms16 = bf16_norms(unet) if "bf16norm" in levers else 0  # GroupNorm / LayerNorm in bf16, not fp32
     if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
         from trainer_bridge.fused_qkv import fuse_qkv_lora
 
@@ -230,7 +235,7 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
               step_ms=[round(t * 1e3, 2) for t in times], first_step_s=round(first_s, 1),
               tflop_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / dt / 1e12, 1),
               peak_mem_gib=mem_gib(), reserved_gib=mem_gib(reserved=True),
-              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv,
+              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv, bf16_norms=norms16, attention=attn,
               compiled_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()) - breaks0,
               recompiles_after_first=counters["stats"]["unique_graphs"] - graphs0 - graphs,
               lora_params_m=round(sum(p.numel() for p in params) / 1e6, 2),

@@ -1,0 +1,60 @@
+"""trainer_bridge.kernels: norms in the input dtype under autocast, and the SDPA backend switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer_bridge.kernels import bf16_norms, set_attention_backend
+
+
+def test_bf16_norms_keep_bf16_and_match_fp32_norms():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.Conv2d(32, 8, 1))
+    net = net.to(torch.bfloat16)
+    ln = nn.LayerNorm(8).to(torch.bfloat16)
+    x = torch.randn(2, 4, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = ln(net(x).permute(0, 2, 3, 1))
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    assert bf16_norms(net) == 1 and bf16_norms(ln) == 1
+    assert net.state_dict().keys() == sd.keys()  # the checkpoint does not change
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ln(net(x).permute(0, 2, 3, 1))
+        inner = net[1](net[0](x))
+    assert inner.dtype == torch.bfloat16  # (CUDA autocast would give fp32 here without the switch)
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 1e-2, rel  # the same normalisation, rounded to bf16 once more
+    # outside autocast and on fp32 inputs the switched modules are the plain ones
+    y = torch.randn(2, 32, 4, 4)
+    g = nn.GroupNorm(8, 32)
+    bf16_norms(g)
+    assert torch.equal(g(y), nn.functional.group_norm(y, 8, g.weight, g.bias, g.eps))
+
+
+def test_bf16_norms_pass_gradients_to_lora():
+    from trainer_bridge.lora import LoRAModule
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1)).to(torch.bfloat16)
+    base.requires_grad_(False)
+    lora = LoRAModule(base[2], 4, 4)
+    nn.init.normal_(lora.lora_up.weight)
+    base[2] = lora
+    bf16_norms(base)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = base(torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+    loss.backward()
+    assert lora.lora_down.weight.grad is not None and lora.lora_down.weight.grad.abs().sum() > 0
+
+
+def test_attention_backend_names():
+    try:
+        for name in ("flash", "cudnn", "auto"):
+            assert set_attention_backend(name) == name
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        with pytest.raises(ValueError, match="one of auto, flash, efficient, cudnn"):
+            set_attention_backend("xformers")
+    finally:
+        set_attention_backend("auto")

@@ -1,0 +1,71 @@
+"""Kernel-level levers for the frozen base UNet under bf16 autocast (trainer option `kernels`).
+
+Under autocast, GroupNorm and LayerNorm run in fp32: each norm first casts its bf16 input to a new fp32 tensor,
+writes an fp32 output, the SiLU after it reads and writes fp32, and the next conv casts back to bf16. At SD1.5's
+64x64x320 activations those are four extra full-size passes per norm, forward and backward, all memory-bound.
+`bf16_norms` makes every GroupNorm / LayerNorm of the frozen base run in its input's dtype with autocast off: the
+CUDA kernels still accumulate mean and variance in fp32, only the stored output is bf16 (as in a pure-bf16 UNet).
+
+    n = bf16_norms(unet)              # in place; returns how many norms were switched
+    set_attention_backend("cudnn")    # SDPA backend for the whole process: auto | flash | efficient | cudnn
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn")
+
+
+class _GroupNormInputDtype(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+
+
+class _LayerNormInputDtype(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def bf16_norms(model: nn.Module) -> int:
+    """Switch every plain nn.GroupNorm / nn.LayerNorm of `model` to run in its input's (half) dtype under
+    autocast; parameters and state-dict keys are untouched. Returns the number of modules switched."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.GroupNorm:
+            m.__class__ = _GroupNormInputDtype
+            n += 1
+        elif type(m) is nn.LayerNorm:
+            m.__class__ = _LayerNormInputDtype
+            n += 1
+    return n
+
+
+def set_attention_backend(name: str) -> str:
+    """Restrict torch's scaled_dot_product_attention to one backend for this process ("auto": torch's own
+    choice). Returns the name. A backend this torch lacks raises ValueError naming the ones it has."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    b = torch.backends.cuda
+    if name == "cudnn" and not hasattr(b, "enable_cudnn_sdp"):
+        raise ValueError("this torch has no cuDNN attention backend; use auto, flash or efficient")
+    want = {"flash": name in ("auto", "flash"), "mem_efficient": name in ("auto", "efficient"),
+            "cudnn": name in ("auto", "cudnn")}  # fmt: skip
+    b.enable_flash_sdp(want["flash"])
+    b.enable_mem_efficient_sdp(want["mem_efficient"])
+    if hasattr(b, "enable_cudnn_sdp"):
+        b.enable_cudnn_sdp(want["cudnn"])
+    b.enable_math_sdp(name == "auto")  # a forced backend that cannot run must fail, not fall back to math
+    return name
