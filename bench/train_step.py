@@ -176,6 +176,11 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
 
     attn = set_attention_backend({"cudnnattn": "cudnn", "flashattn": "flash", "effattn": "efficient"}.get(
         next((lv for lv in levers if lv.endswith("attn")), ""), "auto"))  # fmt: skip
+    if "clpatch" in levers:  # channels-last convs and transformer outputs kept channels-last
+        from trainer_bridge.kernels import channels_last as to_channels_last
+
+        to_channels_last(unet)
+        channels_last = True
     norms16 = bf16_norms(unet) if "bf16norm" in levers else 0  # GroupNorm / LayerNorm in bf16, not fp32
     if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
         from trainer_bridge.fused_qkv import fuse_qkv_lora

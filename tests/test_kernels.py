@@ -58,3 +58,28 @@ def test_attention_backend_names():
             set_attention_backend("xformers")
     finally:
         set_attention_backend("auto")
+
+
+def test_channels_last_unet_matches_and_stays_channels_last():
+    from diffusers import UNet2DConditionModel
+
+    from trainer_bridge.kernels import channels_last
+
+    torch.manual_seed(0)
+    cfg = dict(sample_size=8, cross_attention_dim=32, attention_head_dim=4, block_out_channels=(32, 64),
+               norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+    unet = UNet2DConditionModel(**cfg).eval()
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        ref = unet(x, t, h).sample
+    seen = []
+    assert channels_last(unet) == 6  # down 1 x 2 layers, mid 1, up 1 x 3 layers
+    blk = unet.down_blocks[0].attentions[0]
+    blk.register_forward_hook(
+        lambda m, i, o: seen.append(o[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        out = unet(x.to(memory_format=torch.channels_last), t, h).sample
+    assert seen == [True]  # the block's output was not copied back to NCHW
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ writes an fp32 output, the SiLU after it reads and writes fp32, and the next con
 CUDA kernels still accumulate mean and variance in fp32, only the stored output is bf16 (as in a pure-bf16 UNet).
 
     n = bf16_norms(unet)              # in place; returns how many norms were switched
+    n = channels_last(unet)           # NHWC convs without layout copies; returns the transformers patched
     set_attention_backend("cudnn")    # SDPA backend for the whole process: auto | flash | efficient | cudnn
 """
 
@@ -49,6 +50,35 @@ def bf16_norms(model: nn.Module) -> int:
             n += 1
         elif type(m) is nn.LayerNorm:
             m.__class__ = _LayerNormInputDtype
+            n += 1
+    return n
+
+
+def _output_keeping_layout(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """Transformer2DModel's output for image inputs, without the `.contiguous()` that turns a channels-last
+    result back into NCHW (a full copy, and then a layout transform in the next conv, forward and backward)."""
+    if not self.use_linear_projection:
+        hidden_states = self.proj_out(
+            hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        )
+    else:
+        hidden_states = (
+            self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        )
+    return hidden_states + residual
+
+
+def channels_last(unet: nn.Module) -> int:
+    """Put `unet` in channels-last (NHWC) memory format, so cuDNN runs its convolutions without transposing each
+    input and output, and keep the transformer blocks' outputs in that layout. Feed it channels-last latents.
+    Returns the number of Transformer2DModel blocks whose output step was switched."""
+    import types
+
+    unet.to(memory_format=torch.channels_last)
+    n = 0
+    for m in unet.modules():
+        if type(m).__name__ == "Transformer2DModel" and hasattr(m, "_get_output_for_continuous_inputs"):
+            m._get_output_for_continuous_inputs = types.MethodType(_output_keeping_layout, m)
             n += 1
     return n
 
