@@ -48,6 +48,45 @@ def test_graphed_step_matches_plain_step_sd15_size():
     assert max(p.abs().max().item() for p in params[1::2]) > 0
 
 
+def test_bf16_norms_track_fp32_norms_over_200_steps():
+    """The default norms (bf16 GroupNorm / LayerNorm, trainer option norms = "auto") against autocast's fp32 norms:
+    same init and noise stream, 200 graphed steps on an SD1.5-size UNet; the loss curves agree to noise and the
+    LoRA updates point the same way."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import train_step as B
+
+    from trainer_bridge.kernels import bf16_norms
+
+    runs = []
+    for switched in (False, True):
+        torch.manual_seed(0)
+        unet, fwd, opt, params = B.build(B.SD15, 32, channels_last=False, compile_=False)
+        for m in unet.modules():  # a real update to compare: lora_up starts at zero
+            if hasattr(m, "lora_up"):
+                torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
+        init = [p.detach().clone() for p in params]
+        if switched:
+            assert bf16_norms(unet) > 50
+            gn = unet.down_blocks[0].resnets[0].norm1
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                assert (
+                    gn(torch.randn(1, 320, 8, 8, device="cuda", dtype=torch.bfloat16)).dtype == torch.bfloat16
+                )
+        x, h, _ = B.batch(B.SD15, 4, channels_last=False, size=32)
+        fs = B.fast(fwd, opt, params)
+        gen = torch.Generator("cuda").manual_seed(1)
+        losses = torch.stack([B.fast_step(fs, x, h, None, gen) for _ in range(200)]).float().cpu()
+        runs.append((losses, [(p.detach() - p0).float() for p, p0 in zip(params, init, strict=True)]))
+    (la, da), (lb, db) = runs
+    assert torch.isfinite(lb).all()
+    windows_a, windows_b = la.view(10, 20).mean(1), lb.view(10, 20).mean(1)
+    torch.testing.assert_close(windows_b, windows_a, rtol=0.03, atol=1e-3)  # the curves, 20-step means
+    cos = sum((a * b).sum() for a, b in zip(da, db, strict=True)) / (
+        sum(a.norm() ** 2 for a in da) ** 0.5 * sum(b.norm() ** 2 for b in db) ** 0.5
+    )
+    assert cos > 0.7, cos  # the same LoRA update, to bf16 noise
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_train_default_fast_step_matches_plain(family, tmp_path, monkeypatch):
     """`train()` on CUDA takes the graphed step by default (graphs are replayed, no fallback warning) and ends

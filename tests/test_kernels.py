@@ -83,3 +83,12 @@ def test_channels_last_unet_matches_and_stays_channels_last():
         out = unet(x.to(memory_format=torch.channels_last), t, h).sample
     assert seen == [True]  # the block's output was not copied back to NCHW
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_train_config_norms_option():
+    from trainer_bridge.config import TrainConfig, TrainError
+
+    assert TrainConfig().norms == "auto"
+    assert TrainConfig(norms="fp32").norms == "fp32"
+    with pytest.raises(TrainError, match="norms must be 'auto' or 'fp32'"):
+        TrainConfig(norms="bf16")

@@ -334,6 +334,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
         return lyco.state_dict(dtype) if lyco else L.lora_state_dict(all_mods, dtype)
 
     unet.train()
+    if amp is torch.bfloat16 and cfg.norms == "auto":  # norms in bf16, not autocast's fp32 round trip
+        from trainer_bridge.kernels import bf16_norms
+
+        bf16_norms(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
