@@ -50,15 +50,16 @@ def test_graphed_step_matches_plain_step_sd15_size():
 
 def test_bf16_norms_track_fp32_norms_over_200_steps():
     """The default norms (bf16 GroupNorm / LayerNorm, trainer option norms = "auto") against autocast's fp32 norms:
-    same init and noise stream, 200 graphed steps on an SD1.5-size UNet; the loss curves agree to noise and the
-    LoRA updates point the same way."""
+    same init and noise stream, 200 graphed steps on an SD1.5-size UNet. "Within noise" is measured, not assumed:
+    a third fp32-norm run on latents moved by bf16 rounding (2^-8 relative) sets how far two runs that differ only
+    by bf16-sized noise drift apart; the bf16-norm run must stay as close to the fp32 run as that."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import train_step as B
 
     from trainer_bridge.kernels import bf16_norms
 
     runs = []
-    for switched in (False, True):
+    for switched, nudged in ((False, False), (True, False), (False, True)):
         torch.manual_seed(0)
         unet, fwd, opt, params = B.build(B.SD15, 32, channels_last=False, compile_=False)
         for m in unet.modules():  # a real update to compare: lora_up starts at zero
@@ -73,18 +74,40 @@ def test_bf16_norms_track_fp32_norms_over_200_steps():
                     gn(torch.randn(1, 320, 8, 8, device="cuda", dtype=torch.bfloat16)).dtype == torch.bfloat16
                 )
         x, h, _ = B.batch(B.SD15, 4, channels_last=False, size=32)
+        if nudged:
+            x = x * (
+                1
+                + 2**-8
+                * torch.randn(x.shape, device=x.device, generator=torch.Generator("cuda").manual_seed(7))
+            )
         fs = B.fast(fwd, opt, params)
         gen = torch.Generator("cuda").manual_seed(1)
         losses = torch.stack([B.fast_step(fs, x, h, None, gen) for _ in range(200)]).float().cpu()
-        runs.append((losses, [(p.detach() - p0).float() for p, p0 in zip(params, init, strict=True)]))
-    (la, da), (lb, db) = runs
-    assert torch.isfinite(lb).all()
-    windows_a, windows_b = la.view(10, 20).mean(1), lb.view(10, 20).mean(1)
-    torch.testing.assert_close(windows_b, windows_a, rtol=0.03, atol=1e-3)  # the curves, 20-step means
-    cos = sum((a * b).sum() for a, b in zip(da, db, strict=True)) / (
-        sum(a.norm() ** 2 for a in da) ** 0.5 * sum(b.norm() ** 2 for b in db) ** 0.5
+        runs.append(
+            (
+                losses.view(10, 20).mean(1),
+                [(p.detach() - p0).float() for p, p0 in zip(params, init, strict=True)],
+            )
+        )
+        del unet, fwd, opt, params, fs
+        torch.cuda.empty_cache()
+
+    def cos(da, db):
+        dot = sum((a * b).sum() for a, b in zip(da, db, strict=True))
+        return float(dot / (sum(a.norm() ** 2 for a in da) ** 0.5 * sum(b.norm() ** 2 for b in db) ** 0.5))
+
+    (wa, da), (wb, db), (wn, dn) = runs
+    assert torch.isfinite(wb).all()
+    gap, floor = float(((wb - wa).abs() / wa).max()), float(((wn - wa).abs() / wa).max())
+    cos_b, cos_n = cos(da, db), cos(da, dn)
+    print(
+        f"20-step loss means: bf16 norms {gap:.4f} / noise {floor:.4f} max rel; update cos {cos_b:.3f} / {cos_n:.3f}"
     )
-    assert cos > 0.7, cos  # the same LoRA update, to bf16 noise
+    assert gap < max(0.03, 2 * floor), (gap, floor)  # the loss curves agree to noise
+    assert cos_b > cos_n - 0.15 and cos_b > 0.3, (
+        cos_b,
+        cos_n,
+    )  # the update as close as bf16-sized noise makes it
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
