@@ -50,44 +50,42 @@ def test_graphed_step_matches_plain_step_sd15_size():
 
 def test_bf16_norms_track_fp32_norms_over_200_steps():
     """The default norms (bf16 GroupNorm / LayerNorm, trainer option norms = "auto") against autocast's fp32 norms:
-    same init and noise stream, 200 graphed steps on an SD1.5-size UNet. "Within noise" is measured, not assumed:
-    a third fp32-norm run on latents moved by bf16 rounding (2^-8 relative) sets how far two runs that differ only
-    by bf16-sized noise drift apart; the bf16-norm run must stay as close to the fp32 run as that."""
+    same init and noise stream, 200 graphed steps on an SD1.5-size UNet. "Within noise" is measured: a run
+    without autocast (fp32 everywhere, the same bf16-valued weights) is the reference, and bf16 autocast with its
+    fp32 norms sets how far mixed precision moves from it; the bf16-norm run must stay about as close."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import train_step as B
 
+    from trainer_bridge.fast_step import FastStep
     from trainer_bridge.kernels import bf16_norms
 
-    runs = []
-    for switched, nudged in ((False, False), (True, False), (False, True)):
+    runs = {}
+    for name in ("fp32", "autocast", "bf16_norms"):
         torch.manual_seed(0)
         unet, fwd, opt, params = B.build(B.SD15, 32, channels_last=False, compile_=False)
         for m in unet.modules():  # a real update to compare: lora_up starts at zero
             if hasattr(m, "lora_up"):
                 torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
         init = [p.detach().clone() for p in params]
-        if switched:
+        x, h, _ = B.batch(B.SD15, 4, channels_last=False, size=32)
+        amp = torch.bfloat16
+        if name == "fp32":
+            unet.float()  # the bf16-rounded weights, held in fp32
+            h, amp = h.float(), None
+        if name == "bf16_norms":
             assert bf16_norms(unet) > 50
             gn = unet.down_blocks[0].resnets[0].norm1
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 assert (
                     gn(torch.randn(1, 320, 8, 8, device="cuda", dtype=torch.bfloat16)).dtype == torch.bfloat16
                 )
-        x, h, _ = B.batch(B.SD15, 4, channels_last=False, size=32)
-        if nudged:
-            x = x * (
-                1
-                + 2**-8
-                * torch.randn(x.shape, device=x.device, generator=torch.Generator("cuda").manual_seed(7))
-            )
-        fs = B.fast(fwd, opt, params)
+        B.ALPHAS = B.ALPHAS.to("cuda")
+        fs = FastStep(fwd, params, opt, B.ALPHAS, {"autocast_dtype": amp}, max_grad_norm=1.0)
         gen = torch.Generator("cuda").manual_seed(1)
         losses = torch.stack([B.fast_step(fs, x, h, None, gen) for _ in range(200)]).float().cpu()
-        runs.append(
-            (
-                losses.view(10, 20).mean(1),
-                [(p.detach() - p0).float() for p, p0 in zip(params, init, strict=True)],
-            )
+        runs[name] = (
+            losses.view(10, 20).mean(1),
+            [(p.detach() - p0).float() for p, p0 in zip(params, init, strict=True)],
         )
         del unet, fwd, opt, params, fs
         torch.cuda.empty_cache()
@@ -96,18 +94,14 @@ def test_bf16_norms_track_fp32_norms_over_200_steps():
         dot = sum((a * b).sum() for a, b in zip(da, db, strict=True))
         return float(dot / (sum(a.norm() ** 2 for a in da) ** 0.5 * sum(b.norm() ** 2 for b in db) ** 0.5))
 
-    (wa, da), (wb, db), (wn, dn) = runs
+    (wr, dr), (wa, da), (wb, db) = runs["fp32"], runs["autocast"], runs["bf16_norms"]
     assert torch.isfinite(wb).all()
-    gap, floor = float(((wb - wa).abs() / wa).max()), float(((wn - wa).abs() / wa).max())
-    cos_b, cos_n = cos(da, db), cos(da, dn)
-    print(
-        f"20-step loss means: bf16 norms {gap:.4f} / noise {floor:.4f} max rel; update cos {cos_b:.3f} / {cos_n:.3f}"
-    )
-    assert gap < max(0.03, 2 * floor), (gap, floor)  # the loss curves agree to noise
-    assert cos_b > cos_n - 0.15 and cos_b > 0.3, (
-        cos_b,
-        cos_n,
-    )  # the update as close as bf16-sized noise makes it
+    gap_a, gap_b = float(((wa - wr).abs() / wr).max()), float(((wb - wr).abs() / wr).max())
+    cos_a, cos_b = cos(dr, da), cos(dr, db)
+    print(f"vs fp32, 20-step loss means max rel: autocast {gap_a:.4f}, bf16 norms {gap_b:.4f}; "
+          f"update cos: autocast {cos_a:.3f}, bf16 norms {cos_b:.3f}, each other {cos(da, db):.3f}")  # fmt: skip
+    assert gap_b < max(0.03, 2 * gap_a), (gap_b, gap_a)  # the loss curves agree to mixed-precision noise
+    assert cos_b > cos_a - 0.1, (cos_b, cos_a)  # the update as close to fp32 as autocast's own
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
