@@ -187,8 +187,10 @@ def scan(
 def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
     res = ds.apply()
     if not as_json:
+        side = f" with {len(res.sidecars)} caption / cache sidecar(s)" if res.sidecars else ""
         console.print(
-            f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
+            f"moved {len(res.moved)} file(s){side} to .curate/quarantine (batch {res.batch}); "
+            "undo: curate restore"
         )
     _print_skipped(res.skipped)
     return res.as_dict()
@@ -593,7 +595,8 @@ def restore(
     if as_json:
         print_json(res.as_dict())
     else:
-        console.print(f"restored {len(res.moved)} file(s)")
+        side = f" and {len(res.sidecars)} sidecar(s)" if res.sidecars else ""
+        console.print(f"restored {len(res.moved)} file(s){side}")
     _print_skipped(res.skipped)
     _exit_if_skipped(res.as_dict())
 

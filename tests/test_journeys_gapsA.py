@@ -1,0 +1,112 @@
+"""User journeys over the curation stages: sidecars that follow their image into the quarantine and back,
+stages with nothing kept, kohya `0_name` folders, an interrupted scan followed by moves, an edited image
+keeping its split side. Folders are built in tmp_path and the CLI runs through typer's CliRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.images import textured
+
+run = CliRunner().invoke
+
+
+def image(path: Path, seed: int, size: int = 96) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    textured(size, size, seed).save(path)
+    return path
+
+
+def db(root: Path) -> sqlite3.Connection:
+    return sqlite3.connect(root / ".curate" / "manifest.db")
+
+
+def ok(args: list[str]):
+    r = run(app, args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def one_error_line(out: str, *needles: str) -> None:
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out, out
+    for n in needles:
+        assert n in lines[0], (n, out)
+
+
+# ---------------------------------------------------------------- 1. sidecars move with their image
+def test_apply_moves_caption_and_latent_sidecars_and_restore_brings_them_back(tmp_path):
+    ds = tmp_path / "ds"
+    image(ds / "a.png", 1)
+    (ds / "a.txt").write_text("a caption\n")
+    (ds / "a.npz").write_bytes(b"old sd latents")
+    (ds / "a_0512x0512_sd.npz").write_bytes(b"sd latents")
+    (ds / "a_te_outputs.npz").write_bytes(b"te outputs")
+    image(ds / "sub" / "d.png", 2)
+    (ds / "sub" / "d.caption").write_text("d caption")
+    image(ds / "c.png", 3)  # rejected; shares c.txt with the kept c.jpg
+    textured(96, 96, 4).save(ds / "c.jpg")
+    (ds / "c.txt").write_text("c caption")
+    image(ds / "b.png", 5)  # kept, with its caption
+    (ds / "b.txt").write_text("b caption")
+    (ds / "a_1.txt").write_text("not a's: the caption of an image named a_1")
+    before = {p.relative_to(ds).as_posix(): p.read_bytes() for p in ds.rglob("*") if p.is_file()}
+    ok(["scan", str(ds)])
+    ok(["reject", str(ds / "a.png"), str(ds / "sub" / "d.png"), str(ds / "c.png")])
+    r = ok(["apply", str(ds), "--json"])
+    out = json.loads(r.output)
+    assert sorted(out["moved"]) == ["a.png", "c.png", "sub/d.png"]
+    assert sorted(out["sidecars"]) == [
+        "a.npz", "a.txt", "a_0512x0512_sd.npz", "a_te_outputs.npz", "sub/d.caption",
+    ]  # fmt: skip
+    q = ds / ".curate" / "quarantine"
+    for rel in [*out["moved"], *out["sidecars"]]:
+        assert not (ds / rel).exists() and (q / rel).read_bytes() == before[rel], rel
+    for rel in ("b.png", "b.txt", "c.jpg", "c.txt", "a_1.txt"):  # kept images' sidecars stay
+        assert (ds / rel).read_bytes() == before[rel], rel
+    index = json.loads((q / "index.json").read_text())["moves"]
+    assert {e["src"] for e in index} == set(out["moved"]) | set(out["sidecars"])
+    assert all(e["state"] == "done" for e in index)
+    with db(ds) as c:
+        done = {s for (s,) in c.execute("SELECT src FROM moves WHERE state='done'")}
+    assert done == set(out["moved"]) | set(out["sidecars"])
+
+    # A caption written in the meantime where a.txt was is never overwritten: a.txt stays quarantined.
+    (ds / "a.txt").write_text("a new caption")
+    r = run(app, ["restore", str(ds)])
+    assert r.exit_code == 1, r.output
+    assert "skipped a.txt" in r.output and "restored 3 file(s) and 4 sidecar(s)" in r.output, r.output
+    assert (ds / "a.txt").read_text() == "a new caption"
+    assert (q / "a.txt").read_bytes() == before["a.txt"]
+    for rel in set(before) - {"a.txt"}:
+        assert (ds / rel).read_bytes() == before[rel], rel
+    (ds / "a.txt").unlink()  # the user drops the new caption: the old one comes back
+    r = ok(["restore", str(ds)])
+    assert "restored 0 file(s) and 1 sidecar(s)" in r.output, r.output
+    assert {p.relative_to(ds).as_posix(): p.read_bytes() for p in ds.rglob("*") if p.is_file()
+            and ".curate" not in p.parts} == before  # fmt: skip
+
+
+def test_apply_never_overwrites_a_sidecar_already_in_the_quarantine(tmp_path):
+    ds = tmp_path / "ds"
+    image(ds / "a.png", 1)
+    (ds / "a.txt").write_text("a caption")
+    image(ds / "b.png", 2)
+    (ds / "b.txt").write_text("b caption")
+    ok(["scan", str(ds)])
+    q = ds / ".curate" / "quarantine"
+    q.mkdir(parents=True)
+    (q / "a.txt").write_text("left here by hand")
+    ok(["reject", str(ds / "a.png"), str(ds / "b.png")])
+    r = run(app, ["apply", str(ds)])
+    assert r.exit_code == 1, r.output
+    assert "skipped a.png" in r.output and "already exists in the quarantine" in r.output, r.output
+    assert (q / "a.txt").read_text() == "left here by hand"
+    assert (ds / "a.png").exists() and (ds / "a.txt").read_text() == "a caption"  # neither moved
+    assert (q / "b.png").exists() and (q / "b.txt").read_text() == "b caption"
