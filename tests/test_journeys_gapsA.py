@@ -110,3 +110,50 @@ def test_apply_never_overwrites_a_sidecar_already_in_the_quarantine(tmp_path):
     assert (q / "a.txt").read_text() == "left here by hand"
     assert (ds / "a.png").exists() and (ds / "a.txt").read_text() == "a caption"  # neither moved
     assert (q / "b.png").exists() and (q / "b.txt").read_text() == "b caption"
+
+
+# ---------------------------------------------------------------- 2. nothing kept: one line, non-zero exit
+def test_bucket_and_plan_with_nothing_kept_say_so_and_fail(tmp_path):
+    ds = tmp_path / "ds"
+    for s in (1, 2):
+        image(ds / f"p{s}.png", s)
+    (ds / "curate.toml").write_text("[filter]\nmin_side = 64\n")  # the check passes these small pictures
+    ok(["scan", str(ds)])
+    ok(["bucket", str(ds)])  # two kept images: buckets stored
+    check_before = run(app, ["check", str(ds), "--no-scan"])
+    ok(["reject", str(ds / "p1.png"), str(ds / "p2.png")])
+    for cmd in ("bucket", "plan", "split"):
+        r = run(app, [cmd, str(ds)])
+        assert r.exit_code == 2, (cmd, r.output)
+        one_error_line(r.output, f"no kept images to {cmd}", "all 2 files are rejected", "curate keep")
+    r = run(app, ["export", str(ds), str(tmp_path / "out")])
+    assert r.exit_code == 2 and not (tmp_path / "out").exists(), r.output
+    one_error_line(r.output, "no kept images to export")
+    with db(ds) as c:  # the failed bucket run left the stored buckets as they were
+        assert c.execute("SELECT count(*) FROM images WHERE bucket_w IS NOT NULL").fetchone()[0] == 2
+    # the pre-commit check judges files, not what is kept: rejecting everything by hand changes nothing there
+    check_after = run(app, ["check", str(ds), "--no-scan"])
+    assert (check_after.exit_code, check_before.exit_code) == (0, 0), check_after.output
+    ok(["keep", str(ds / "p1.png")])  # the fix the message names
+    assert "1 images" in ok(["bucket", str(ds)]).output
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok(["scan", str(empty)])
+    for cmd in ("bucket", "plan"):
+        r = run(app, [cmd, str(empty)])
+        assert r.exit_code == 2, r.output
+        one_error_line(r.output, f"no images to {cmd}", "curate scan")
+
+
+def test_plan_with_every_kept_image_in_validation_says_so(tmp_path):
+    ds = tmp_path / "ds"
+    for s in (1, 2):
+        image(ds / f"p{s}.png", s)
+    ok(["scan", str(ds)])
+    ok(["split", str(ds), "--val", "0.5"])
+    with db(ds) as c:
+        c.execute("UPDATE images SET split='val'")
+    r = run(app, ["plan", str(ds)])
+    assert r.exit_code == 2, r.output
+    one_error_line(r.output, "all 2 kept images are in the validation split", "--val")

@@ -421,7 +421,15 @@ def plan(
     kind: str | None = None,
 ) -> Plan:
     """Plan from the manifest: the training images (kept, not in val), their buckets, tags and captions."""
-    images = [r for r in manifest.kept_images() if r.split != "val"]
+    kept = manifest.kept_images()
+    if not kept:
+        raise CurateError(manifest.nothing_kept("plan"))
+    images = [r for r in kept if r.split != "val"]
+    if not images:
+        raise CurateError(
+            f"all {len(kept)} kept images are in the validation split, none left to train on; "
+            "rerun `curate split` with a smaller --val (e.g. 0.1)"
+        )
     buckets = [r.bucket for r in images]
     counts = list(Counter(buckets).values()) if all(buckets) and images else None
     from .captions import tags_of  # a caption a person wrote counts with its comma-separated parts
