@@ -157,3 +157,53 @@ def test_plan_with_every_kept_image_in_validation_says_so(tmp_path):
     r = run(app, ["plan", str(ds)])
     assert r.exit_code == 2, r.output
     one_error_line(r.output, "all 2 kept images are in the validation split", "--val")
+
+
+# ---------------------------------------------------------------- 3. kohya 0_name folders
+def test_a_zero_repeat_folder_is_left_out_of_export_and_plan_as_sd_scripts_skips_it(tmp_path):
+    import tomllib
+
+    ds = tmp_path / "ds"
+    for i, folder in enumerate(["0_bg", "0_bg", "0_bg", "5_char", "5_char"]):
+        image(ds / folder / f"i{i}.png", i)
+    ok(["scan", str(ds)])
+    ok(["split", str(ds), "--val", "0"])
+    r = ok(["export", str(ds), str(tmp_path / "out"), "--json"])
+    doc = json.loads(r.stdout)
+    zero = [w for w in doc["warnings"] if "0_bg" in w]
+    assert len(zero) == 1 and "3 image(s) are left out" in zero[0] and "10_bg" in zero[0], doc["warnings"]
+    assert doc["train"] == 2
+    toml = tomllib.loads((tmp_path / "out" / "dataset.toml").read_text())
+    subsets = toml["datasets"][0]["subsets"]
+    assert [(Path(s["image_dir"]).name, s["num_repeats"]) for s in subsets] == [("5_char", 5)]
+    assert sorted(p.name for p in (tmp_path / "out" / "img").iterdir()) == ["5_char"]  # no 10_ fallback
+
+    plan = json.loads(ok(["plan", str(ds), "--json"]).stdout)
+    assert plan["warnings"][0] == zero[0]
+    assert plan["total_steps"] == 2 * 10 * 10 // plan["train"]["batch_size"]  # 2 images x 10 repeats x 10 ep
+    out = ok(["plan", str(ds)]).output
+    assert "2 training images" in out and out.count("0_bg/ has 0 repeats") == 1, out
+
+    (ds / "5_char" / "i3.png").unlink()  # only the 0_ folder left: nothing would train
+    (ds / "5_char" / "i4.png").unlink()
+    ok(["scan", str(ds)])
+    for cmd in (["plan", str(ds)], ["export", str(ds), str(tmp_path / "out2")]):
+        r = run(app, cmd)
+        assert r.exit_code == 2, r.output
+        one_error_line(r.output, "0_<name> folder", "sd-scripts skips", "N >= 1")
+
+
+def test_a_zero_repeat_regularization_folder_is_skipped_too(tmp_path):
+    ds, reg = tmp_path / "ds", tmp_path / "reg"
+    image(ds / "5_char" / "a.png", 1)
+    image(ds / "5_char" / "b.png", 2)
+    image(reg / "0_person" / "r0.png", 3)
+    image(reg / "1_person" / "r1.png", 4)
+    ok(["scan", str(ds)])
+    doc = json.loads(ok(["export", str(ds), str(tmp_path / "out"), "--reg", str(reg), "--json"]).stdout)
+    assert [w for w in doc["warnings"] if "0_person" in w] == [
+        "--reg 0_person/ has 0 repeats, so sd-scripts skips it: its 1 image(s) are left out; "
+        "rename it 10_person (N_name, N >= 1) to train on them"
+    ]
+    assert sorted(p.name for p in (tmp_path / "out" / "reg").iterdir()) == ["1_person"]
+    assert len(list((tmp_path / "out" / "reg" / "1_person").glob("*.png"))) == 1

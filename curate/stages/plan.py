@@ -424,7 +424,15 @@ def plan(
     kept = manifest.kept_images()
     if not kept:
         raise CurateError(manifest.nothing_kept("plan"))
-    images = [r for r in kept if r.split != "val"]
+    from ..export.kohya import zero_repeat_folder, zero_repeat_warnings
+
+    zero = zero_repeat_warnings([r.path for r in kept if r.split != "val"])  # the export leaves them out
+    images = [r for r in kept if r.split != "val" and zero_repeat_folder(r.path) is None]
+    if not images and zero:
+        raise CurateError(
+            "every training image is in a 0_<name> folder, which sd-scripts skips (0 repeats); rename the "
+            "folder N_<name> with N >= 1 (e.g. 10_<name>)"
+        )
     if not images:
         raise CurateError(
             f"all {len(kept)} kept images are in the validation split, none left to train on; "
@@ -459,6 +467,7 @@ def plan(
         kind=kind,
     )
     p.dataset = str(manifest.root)
+    p.warnings[:0] = zero
     if stored:
         p.train["keep_tokens"] = len(stored)
         p.reasons["keep_tokens"] = (
