@@ -94,11 +94,14 @@ def _print_scan(d: dict) -> None:
             else ()
         ),
         *((("moved (their rejects and decisions follow)", d["moved"]),) if d.get("moved") else ()),
+        *((("changed, kept their train/val side", d["split_kept"]),) if d.get("split_kept") else ()),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
         *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+    for note in d.get("split_notes") or []:
+        warn(note)
     links = d.get("linked_folders") or []
     if links:
         more = f" and {len(links) - 3} more" if len(links) > 3 else ""

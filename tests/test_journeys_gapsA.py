@@ -207,3 +207,116 @@ def test_a_zero_repeat_regularization_folder_is_skipped_too(tmp_path):
     ]
     assert sorted(p.name for p in (tmp_path / "out" / "reg").iterdir()) == ["1_person"]
     assert len(list((tmp_path / "out" / "reg" / "1_person").glob("*.png"))) == 1
+
+
+# ---------------------------------------------------------------- 4. interrupted scans, edited images
+_KILLED_SCAN = """
+import os, sys
+from curate.config import ScanConfig
+from curate.dataset import Dataset
+from curate.stages.scan import scan
+
+def die_after_two(done, total):
+    if done == 2:
+        os._exit(9)  # as kill -9 after two files were recorded: no handler runs
+
+with Dataset.open(sys.argv[1]) as ds:
+    scan(ds.manifest, ScanConfig(workers=1), progress=die_after_two, batch_size=1)
+"""
+
+
+def _moved_dataset(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Six pictures scanned, split, p1 rejected and p2 kept by hand; then p0..p3 moved into 5_char/."""
+    ds = tmp_path / "ds"
+    for s in range(6):
+        image(ds / f"p{s}.png", s + 10)
+    ok(["scan", str(ds)])
+    ok(["split", str(ds), "--val", "0.5"])
+    ok(["reject", str(ds / "p1.png"), "--reason", "blurry"])
+    ok(["keep", str(ds / "p2.png")])
+    with db(ds) as c:
+        sides = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i ON i.sha256=f.sha256"))
+    (ds / "5_char").mkdir()
+    for s in range(4):
+        (ds / f"p{s}.png").rename(ds / "5_char" / f"p{s}.png")
+    return ds, sides
+
+
+def _after_moves(ds: Path, sides: dict[str, str]) -> None:
+    with db(ds) as c:
+        decisions = dict(c.execute("SELECT path, decision FROM decisions"))
+        now = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i ON i.sha256=f.sha256"
+                             " WHERE f.status='ok'"))  # fmt: skip
+        assert c.execute("SELECT count(*) FROM scan_pending").fetchone()[0] == 0
+    assert decisions["5_char/p1.png"] == "reject" and decisions["5_char/p2.png"] == "keep", decisions
+    assert {p: now[f"5_char/{p}"] for p in ("p0.png", "p1.png", "p2.png", "p3.png")} == {
+        p: sides[p] for p in ("p0.png", "p1.png", "p2.png", "p3.png")
+    }
+    status = json.loads(ok(["status", str(ds), "--json"]).stdout)
+    assert [(r["path"], r["reason"]) for r in status["rejected"]] == [("5_char/p1.png", "blurry")]
+
+
+def test_a_scan_killed_midway_then_rerun_carries_moves_like_a_whole_scan(tmp_path):
+    import subprocess
+    import sys
+
+    ds, sides = _moved_dataset(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", _KILLED_SCAN, str(ds)], env={"PYTHONPATH": str(repo)},
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 9, p.stderr
+    with db(ds) as c:  # two moved files recorded, not yet settled
+        assert c.execute("SELECT count(*) FROM scan_pending").fetchone()[0] == 2
+    d = json.loads(ok(["scan", str(ds), "--json"]).stdout)
+    assert d["moved"] == 4, d
+    _after_moves(ds, sides)
+
+
+def test_a_scan_stopped_by_ctrl_c_then_rerun_carries_moves_like_a_whole_scan(tmp_path):
+    import pytest
+
+    from curate.config import ScanConfig
+    from curate.dataset import Dataset
+    from curate.stages.scan import scan
+
+    ds, sides = _moved_dataset(tmp_path)
+
+    def ctrl_c_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with Dataset.open(ds) as d, pytest.raises(KeyboardInterrupt):
+        scan(d.manifest, ScanConfig(workers=1), progress=ctrl_c_after_two, batch_size=1)
+    d = json.loads(ok(["scan", str(ds), "--json"]).stdout)
+    assert d["moved"] == 2, d  # the other two were carried over when the stopped scan ended
+    _after_moves(ds, sides)
+
+
+def test_an_edited_image_keeps_its_split_side_unless_it_now_copies_the_other_side(tmp_path):
+    ds = tmp_path / "ds"
+    for s in range(6):
+        image(ds / f"p{s}.png", s + 20)
+    ok(["scan", str(ds)])
+    ok(["split", str(ds), "--val", "0.5"])
+    with db(ds) as c:
+        side = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i ON i.sha256=f.sha256"))
+    val = sorted(p for p, s in side.items() if s == "val")
+    train = sorted(p for p, s in side.items() if s == "train")
+    assert len(val) == 3 and len(train) == 3, side
+    textured(96, 96, 99).save(ds / val[0])  # new pixels, like no other picture
+    near = textured(96, 96, int(val[1][1:-4]) + 20)  # train[0] becomes a copy of val[1], one pixel changed
+    near.putpixel((0, 0), (0, 0, 0))
+    near.save(ds / train[0])
+    d = json.loads(ok(["scan", str(ds), "--json"]).stdout)
+    assert d["changed"] == 2 and d["split_kept"] == 1, d
+    assert d["split_notes"] == [
+        f"{train[0]} changed and is now a near-duplicate of {val[1]} on the val side: it moves from train to "
+        "val so the split stays leak-free (`curate split` deals the sides again)"
+    ]
+    with db(ds) as c:
+        now = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i ON i.sha256=f.sha256"))
+    assert now == {**side, train[0]: "val"}
+    out = ok(["scan", str(ds)]).output  # nothing changed since: no note, sides as they are
+    assert "near-duplicate" not in out
+    doc = json.loads(ok(["export", str(ds), str(tmp_path / "out"), "--json"]).stdout)
+    assert (doc["train"], doc["val"]) == (2, 4), doc
