@@ -320,3 +320,20 @@ def test_an_edited_image_keeps_its_split_side_unless_it_now_copies_the_other_sid
     assert "near-duplicate" not in out
     doc = json.loads(ok(["export", str(ds), str(tmp_path / "out"), "--json"]).stdout)
     assert (doc["train"], doc["val"]) == (2, 4), doc
+
+
+def test_restore_without_the_manifest_brings_the_sidecars_back_from_the_index(tmp_path):
+    ds = tmp_path / "ds"
+    image(ds / "a.png", 1)
+    (ds / "a.txt").write_text("a caption")
+    (ds / "a_0768x0512_sdxl.npz").write_bytes(b"sdxl latents")
+    image(ds / "b.png", 2)
+    ok(["scan", str(ds)])
+    ok(["reject", str(ds / "a.png")])
+    ok(["apply", str(ds)])
+    assert not (ds / "a.txt").exists() and not (ds / "a_0768x0512_sdxl.npz").exists()
+    (ds / ".curate" / "manifest.db").unlink()  # lost: the quarantine's own index still knows
+    r = ok(["restore", str(ds)])
+    assert "restored 1 file(s) and 2 sidecar(s)" in r.output, r.output
+    assert (ds / "a.txt").read_text() == "a caption"
+    assert (ds / "a_0768x0512_sdxl.npz").read_bytes() == b"sdxl latents" and (ds / "a.png").exists()
