@@ -62,11 +62,39 @@ class MoveResult:
                 "skipped": [list(s) for s in self.skipped]}  # fmt: skip
 
 
-def sidecars_of(stem: str, names: set[str]) -> list[str]:
-    """The names among ``names`` (one folder's files) that are sidecars of the image named ``stem``.*."""
-    out = [stem + ext for ext in (*CAPTION_SIDECARS, ".npz") if stem + ext in names]
-    out += [n for n in names if n.startswith(stem) and _NPZ_TAIL.fullmatch(n[len(stem) :])]
-    return sorted(set(out))
+def _owners(name: str) -> list[str]:
+    """The image stems a file name is a sidecar of (``a_0512x0512_sd.npz``: ``a``, and ``a_0512x0512_sd``
+    as an old-style ``.npz``), or [] for other files."""
+    base, ext = os.path.splitext(name)
+    if ext in CAPTION_SIDECARS:
+        return [base]
+    if ext != ".npz":
+        return []
+    m = _NPZ_TAIL.search(name)
+    return [base] + ([name[: m.start()]] if m and m.end() == len(name) and m.start() > 0 else [])
+
+
+@dataclass
+class _Folder:
+    """One folder's files, indexed for sidecar look-ups: image stem -> image names, stem -> sidecar names."""
+
+    images: dict[str, set[str]] = field(default_factory=dict)
+    sidecars: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> _Folder:
+        out = cls()
+        try:
+            names = [e.name for e in os.scandir(folder) if not e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return out
+        for n in names:
+            stem, ext = os.path.splitext(n)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                out.images.setdefault(stem, set()).add(n)
+            for owner in _owners(n):
+                out.sidecars.setdefault(owner, []).append(n)
+        return out
 
 
 def is_sidecar(rel: str) -> bool:
@@ -271,32 +299,25 @@ def _plan_sidecars(
 ) -> dict[str, list[tuple[str, Path, Path]]]:
     """image -> its sidecars (rel, src, dst) that move with it. A sidecar an image staying in the dataset
     shares stays; an image whose sidecar already exists in the quarantine leaves ``plan`` (never overwrite)."""
-    listings: dict[Path, set[str]] = {}
-
-    def names(folder: Path) -> set[str]:
-        if folder not in listings:
-            try:
-                listings[folder] = {e.name for e in os.scandir(folder) if not e.is_dir(follow_symlinks=False)}
-            except OSError:
-                listings[folder] = set()
-        return listings[folder]
-
+    folders: dict[Path, _Folder] = {}
     while True:
         moving = {src for _, src, _ in plan}
         out: dict[str, list[tuple[str, Path, Path]]] = {}
         claimed: set[Path] = set()
         blocked = None
         for rel, src, _dst in plan:
-            here = names(src.parent)
-            staying = [
-                os.path.splitext(n)[0]
-                for n in here
-                if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and src.parent / n not in moving
-            ]
+            if src.parent not in folders:
+                folders[src.parent] = _Folder.read(src.parent)
+            here = folders[src.parent]
             side = []
-            for name in sidecars_of(src.stem, here):
+            for name in sorted(here.sidecars.get(src.stem, [])):
                 s_src = src.parent / name
-                if s_src in claimed or any(name in sidecars_of(st, {name}) for st in staying):
+                staying = any(
+                    src.parent / img not in moving
+                    for owner in _owners(name)
+                    for img in here.images.get(owner, ())
+                )
+                if s_src in claimed or staying:
                     continue  # moves with another rejected image, or stays with a kept one
                 s_rel = (Path(rel).parent / name).as_posix()
                 s_dst = inside(qdir, s_rel)
