@@ -337,3 +337,23 @@ def test_restore_without_the_manifest_brings_the_sidecars_back_from_the_index(tm
     assert "restored 1 file(s) and 2 sidecar(s)" in r.output, r.output
     assert (ds / "a.txt").read_text() == "a caption"
     assert (ds / "a_0768x0512_sdxl.npz").read_bytes() == b"sdxl latents" and (ds / "a.png").exists()
+
+
+def test_training_a_kohya_folder_as_is_skips_a_zero_repeat_folder_with_a_warning(tmp_path):
+    import pytest
+
+    from trainer_bridge import data as D
+    from trainer_bridge.config import TrainConfig, TrainError
+
+    image(tmp_path / "0_bg" / "a.png", 1, 64)
+    image(tmp_path / "0_bg" / "b.png", 2, 64)
+    with pytest.raises(TrainError, match=r"0 repeats \(0_<name>/\), which sd-scripts skips"):
+        D.read_dataset(TrainConfig(data=str(tmp_path), resolution=64), "sd15")
+    image(tmp_path / "3_char" / "c.png", 3, 64)
+    spec = D.read_dataset(TrainConfig(data=str(tmp_path), resolution=64), "sd15")
+    assert [(s.image_dir.name, s.num_repeats) for s in spec.subsets] == [("3_char", 3)]
+    assert [n for n in spec.notes if "0_bg" in n] == [
+        "warning: 0_bg/ has 0 repeats, so sd-scripts skips it and so does this run: its images are not trained "
+        "on; rename it 10_bg (N_name, N >= 1) to use them"
+    ]
+    assert [it.path.name for it in D.list_items(spec.subsets, spec)] == ["c.png"]
