@@ -94,11 +94,14 @@ def _print_scan(d: dict) -> None:
             else ()
         ),
         *((("moved (their rejects and decisions follow)", d["moved"]),) if d.get("moved") else ()),
+        *((("changed, kept their train/val side", d["split_kept"]),) if d.get("split_kept") else ()),
         *((f"error: {k}", v) for k, v in sorted(d["errors"].items())),
         *_caption_rows(d.get("captions") or {}),
         ("seconds", f"{d['seconds']:.2f}"),
     ]
     console.print(table("scan", ["", "count"], rows))
+    for note in d.get("split_notes") or []:
+        warn(note)
     links = d.get("linked_folders") or []
     if links:
         more = f" and {len(links) - 3} more" if len(links) > 3 else ""
@@ -187,8 +190,10 @@ def scan(
 def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
     res = ds.apply()
     if not as_json:
+        side = f" with {len(res.sidecars)} caption / cache sidecar(s)" if res.sidecars else ""
         console.print(
-            f"moved {len(res.moved)} file(s) to .curate/quarantine (batch {res.batch}); undo: curate restore"
+            f"moved {len(res.moved)} file(s){side} to .curate/quarantine (batch {res.batch}); "
+            "undo: curate restore"
         )
     _print_skipped(res.skipped)
     return res.as_dict()
@@ -593,7 +598,8 @@ def restore(
     if as_json:
         print_json(res.as_dict())
     else:
-        console.print(f"restored {len(res.moved)} file(s)")
+        side = f" and {len(res.sidecars)} sidecar(s)" if res.sidecars else ""
+        console.print(f"restored {len(res.moved)} file(s){side}")
     _print_skipped(res.skipped)
     _exit_if_skipped(res.as_dict())
 

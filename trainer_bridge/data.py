@@ -69,11 +69,19 @@ class DatasetSpec:
     notes: list[str] = field(default_factory=list)  # what was chosen and why, printed by the trainer
 
 
-def _folder_subsets(root: Path, cfg: TrainConfig) -> list[Subset]:
-    """<repeats>_<class tokens>/ folders (sd-scripts' folder layout), else the folder itself with num_repeats."""
+def _folder_subsets(root: Path, cfg: TrainConfig, notes: list[str] | None = None) -> list[Subset]:
+    """<repeats>_<class tokens>/ folders (sd-scripts' folder layout), else the folder itself with num_repeats.
+    A 0_<name>/ folder is skipped, as sd-scripts skips a repeat count below 1 (a warning in ``notes``)."""
     subs = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         m = re.fullmatch(r"(\d+)_(.+)", d.name)
+        if m and int(m[1]) < 1:
+            if notes is not None:
+                notes.append(
+                    f"warning: {d.name}/ has 0 repeats, so sd-scripts skips it and so does this run: its images "
+                    f"are not trained on; rename it {d.name.replace('0_', '10_', 1)} (N_name, N >= 1) to use them"
+                )
+            continue
         if m:
             subs.append(Subset(d, int(m[1]), ".txt", cfg.keep_tokens, cfg.shuffle_caption, cfg.flip_aug,
                                class_tokens=m[2]))  # fmt: skip
@@ -212,9 +220,14 @@ def read_dataset(cfg: TrainConfig, family: str = "") -> DatasetSpec:
         for sub, is_val in _toml_subsets(data, doc, cfg):
             (spec.val_subsets if is_val else spec.subsets).append(sub)
     else:
-        spec.subsets = _folder_subsets(data, cfg)
+        spec.subsets = _folder_subsets(data, cfg, spec.notes)
         spec.notes += [n for s in spec.subsets if (n := _pin_class_tokens(s))]
     bucket_settings(cfg, family or cfg.model_family, opt, spec)
+    if not spec.subsets and any("0 repeats" in n for n in spec.notes):
+        raise TrainError(
+            f"nothing to train in {data}: its folders have 0 repeats (0_<name>/), which sd-scripts skips; "
+            "rename them N_<name> with N >= 1 (e.g. 10_<name>)"
+        )
     if not spec.subsets:
         raise TrainError(
             f"no images found in {data} (expected <repeats>_<name>/ folders with images + .txt captions)"

@@ -9,7 +9,8 @@ goes to ``val/`` with its own ``dataset_val.toml`` (its header says how to use i
 
 Input in kohya layout keeps its concepts: an image under a folder named ``<N>_<class tokens>`` (the
 first such folder in its path) is exported into its own ``img/<N>_<class tokens>/`` with ``N``
-repeats and those class tokens; other images use ``--repeats`` / ``--trigger`` / ``--class``.
+repeats and those class tokens; other images use ``--repeats`` / ``--trigger`` / ``--class``. A
+``0_<class tokens>`` folder is skipped by sd-scripts, so its images are left out, with a warning.
 """
 
 from __future__ import annotations
@@ -81,13 +82,45 @@ class Concept:
         return f"{self.repeats}_{self.tokens}"
 
 
-def concept_of(path: str) -> Concept | None:
-    """The concept of a dataset-relative path: its first folder named ``<N>_<class tokens>`` (N >= 1)."""
-    for part in PurePosixPath(path).parts[:-1]:
+def _concept_folder(path: str) -> tuple[str, Concept] | None:
+    """(folder path, concept) of the first folder of ``path`` named ``<N>_<class tokens>``, any N."""
+    parts = PurePosixPath(path).parts[:-1]
+    for k, part in enumerate(parts):
         m = CONCEPT_RE.match(part)
-        if m and int(m[1]) >= 1 and m[2].strip():
-            return Concept(int(m[1]), " ".join(m[2].split()))
+        if m and m[2].strip():
+            return "/".join(parts[: k + 1]), Concept(int(m[1]), " ".join(m[2].split()))
     return None
+
+
+def concept_of(path: str) -> Concept | None:
+    """The concept of a dataset-relative path: its first folder named ``<N>_<class tokens>``, when N >= 1."""
+    found = _concept_folder(path)
+    return found[1] if found and found[1].repeats >= 1 else None
+
+
+def zero_repeat_folder(path: str) -> str | None:
+    """The folder of ``path`` named ``0_<class tokens>`` when that is its concept folder, else None.
+
+    sd-scripts skips such a folder: ``generate_dreambooth_subsets_config_by_subdirs`` drops a subdirectory
+    whose repeat count is below 1, and ``DreamBoothDataset`` ignores a subset with ``num_repeats < 1``; so its
+    images are never trained on. Export and plan leave them out the same way and say so.
+    """
+    found = _concept_folder(path)
+    return found[0] if found and found[1].repeats < 1 else None
+
+
+def zero_repeat_warnings(paths: list[str]) -> list[str]:
+    """One line per ``0_<name>`` folder among ``paths``: its images are left out, as sd-scripts does."""
+    by_folder: dict[str, int] = {}
+    for p in paths:
+        folder = zero_repeat_folder(p)
+        if folder is not None:
+            by_folder[folder] = by_folder.get(folder, 0) + 1
+    return [
+        f"{folder}/ has 0 repeats, so sd-scripts skips it: its {n} image(s) are left out; "
+        f"rename it {PurePosixPath(folder).name.replace('0_', '10_', 1)} (N_name, N >= 1) to train on them"
+        for folder, n in sorted(by_folder.items())
+    ]
 
 
 def folder_name(repeats: int, trigger: str | None, class_word: str | None) -> str:
@@ -210,9 +243,12 @@ def load_reg(reg: Path, class_word: str | None, dataset_root: Path) -> tuple[lis
             f"--reg {reg} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the folder"
         )
     default = Concept(1, class_word) if class_word else Concept(1, "")
-    out, bad, seen = [], [], set()
+    out, bad, seen, zero = [], [], set(), []
     for path in files:
         rel = path.relative_to(reg).as_posix()
+        if zero_repeat_folder(rel) is not None:
+            zero.append(rel)
+            continue
         try:
             with Image.open(path) as im:
                 orientation = im.getexif().get(0x0112, 1)
@@ -229,10 +265,14 @@ def load_reg(reg: Path, class_word: str | None, dataset_root: Path) -> tuple[lis
         reencode = ext not in PASSTHROUGH or orientation not in (1, None) or mode not in ("RGB", "L")
         reencode |= frames > 1
         out.append(RegImage(path, rel, sha, concept, _reg_caption(path), reencode, ext))
-    warnings = []
+    warnings = [f"--reg {w}" for w in zero_repeat_warnings(zero)]
     if bad:
         warnings.append(
             f"{len(bad)} file(s) in --reg are not readable images and were skipped (e.g. {bad[0]})"
+        )
+    if not out and zero and not bad:
+        raise CurateError(
+            f"--reg {reg}: every image is in a 0_<class> folder, which sd-scripts skips; rename it"
         )
     if not out:
         raise CurateError(f"--reg {reg}: none of its {len(files)} image files can be read; check the folder")
@@ -300,6 +340,13 @@ def kohya_layout(
     mode = link_mode(link)
     reg_images, reg_warnings = load_reg(Path(reg), class_word, manifest.root) if reg else ([], [])
     items, warnings = collect(manifest, trigger, class_word)
+    warnings += zero_repeat_warnings([it.rec.path for it in items])
+    items = [it for it in items if zero_repeat_folder(it.rec.path) is None]
+    if not items:
+        raise CurateError(
+            "every kept image is in a 0_<name> folder, which sd-scripts skips (0 repeats); rename the folder "
+            "N_<name> with N >= 1 (e.g. 10_<name>)"
+        )
     warnings += reg_warnings
     settings = resolve_settings(manifest, settings, warnings)
     if shuffle_caption is None:  # tag lists shuffle well; sentences do not

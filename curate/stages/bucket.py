@@ -306,6 +306,8 @@ def bucket_images(
     """Assign every kept image to its trainer bucket; store bucket_w/bucket_h and the settings."""
     settings = settings or BucketSettings()
     images = manifest.kept_images()
+    if not images and store:  # the report's preview (store=False) shows an empty table instead
+        raise CurateError(manifest.nothing_kept("bucket"))
     buckets = None if settings.no_upscale else settings.buckets()
     rep = BucketReport(settings)
     updates: dict[str, dict[str, Any]] = {

@@ -421,7 +421,23 @@ def plan(
     kind: str | None = None,
 ) -> Plan:
     """Plan from the manifest: the training images (kept, not in val), their buckets, tags and captions."""
-    images = [r for r in manifest.kept_images() if r.split != "val"]
+    kept = manifest.kept_images()
+    if not kept:
+        raise CurateError(manifest.nothing_kept("plan"))
+    from ..export.kohya import zero_repeat_folder, zero_repeat_warnings
+
+    zero = zero_repeat_warnings([r.path for r in kept if r.split != "val"])  # the export leaves them out
+    images = [r for r in kept if r.split != "val" and zero_repeat_folder(r.path) is None]
+    if not images and zero:
+        raise CurateError(
+            "every training image is in a 0_<name> folder, which sd-scripts skips (0 repeats); rename the "
+            "folder N_<name> with N >= 1 (e.g. 10_<name>)"
+        )
+    if not images:
+        raise CurateError(
+            f"all {len(kept)} kept images are in the validation split, none left to train on; "
+            "rerun `curate split` with a smaller --val (e.g. 0.1)"
+        )
     buckets = [r.bucket for r in images]
     counts = list(Counter(buckets).values()) if all(buckets) and images else None
     from .captions import tags_of  # a caption a person wrote counts with its comma-separated parts
@@ -451,6 +467,7 @@ def plan(
         kind=kind,
     )
     p.dataset = str(manifest.root)
+    p.warnings[:0] = zero
     if stored:
         p.train["keep_tokens"] = len(stored)
         p.reasons["keep_tokens"] = (

@@ -13,6 +13,12 @@ Safety rules, checked for every file before it is touched:
   kept and others rejected, none moves (a kept link never dangles). A symlink to a file outside the
   dataset moves as the link itself; the outside file is never touched.
 
+An image's sidecars move with it, each by its own atomic rename, journaled like the image: its caption
+files (``a.txt``, ``a.caption``) and the latent / text-encoder caches sd-scripts writes beside it (``a.npz``,
+``a_0512x0512_sd.npz``, ``a_te_outputs.npz``, ...). A sidecar another image still in the dataset shares
+(``a.png`` rejected, ``a.jpg`` kept) stays. An image whose sidecar already exists in the quarantine is not
+moved at all (nothing is overwritten); restore moves each sidecar back unless a file took its place.
+
 The quarantine keeps its own index, ``.curate/quarantine/index.json`` (written atomically before the
 moves of a batch and after them), listing what it holds, so ``restore`` works without the manifest.
 """
@@ -23,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,16 +42,64 @@ from ..manifest import Manifest
 
 QUARANTINE = "quarantine"
 INDEX_NAME = "index.json"
+CAPTION_SIDECARS = (".txt", ".caption")  # curate.stages.user_captions.SIDECARS, what trainers read
+# sd-scripts' disk caches beside an image (library/strategy_*.py): <stem>.npz (old SD), <stem>_WWWWxHHHH_<arch>.npz
+# latents and <stem>_<arch>_te.npz / <stem>_te_outputs.npz text-encoder outputs.
+_NPZ_TAIL = re.compile(
+    r"(?:_\d{4}x\d{4})?_(?:sd|sdxl|sd3|flux|anima|hi|lumina)\.npz|_(?:te_outputs|sd3_te|flux_te|anima_te|hi_te|lumina_te)\.npz"
+)
 
 
 @dataclass
 class MoveResult:
     batch: str | None
-    moved: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    sidecars: list[str] = field(default_factory=list)  # captions / latent caches moved with their images
 
     def as_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "moved": self.moved, "skipped": [list(s) for s in self.skipped]}
+        return {"batch": self.batch, "moved": self.moved, "sidecars": self.sidecars,
+                "skipped": [list(s) for s in self.skipped]}  # fmt: skip
+
+
+def _owners(name: str) -> list[str]:
+    """The image stems a file name is a sidecar of (``a_0512x0512_sd.npz``: ``a``, and ``a_0512x0512_sd``
+    as an old-style ``.npz``), or [] for other files."""
+    base, ext = os.path.splitext(name)
+    if ext in CAPTION_SIDECARS:
+        return [base]
+    if ext != ".npz":
+        return []
+    m = _NPZ_TAIL.search(name)
+    return [base] + ([name[: m.start()]] if m and m.end() == len(name) and m.start() > 0 else [])
+
+
+@dataclass
+class _Folder:
+    """One folder's files, indexed for sidecar look-ups: image stem -> image names, stem -> sidecar names."""
+
+    images: dict[str, set[str]] = field(default_factory=dict)
+    sidecars: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> _Folder:
+        out = cls()
+        try:
+            names = [e.name for e in os.scandir(folder) if not e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return out
+        for n in names:
+            stem, ext = os.path.splitext(n)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                out.images.setdefault(stem, set()).add(n)
+            for owner in _owners(n):
+                out.sidecars.setdefault(owner, []).append(n)
+        return out
+
+
+def is_sidecar(rel: str) -> bool:
+    """A journal / index entry of a sidecar (not an image): restore counts those apart."""
+    return os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS
 
 
 def quarantine_dir(manifest: Manifest) -> Path:
@@ -204,28 +259,34 @@ def apply_rejects(manifest: Manifest, *, dry_run: bool = False) -> MoveResult:
             res.skipped.append((rel, f"{dst} already exists"))
             continue
         plan.append((rel, src, dst))
+    sidecars = _plan_sidecars(root, qdir, plan, res)
     if dry_run:
         res.moved = [rel for rel, _, _ in plan]
+        res.sidecars = [s for rel, _, _ in plan for s, _, _ in sidecars.get(rel, [])]
         return res
     if plan:
         index = read_index(qdir)
-        entries = [
-            {"batch": batch, "src": rel, "dst": rel, "sha256": rows[rel]["sha256"], "state": "pending",
-             "at": time.time()}
-            for rel, _, _ in plan
-        ]  # fmt: skip
+        entries = []
+        for rel, _, _ in plan:
+            entries.append({"batch": batch, "src": rel, "dst": rel, "sha256": rows[rel]["sha256"],
+                            "state": "pending", "at": time.time()})  # fmt: skip
+            entries += [
+                {"batch": batch, "src": s, "dst": s, "sidecar_of": rel, "state": "pending", "at": time.time()}
+                for s, _, _ in sidecars.get(rel, [])
+            ]
         write_index(qdir, index + entries)  # before any move: the index never misses a quarantined file
-        attempted = 0
+        by_src = {e["src"]: e for e in entries}
+        attempted: set[str] = set()
         try:
-            for (rel, src, dst), entry in zip(plan, entries, strict=True):
-                attempted += 1
-                if _move_one(manifest, batch, rel, src, dst, res):
-                    entry["state"] = "done"
-                else:
-                    entry["state"] = "failed"
+            for rel, src, dst in plan:
+                side = sidecars.get(rel, [])
+                attempted.update([rel, *(s for s, _, _ in side)])
+                outcome = _move_one(manifest, batch, rel, src, dst, side, res)
+                for s, _, _ in [(rel, src, dst), *side]:
+                    by_src[s]["state"] = "done" if s in outcome else "failed"
         finally:
             # The entry of a move cut short stays 'pending'; restore settles it by looking at the disk.
-            keep = [e for e in entries[:attempted] if e["state"] != "failed"]
+            keep = [e for e in entries if e["src"] in attempted and e["state"] != "failed"]
             with contextlib.suppress(OSError):
                 write_index(qdir, index + keep)
     if not res.moved:
@@ -233,25 +294,91 @@ def apply_rejects(manifest: Manifest, *, dry_run: bool = False) -> MoveResult:
     return res
 
 
-def _move_one(manifest: Manifest, batch: str, rel: str, src: Path, dst: Path, res: MoveResult) -> bool:
+def _plan_sidecars(
+    root: Path, qdir: Path, plan: list[tuple[str, Path, Path]], res: MoveResult
+) -> dict[str, list[tuple[str, Path, Path]]]:
+    """image -> its sidecars (rel, src, dst) that move with it. A sidecar an image staying in the dataset
+    shares stays; an image whose sidecar already exists in the quarantine leaves ``plan`` (never overwrite)."""
+    folders: dict[Path, _Folder] = {}
+    while True:
+        moving = {src for _, src, _ in plan}
+        out: dict[str, list[tuple[str, Path, Path]]] = {}
+        claimed: set[Path] = set()
+        blocked = None
+        for rel, src, _dst in plan:
+            if src.parent not in folders:
+                folders[src.parent] = _Folder.read(src.parent)
+            here = folders[src.parent]
+            side = []
+            for name in sorted(here.sidecars.get(src.stem, [])):
+                s_src = src.parent / name
+                staying = any(
+                    src.parent / img not in moving
+                    for owner in _owners(name)
+                    for img in here.images.get(owner, ())
+                )
+                if s_src in claimed or staying:
+                    continue  # moves with another rejected image, or stays with a kept one
+                s_rel = (Path(rel).parent / name).as_posix()
+                s_dst = inside(qdir, s_rel)
+                if _lexists(s_dst):
+                    blocked = (rel, f"not moved: its sidecar {s_dst} already exists in the quarantine")
+                    break
+                claimed.add(s_src)
+                side.append((s_rel, s_src, s_dst))
+            if blocked:
+                break
+            if side:
+                out[rel] = side
+        if blocked is None:
+            return out
+        res.skipped.append(blocked)
+        plan[:] = [p for p in plan if p[0] != blocked[0]]
+
+
+def _move_one(
+    manifest: Manifest,
+    batch: str,
+    rel: str,
+    src: Path,
+    dst: Path,
+    sidecars: list[tuple[str, Path, Path]],
+    res: MoveResult,
+) -> set[str]:
+    """Move an image, then each of its sidecars; every move journaled. Returns the paths that moved."""
     with manifest.transaction():
-        cur = manifest.conn.execute(
-            "INSERT INTO moves(batch, src, dst, state, at) VALUES (?,?,?,?,?)",
-            (batch, rel, rel, "pending", time.time()),
-        )
-    move_id = cur.lastrowid
+        ids = [
+            manifest.conn.execute(
+                "INSERT INTO moves(batch, src, dst, state, at) VALUES (?,?,?,?,?)",
+                (batch, r, r, "pending", time.time()),
+            ).lastrowid
+            for r in [rel, *(s for s, _, _ in sidecars)]
+        ]
     try:
         _move(src, dst)
     except OSError as exc:
         with manifest.transaction():
-            manifest.conn.execute("DELETE FROM moves WHERE id=?", (move_id,))
+            manifest.conn.executemany("DELETE FROM moves WHERE id=?", [(i,) for i in ids])
         res.skipped.append((rel, str(exc)))
-        return False
+        return set()
     with manifest.transaction():
-        manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
+        manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (ids[0],))
         manifest.set_file_status(rel, "quarantined")
     res.moved.append(rel)
-    return True
+    done = {rel}
+    for (s_rel, s_src, s_dst), move_id in zip(sidecars, ids[1:], strict=True):
+        try:
+            _move(s_src, s_dst)
+        except OSError as exc:
+            with manifest.transaction():
+                manifest.conn.execute("DELETE FROM moves WHERE id=?", (move_id,))
+            res.skipped.append((s_rel, f"sidecar of {rel} not moved: {exc}"))
+            continue
+        with manifest.transaction():
+            manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
+        res.sidecars.append(s_rel)
+        done.add(s_rel)
+    return done
 
 
 # -- restore ------------------------------------------------------------------------------------------
@@ -334,7 +461,7 @@ def _restore_one(
         if move_id is not None:
             manifest.conn.execute("UPDATE moves SET state='restored' WHERE id=?", (move_id,))
         manifest.set_file_status(rel, "ok")
-    res.moved.append(rel)
+    (res.sidecars if is_sidecar(rel) else res.moved).append(rel)
     return True
 
 

@@ -49,6 +49,8 @@ class ScanResult:
     linked_folders: list[str] = field(default_factory=list)  # symlinked folders, not followed
     changed: int = 0  # files whose bytes changed since the last scan (their filter/dedupe rejects dropped)
     moved: int = 0  # new paths holding the bytes of a file now missing: its rejects and decisions follow it
+    split_kept: int = 0  # changed images that kept the train/val side of their old bytes
+    split_notes: list[str] = field(default_factory=list)  # changed images that now sit near the other side
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,6 +188,7 @@ def scan(
     t0 = time.perf_counter()
     root = manifest.root
     res = ScanResult()
+    manifest.ensure_table(PENDING_TABLE)
     index = manifest.file_index()
     todo: list[tuple[str, int, int]] = []  # (rel, size, mtime_ns)
     seen: set[str] = set()
@@ -231,7 +234,6 @@ def scan(
     abs_paths = [str(root / rel) for rel, _, _ in todo]
 
     inserted: set[str] = set()
-    arrived: list[tuple[str, str]] = []  # (path, sha256) of files new to the manifest
 
     def record(path: str, row: dict[str, Any]) -> None:
         rel = Path(path).relative_to(root).as_posix()
@@ -254,11 +256,18 @@ def scan(
             if row.get("error"):
                 res.errors[row["error"]] = res.errors.get(row["error"], 0) + 1
         was = index.get(rel)
-        if was is None:
-            arrived.append((rel, row["sha256"]))
+        if was is None:  # settled after the scan, from the table: also after a scan killed midway
+            manifest.conn.execute(
+                "INSERT OR REPLACE INTO scan_pending(path, sha256, old_sha256) VALUES (?,?,NULL)",
+                (rel, row["sha256"]),
+            )
         if was and was[0] and was[0] != row["sha256"]:  # new bytes: the old ones' rejects are stale
             res.changed += 1
             forget_stale_rejects(manifest, rel)
+            manifest.conn.execute(
+                "INSERT OR REPLACE INTO scan_pending(path, sha256, old_sha256) VALUES (?,?,?)",
+                (rel, row["sha256"], was[0]),
+            )
         manifest.upsert_file(rel, row["sha256"], size, mtime)
 
     def run(results) -> None:
@@ -307,9 +316,11 @@ def scan(
         # exit 130 / 143 (an interrupted scan is not a success).
         res.interrupted = True
         with contextlib.suppress(Exception):
+            settle_pending(manifest, res)
+        with contextlib.suppress(Exception):
             _write_scan_rejects(manifest)
         raise
-    res.moved = carry_over_moves(manifest, arrived)
+    settle_pending(manifest, res)
     _write_scan_rejects(manifest)
     res.captions = _refresh_captions(manifest).as_dict()
     res.seconds = time.perf_counter() - t0
@@ -317,6 +328,87 @@ def scan(
 
 
 STALE_STAGES = ("filter", "dedupe")
+
+# Files a scan recorded as new paths (old_sha256 NULL) or with new bytes (old_sha256: the bytes before), written
+# in the transaction that records the file and cleared once settled, so a scan interrupted or killed midway
+# settles them on the rerun as a completed scan would: moves carried over, split sides kept.
+PENDING_TABLE = """
+CREATE TABLE IF NOT EXISTS scan_pending (
+    path       TEXT PRIMARY KEY,
+    sha256     TEXT NOT NULL,
+    old_sha256 TEXT
+);
+"""
+
+
+def settle_pending(manifest: Manifest, res: ScanResult) -> None:
+    """Carry moves over and keep changed images' split sides for every file ``scan_pending`` lists."""
+    rows = list(manifest.conn.execute("SELECT path, sha256, old_sha256 FROM scan_pending ORDER BY path"))
+    if not rows:
+        return
+    res.moved += carry_over_moves(manifest, [(p, sha) for p, sha, old in rows if old is None])
+    changed = [(p, sha, old) for p, sha, old in rows if old is not None]
+    if changed:
+        kept, notes = keep_split_sides(manifest, changed)
+        res.split_kept += kept
+        res.split_notes += notes
+    with manifest.transaction():
+        manifest.conn.executemany(
+            "DELETE FROM scan_pending WHERE path=? AND sha256=?", [(p, sha) for p, sha, _ in rows]
+        )
+
+
+def keep_split_sides(manifest: Manifest, changed: list[tuple[str, str, str]]) -> tuple[int, list[str]]:
+    """An image edited in place (same path, new bytes) keeps the train/val side of its old bytes, and a
+    `curate review` move of them, unless its new pixels are a near-duplicate (split's pHash rule) of a kept
+    image on the other side: then it joins that side, said in a note, so the split stays leak-free.
+    Returns (how many kept their side, notes)."""
+    from .dedupe import hex_to_u64
+    from .split import MOVES_KEY, PHASH_THRESHOLD
+
+    sides = {sha: side for sha, side in manifest.conn.execute("SELECT sha256, split FROM images")}
+    if not any(sides.get(old) for _, _, old in changed):
+        return 0, []
+    records = [r for r in manifest.kept_images() if r.split in ("train", "val") and r.phash]
+    phash = {sha: ph for sha, ph in manifest.conn.execute("SELECT sha256, phash FROM images")}
+    hashes = hex_to_u64([r.phash for r in records]) if records else None
+    moves = json.loads(manifest.get_meta(MOVES_KEY) or "{}")
+    kept, notes, updates = 0, [], {}
+    for rel, sha, old in changed:
+        side = sides.get(old)
+        if side not in ("train", "val") or sides.get(sha) is not None:
+            continue  # no side to keep, or these bytes already have one (a copy of a known image)
+        other = "val" if side == "train" else "train"
+        near: list[str] = []
+        if hashes is not None and phash.get(sha):
+            dist = _popcount(hashes ^ hex_to_u64([phash[sha]])[0])
+            near = [r.path for r, d in zip(records, dist.tolist(), strict=True)
+                    if d <= PHASH_THRESHOLD and r.split == other and r.sha256 != sha]  # fmt: skip
+        if near:
+            notes.append(
+                f"{rel} changed and is now a near-duplicate of {near[0]} on the {other} side: it moves from "
+                f"{side} to {other} so the split stays leak-free (`curate split` deals the sides again)"
+            )
+            side = other
+        else:
+            kept += 1
+        updates[sha] = {"split": side}
+        sides[sha] = side
+        if old in moves:
+            moves[sha] = side
+    if updates:
+        with manifest.transaction():
+            manifest.update_images(updates.items())
+            if any(old in moves for _, _, old in changed):
+                manifest.set_meta(MOVES_KEY, json.dumps(moves))
+    return kept, notes
+
+
+def _popcount(x):
+    import numpy as np
+
+    x = x.astype(np.uint64)
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
 def carry_over_moves(manifest: Manifest, arrived: list[tuple[str, str]]) -> int:
