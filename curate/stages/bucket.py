@@ -277,8 +277,8 @@ def small_images_message(info: dict[str, Any], fix: str = "--no-upscale") -> str
         return msg
     wo = info["worst"]
     return (f"{head} and are upscaled to fill their buckets (up to x{info['worst_scale']:.2f}: {wo['path']}, "
-            f"{wo['size'][0]}x{wo['size'][1]} to bucket {wo['bucket'][0]}x{wo['bucket'][1]}), which trains "
-            f"blur; replace them with larger originals, or use {fix} (sd-scripts' bucket_no_upscale: "
+            f"{wo['size'][0]}x{wo['size'][1]} to bucket {wo['bucket'][0]}x{wo['bucket'][1]}), which blurs "
+            f"them; replace them with larger originals, or use {fix} (sd-scripts' bucket_no_upscale: "
             "each trains at its own size)")  # fmt: skip
 
 

@@ -489,14 +489,13 @@ def plan(
     if no_upscale:
         settings = dataclasses.replace(settings, no_upscale=True)
         p.train["bucket_no_upscale"] = True
-        p.reasons["bucket_no_upscale"] = (
-            "--no-upscale" if not (bs and bs.no_upscale) else "the last `curate bucket --no-upscale`"
-        ) + ": images smaller than the resolution train at their own size, never enlarged"
+        source = "--no-upscale" if not (bs and bs.no_upscale) else "the last `curate bucket --no-upscale`"
+        p.reasons["bucket_no_upscale"] = f"{source}: no image is enlarged"
     p.small_images = small_images({r.path: (r.width, r.height) for r in images}, settings)
     if p.small_images and not no_upscale:
         p.warnings.append(small_images_message(p.small_images))
     elif p.small_images:
-        p.reasons["bucket_no_upscale"] += f" ({small_images_message(p.small_images)})"
+        p.reasons["bucket_no_upscale"] = f"{source}: {small_images_message(p.small_images)}"
     return p
 
 
