@@ -379,6 +379,7 @@ def small_images_warning(
 ) -> tuple[str, dict | None]:
     """The warning (or, with bucket_no_upscale, the note) about training images smaller than the resolution;
     images are named as in the dataset when ``sources`` (export_sources) knows them."""
+    from curate.errors import CurateError
     from curate.stages.bucket import BucketSettings, small_images, small_images_message
 
     if not spec.enable_bucket:
@@ -389,8 +390,11 @@ def small_images_warning(
         return sources.get(it.path.resolve()) or str(it.path.relative_to(it.subset.image_dir.parent))
 
     sizes = {name(it): it.size for it in items if not it.subset.is_reg}
-    settings = BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps,
-                              spec.bucket_no_upscale)  # fmt: skip
+    try:
+        settings = BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso,
+                                  spec.bucket_reso_steps, spec.bucket_no_upscale)  # fmt: skip
+    except CurateError:  # sizes curate's checks refuse but the trainer took: no report rather than no run
+        return "", None
     info = small_images(sizes, settings)
     if info is None:
         return "", None

@@ -484,7 +484,10 @@ def plan(
     from .bucket import family_settings, small_images, small_images_message
 
     settings = bs if bs is not None and bs.resolution == p.train["resolution"] else None
-    settings = settings or family_settings(model, resolution=p.train["resolution"])
+    try:
+        settings = settings or family_settings(model, resolution=p.train["resolution"])
+    except CurateError:  # a [plan] resolution no bucket settings take: the trainer says so in one line
+        return p
     no_upscale = no_upscale or settings.no_upscale
     if no_upscale:
         settings = dataclasses.replace(settings, no_upscale=True)
