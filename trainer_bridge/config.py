@@ -80,6 +80,10 @@ class TrainConfig:
     min_bucket_reso: int = 0  # 0: the dataset TOML's, else min(256, resolution)
     max_bucket_reso: int = 0  # 0: the dataset TOML's, else 2 * resolution
     bucket_reso_steps: int = 0  # 0: the dataset TOML's, else 64
+    # sd-scripts' bucket_no_upscale: an image smaller than resolution² trains at its own size (cropped to the
+    # step) instead of being enlarged into a predefined bucket; larger ones shrink to that area. The dataset
+    # TOML's bucket_no_upscale = true also turns it on
+    bucket_no_upscale: bool = False
     prior_loss_weight: float = 1.0  # loss weight of regularization (is_reg) images, as sd-scripts
     num_repeats: int = 1  # for folders without a <repeats>_ prefix
     batch_size: int = 1

@@ -54,6 +54,8 @@ class Item:
     subset: Subset
     size: tuple[int, int] = (0, 0)  # original (w, h)
     bucket: tuple[int, int] = (0, 0)  # (w, h)
+    # bucket_no_upscale: the size before the crop (None: the image is scaled to cover the bucket)
+    resized: tuple[int, int] | None = None
 
 
 @dataclass
@@ -66,6 +68,7 @@ class DatasetSpec:
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
     notes: list[str] = field(default_factory=list)  # what was chosen and why, printed by the trainer
 
 
@@ -184,6 +187,10 @@ def bucket_settings(cfg: TrainConfig, family: str, opt: dict, spec: DatasetSpec)
     hi = hi or 2 * res
     lo, hi = lo - lo % steps, hi + (-hi % steps)  # sd-scripts rounds them to the step the same way
     spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps = res, lo, hi, steps
+    # as sd-scripts: bucket_no_upscale needs bucketing (it is dropped without enable_bucket)
+    spec.bucket_no_upscale = spec.enable_bucket and (
+        cfg.bucket_no_upscale or opt.get("bucket_no_upscale") is True
+    )
     if spec.enable_bucket and lo > res:
         raise TrainError(
             f"min_bucket_reso {lo} is above the resolution {res} (sd-scripts refuses this too); "
@@ -195,7 +202,9 @@ def bucket_settings(cfg: TrainConfig, family: str, opt: dict, spec: DatasetSpec)
             f"set max_bucket_reso >= {res} or a smaller resolution"
         )
     note = f"resolution {res} ({why})"
-    if spec.enable_bucket:
+    if spec.bucket_no_upscale:
+        note += f", bucket_no_upscale (buckets follow image sizes, step {steps}; no image is enlarged)"
+    elif spec.enable_bucket:
         note += f", buckets {lo}-{hi} step {steps}"
     if not same:
         note += f"; the dataset TOML's resolution {toml_res} and its bucket sizes are not used"
@@ -275,6 +284,8 @@ def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
     An image without a caption file gets its subset's class_tokens (sd-scripts' DreamBooth rule), else ""."""
     from PIL import Image
 
+    from curate.stages.bucket import bucket_no_upscale
+
     make_buckets, assign_bucket = bucket_fns()
     if spec.enable_bucket:
         buckets = make_buckets(
@@ -297,7 +308,17 @@ def list_items(subsets: list[Subset], spec: DatasetSpec) -> list[Item]:
                         w, h = h, w
             except OSError:
                 raise TrainError(f"cannot read image {p}") from None
-            items.append(Item(p, caption, s, (w, h), assign_bucket(w, h, buckets)))
+            if spec.bucket_no_upscale:
+                bucket, resized = bucket_no_upscale(w, h, spec.resolution, spec.bucket_reso_steps)
+                if 0 in bucket:
+                    raise TrainError(
+                        f"{p} ({w}x{h}) has a side under the bucket step {spec.bucket_reso_steps} px, so "
+                        "bucket_no_upscale gives it a bucket side of 0 (sd-scripts fails on it too): remove it, "
+                        "enlarge it, or train without bucket_no_upscale"
+                    )
+                items.append(Item(p, caption, s, (w, h), bucket, resized))
+            else:
+                items.append(Item(p, caption, s, (w, h), assign_bucket(w, h, buckets)))
     return items
 
 
@@ -355,6 +376,44 @@ def subsets_metadata(items: list[Item]) -> list[dict]:
     return list(out.values())
 
 
+def export_sources(data: str) -> dict[Path, str]:
+    """Exported image -> the dataset file it came from, from the curate_export.json beside a dataset TOML."""
+    path = Path(data).expanduser()
+    record = path.parent / "curate_export.json" if path.is_file() else path / "curate_export.json"
+    try:
+        images = json.loads(record.read_text(encoding="utf-8")).get("images") or []
+        return {(record.parent / im["file"]).resolve(): str(im["source"]) for im in images}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def small_images_warning(
+    items: list[Item], spec: DatasetSpec, sources: dict[Path, str] | None = None
+) -> tuple[str, dict | None]:
+    """The warning (or, with bucket_no_upscale, the note) about training images smaller than the resolution;
+    images are named as in the dataset when ``sources`` (export_sources) knows them."""
+    from curate.errors import CurateError
+    from curate.stages.bucket import BucketSettings, small_images, small_images_message
+
+    if not spec.enable_bucket:
+        return "", None
+    sources = sources or {}
+
+    def name(it: Item) -> str:
+        return sources.get(it.path.resolve()) or str(it.path.relative_to(it.subset.image_dir.parent))
+
+    sizes = {name(it): it.size for it in items if not it.subset.is_reg}
+    try:
+        settings = BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso,
+                                  spec.bucket_reso_steps, spec.bucket_no_upscale)  # fmt: skip
+    except CurateError:  # sizes curate's checks refuse but the trainer took: no report rather than no run
+        return "", None
+    info = small_images(sizes, settings)
+    if info is None:
+        return "", None
+    return small_images_message(info, "--no-upscale (--set bucket_no_upscale=true)"), info
+
+
 # ---------------------------------------------------------------- captions
 
 
@@ -384,8 +443,11 @@ def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
 # ---------------------------------------------------------------- images and latents
 
 
-def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
-    """Image -> (tensor [3,h,w] in [-1,1], crop (top, left)): resize to cover the bucket, then center-crop."""
+def load_image(
+    path: Path, bucket: tuple[int, int], flip: bool = False, resized: tuple[int, int] | None = None
+):
+    """Image -> (tensor [3,h,w] in [-1,1], crop (top, left)): resize to cover the bucket (or to ``resized``,
+    bucket_no_upscale's size: the image's own when it is smaller than the resolution), then center-crop."""
     import numpy as np
     import torch
     from PIL import Image
@@ -398,7 +460,7 @@ def load_image(path: Path, bucket: tuple[int, int], flip: bool = False):
     except (OSError, DecodeError) as exc:
         raise TrainError(f"cannot read image {path}: {exc}") from None
     bw, bh = bucket
-    nw, nh = resized_size(im.width, im.height, bucket)  # the size `curate bucket` reports crop loss for
+    nw, nh = resized or resized_size(im.width, im.height, bucket)  # the size `curate bucket` reports
     im = im.resize((nw, nh), Image.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     im = im.crop((left, top, left + bw, top + bh))
@@ -490,7 +552,9 @@ def prune_latent_cache(cache_dir: Path, vid: str, keep: set[Path]) -> int:
     tensors are left alone. Returns how many were removed."""
     from safetensors import SafetensorError, safe_open
 
-    ours = re.compile(rf"[0-9a-f]{{20}}_{re.escape(vid)}_[0-9]+x[0-9]+\.safetensors")  # encode_latents' names
+    ours = re.compile(
+        rf"[0-9a-f]{{20}}_{re.escape(vid)}_[0-9]+x[0-9]+(_r[0-9]+x[0-9]+)?\.safetensors"
+    )  # encode_latents' names
     removed = 0
     for f in sorted(cache_dir.iterdir()):
         if f in keep or not ours.fullmatch(f.name) or not f.is_file():
@@ -530,7 +594,8 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
     todo = []
     for k, (it, want_flip) in enumerate(zip(items, flip, strict=True)):
         bw, bh = it.bucket
-        f = cache_dir / f"{content_hash(it.path)}_{vid}_{bw}x{bh}.safetensors" if cache_dir else None
+        own = f"_r{it.resized[0]}x{it.resized[1]}" if it.resized else ""  # bucket_no_upscale: another crop
+        f = cache_dir / f"{content_hash(it.path)}_{vid}_{bw}x{bh}{own}.safetensors" if cache_dir else None
         files[k] = f
         if f is not None and f.is_file():
             t = load_file(str(f))
@@ -564,7 +629,7 @@ def encode_latents(items: list[Item], vae, device, cache_dir: Path | None, vid: 
         n = latent_batch_size(b, batch_size)
         batches += [jobs[i : i + n] for i in range(0, len(jobs), n)]
     biggest = max(len(b) for b in batches)
-    images = _prefetch(lambda k: load_image(items[k].path, items[k].bucket), [(k,) for k in order],
+    images = _prefetch(lambda k: load_image(items[k].path, items[k].bucket, resized=items[k].resized), [(k,) for k in order],
                        window=2 * biggest + 8)  # fmt: skip
     pin = device is not None and torch.device(device).type == "cuda"
     dtype = vae.dtype

@@ -239,6 +239,7 @@ def lora_info(path: str | Path) -> dict[str, Any]:
         "epochs": meta.get("ss_num_epochs", ""),
         "steps": meta.get("ss_steps", ""),
         "resolution": meta.get("ss_resolution", ""),
+        "bucket_no_upscale": meta.get("ss_bucket_no_upscale", ""),
         "num_train_images": meta.get("ss_num_train_images", ""),
         "top_tags": sorted(top.items(), key=lambda kv: -kv[1])[:20],
         "subsets": _subsets(meta, problems),

@@ -50,6 +50,8 @@ class TrainResult:
     epochs_grid: Path | None = None  # sample/epochs.png: a row per sample prompt, a column per saved epoch
     epochs_log: Path | None = None  # logs/epochs.json: the epochs table, best epoch and warnings
     earlier_run: Path | None = None  # output_dir/earlier/N: an earlier run's files, moved (never overwritten)
+    # training images smaller than the resolution (curate.stages.bucket.small_images), None when there is none
+    small_images: dict[str, Any] | None = None
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device_type: str):
@@ -212,6 +214,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     caption_warnings = [f"{bare} of {sum(1 for it in items if not it.subset.is_reg)} training images have no "
                         "caption (no caption file, no class tokens from a N_name folder): they train on an empty "
                         "caption; run `curate tag` or add .txt files"] if bare else []  # fmt: skip
+    small_note, small_info = D.small_images_warning(items, spec, D.export_sources(cfg.data))
+    if small_note and not spec.bucket_no_upscale:  # enlarged without a word otherwise
+        caption_warnings.append(small_note)
+    elif small_note:
+        say(small_note)
     for w in caption_warnings:
         say(f"warning: {w}")
     if cfg.block_dims or cfg.block_alphas:  # their length is the UNet's block count: checked before it loads
@@ -519,6 +526,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             "ss_shuffle_caption": any_shuffle, "ss_flip_aug": any(s.flip_aug for s in trained), "ss_min_timestep": cfg.min_timestep,
             "ss_max_timestep": cfg.max_timestep, "ss_training_comment": cfg.training_comment,
             "ss_resolution": f"({spec.resolution}, {spec.resolution})", "ss_enable_bucket": spec.enable_bucket,
+            "ss_bucket_no_upscale": spec.bucket_no_upscale,
             "ss_min_bucket_reso": spec.min_bucket_reso, "ss_max_bucket_reso": spec.max_bucket_reso,
             "ss_bucket_info": {"buckets": {str(i): {"resolution": list(b), "count": n}
                                            for i, (b, n) in enumerate(sorted(bucket_counts.items()))}, "mean_img_ar_error": 0.0},
@@ -643,6 +651,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     result = TrainResult(None, None, global_step, start_epoch)
+    result.small_images = small_info
     result.earlier_run = earlier[0] if earlier else None
     result.warnings += caption_warnings
     if resumed:  # the epochs table and val losses of the run so far

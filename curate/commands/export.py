@@ -188,6 +188,13 @@ def plan(
     out: Annotated[
         str | None, typer.Option(help="Training TOML to write (default: <dataset>/.curate/train.toml).")
     ] = None,
+    no_upscale: Annotated[
+        bool,
+        typer.Option(
+            "--no-upscale",
+            help="Never enlarge images (sd-scripts' bucket_no_upscale), written into the training TOML.",
+        ),
+    ] = False,
     manifest: ManifestOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -199,7 +206,8 @@ def plan(
     from ..stages.plan import write_plan
 
     with _open(path, manifest, config) as ds:
-        p = ds.plan(model=model, vram=vram, style=style, trigger=trigger, class_word=class_word, kind=kind)
+        p = ds.plan(model=model, vram=vram, style=style, trigger=trigger, class_word=class_word, kind=kind,
+                    no_upscale=no_upscale)  # fmt: skip
         target = Path(out) if out else ds.root / STATE_DIR / "train.toml"
     if out and target.exists():
         raise CurateError(f"{target} exists; choose another --out (plans never overwrite your files)")
@@ -210,6 +218,8 @@ def plan(
     keys = ["unet_lr", "text_encoder_lr", "epochs", "num_repeats", "batch_size", "grad_accum", "network_dim",
             "network_alpha", "min_snr_gamma", "gradient_checkpointing", "max_steps"]  # fmt: skip
     rows = [(k, p.train[k], p.reasons.get(k, "")) for k in keys]
+    if p.train.get("bucket_no_upscale"):
+        rows.append(("bucket_no_upscale", True, p.reasons["bucket_no_upscale"]))
     rows.append(("total steps", p.total_steps, p.reasons["total_steps"]))
     sg = p.suggestion
     rows.append(("network (suggested)", sg["network"], f"{sg['kind']} ({sg['kind_reason']}): {sg['reason']}; "

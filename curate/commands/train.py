@@ -23,6 +23,7 @@ def _training_data(
     family: str = "sd15",
     resolution: int = 0,
     captions: dict | None = None,
+    no_upscale: bool = False,
 ) -> str:
     """A kohya folder / dataset TOML as is; a curate dataset exported into ``output_dir/data``.
 
@@ -75,10 +76,15 @@ def _training_data(
                 f"export the dataset once before torchrun: curate export {source} {target} --format kohya "
                 "(or use curate train --gpus N, which exports first)"
             )
+        import dataclasses
+
         from ..stages.bucket import family_settings, stored_settings
 
-        if stored_settings(ds.manifest) is None:  # no `curate bucket`: the buckets of what this run trains
-            opts["settings"] = family_settings(family, resolution=resolution or None)
+        stored = stored_settings(ds.manifest)
+        if stored is None:  # no `curate bucket`: the buckets of what this run trains
+            opts["settings"] = family_settings(family, resolution=resolution or None, no_upscale=no_upscale)
+        elif no_upscale and not stored.no_upscale:  # --no-upscale over a `curate bucket` without it
+            opts["settings"] = dataclasses.replace(stored, no_upscale=True)
         layout = kohya_layout(ds.manifest, **opts)
         if keep is not None:  # the dataset TOML's keep_tokens wins over [train]'s: write the chosen one there
             layout.keep_tokens = keep
@@ -221,6 +227,14 @@ def register(app: typer.Typer) -> None:
                 help="Data-parallel ranks on this host (torch DDP); torchrun / accelerate launch also work."
             ),
         ] = None,
+        no_upscale: Annotated[
+            bool,
+            typer.Option(
+                "--no-upscale",
+                help="Never enlarge images (sd-scripts' bucket_no_upscale): one smaller than the resolution "
+                "trains at its own size, cropped to a multiple of the bucket step.",
+            ),
+        ] = False,
         set_: Annotated[
             list[str] | None,
             typer.Option("--set", help="Override any option: --set unet_lr=5e-5 (repeatable)."),
@@ -244,7 +258,7 @@ def register(app: typer.Typer) -> None:
             try:
                 with contextlib.redirect_stdout(sys.stderr):
                     result = _run(source, config, base, family, output_dir, resume, trigger, class_word, reg,
-                                  gpus, set_)  # fmt: skip
+                                  gpus, set_, no_upscale)  # fmt: skip
             finally:
                 os.environ.pop("CURATE_TRAIN_LOG") if was is None else os.environ.update(CURATE_TRAIN_LOG=was)
             if result is not None:
@@ -254,7 +268,8 @@ def register(app: typer.Typer) -> None:
 
                 raise typer.Exit(143 if result.signal == signal.SIGTERM else 130)
             return
-        result = _run(source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_)
+        result = _run(source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_,
+                      no_upscale)  # fmt: skip
         if result is None:
             return  # a torchrun / accelerate rank other than 0: rank 0 reports
         console.print(summary_table(result.timings))
@@ -274,7 +289,9 @@ def register(app: typer.Typer) -> None:
             f"saved {escape(str(result.lora_path))} ({result.steps} steps)", highlight=False, soft_wrap=True
         )
 
-    def _run(source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_):
+    def _run(
+        source, config, base, family, output_dir, resume, trigger, class_word, reg, gpus, set_, no_upscale
+    ):
         """Build the config from the arguments, export a curated dataset if need be, train; None on ranks > 0."""
         import dataclasses
 
@@ -314,6 +331,7 @@ def register(app: typer.Typer) -> None:
             "output_dir": output_dir,
             "resume": resume,
             "gpus": gpus,
+            "bucket_no_upscale": True if no_upscale else None,
         }
         cfg = cfg.override({k: v for k, v in opts.items() if v is not None}).override(list(set_ or []))
         # caption options chosen for this run (--set, or the [train] table), which an export must carry: its
@@ -333,7 +351,7 @@ def register(app: typer.Typer) -> None:
 
             fam = check_family(cfg.base, cfg.model_family)[0] if cfg.base else cfg.model_family or "sd15"
             data = _training_data(source, Path(cfg.output_dir).expanduser(), cfg.num_repeats, trigger, class_word,
-                                  reg, fam, cfg.resolution, captions)  # fmt: skip
+                                  reg, fam, cfg.resolution, captions, cfg.bucket_no_upscale)  # fmt: skip
             if data != str(source) and not cfg.resolution:
                 # a curated dataset: the export's TOML does not choose the resolution (--set > plan > family)
                 cfg = cfg.override({"resolution": FAMILY_RESOLUTION[fam]})
@@ -387,6 +405,7 @@ def register(app: typer.Typer) -> None:
             "epochs_grid": str(result.epochs_grid) if result.epochs_grid else None,
             "epochs_log": str(result.epochs_log) if result.epochs_log else None,
             "earlier_run": str(result.earlier_run) if result.earlier_run else None,
+            "small_images": result.small_images,
         }
 
     @app.command("lora-info")
@@ -405,7 +424,7 @@ def register(app: typer.Typer) -> None:
             return
         keys = ("rank", "alpha", "modules", "unet_modules", "text_encoder_modules", "base_model", "base_model_name",
                 "v_prediction", "network_module", "network_args", "unet_lr", "text_encoder_lr", "optimizer",
-                "epochs", "steps", "resolution", "num_train_images", "model_hash")  # fmt: skip
+                "epochs", "steps", "resolution", "num_train_images", "bucket_no_upscale", "model_hash")  # fmt: skip
         rows = [(k, info[k]) for k in keys] + [
             ("top tags", ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"][:10]))
         ]

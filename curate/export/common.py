@@ -42,6 +42,7 @@ class ExportItem:
     caption: str
     split: str  # train | val
     name: str  # file stem in the export
+    caption_file: Path | None = None  # the person's caption file the caption comes from (None: curate's text)
 
 
 @dataclass
@@ -109,6 +110,30 @@ def make_caption(rec: ImageRecord, trigger: str | None = None, class_word: str |
     return text
 
 
+def caption_bytes(caption: str, source: Path | None = None) -> bytes:
+    """What an exported caption file holds. A person's caption file (``source``) whose text is the caption
+    unchanged is kept byte for byte (its own line ending, trailing space or missing final newline), less a
+    UTF-8 BOM that sd-scripts would read into the first tag; a caption curate changed (trigger put first,
+    lines joined) keeps the file's own ending. curate's own captions end in one newline. sd-scripts reads the
+    first line, stripped, so all of these train the same text."""
+    raw = None
+    if source is not None:
+        with contextlib.suppress(OSError):
+            raw = source.read_bytes()
+    if raw is None:
+        return (caption + "\n").encode("utf-8")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # cp1252 / Latin-1: sd-scripts reads only UTF-8, so it is written as UTF-8
+        from ..stages.user_captions import _read_text
+
+        text = _read_text(source) or ""
+    text = text.lstrip("\ufeff")
+    if text.strip() == caption:
+        return text.encode("utf-8")
+    return (caption + text[len(text.rstrip()) :]).encode("utf-8")
+
+
 EXPORT_RECORD = "curate_export.json"  # written by every kohya export; marks a folder as curate's output
 
 
@@ -167,10 +192,13 @@ def collect(
     manifest: Manifest, trigger: str | None, class_word: str | None
 ) -> tuple[list[ExportItem], list[str]]:
     """Kept images with their captions and splits; warnings for what the user should know."""
-    from ..stages.user_captions import refresh
+    from ..stages.user_captions import JSONL, refresh, sources
 
     warnings = []
     refresh(manifest)  # a caption edited by hand since the last scan is exported as it is now
+    caption_files = {  # image -> the person's .txt / .caption file its caption comes from (as user_captions)
+        image: target for image, (target, text, _) in sources(manifest).items() if text
+    }
     index = manifest.file_index()
     items = []
     records = manifest.kept_images()
@@ -210,7 +238,9 @@ def collect(
         caption = make_caption(rec, trigger, class_word)
         no_caption += not caption
         split = "val" if rec.split == "val" else "train"
-        items.append(ExportItem(rec, src, caption, split, rec.sha256[:16]))
+        target = next((caption_files[p] for p in rec.paths if p in caption_files), None)
+        own = manifest.root / target if rec.user_caption and target and f"{JSONL}::" not in target else None
+        items.append(ExportItem(rec, src, caption, split, rec.sha256[:16], own))
     if no_caption:
         warnings.append(
             f"{no_caption} image(s) have no caption, tags or trigger word; run the tagger or pass --trigger"

@@ -36,6 +36,7 @@ from .common import (
     PNG_LEVEL,
     ExportItem,
     ExportResult,
+    caption_bytes,
     check_target,
     collect,
     link_mode,
@@ -210,14 +211,18 @@ def _sha256(path: Path) -> str:
     return _REG_SHA[key]
 
 
-def _reg_caption(path: Path) -> str | None:
+def _reg_caption_file(path: Path) -> Path | None:
+    """The caption file beside a regularization image that holds text, if any."""
     for ext in REG_CAPTION_EXTENSIONS:
         cap = path.with_suffix(ext)
-        if cap.is_file():
-            text = " ".join(cap.read_text("utf-8", errors="replace").split())
-            if text:
-                return text
+        if cap.is_file() and " ".join(cap.read_text("utf-8", errors="replace").split()):
+            return cap
     return None
+
+
+def _reg_caption(path: Path) -> str | None:
+    cap = _reg_caption_file(path)
+    return " ".join(cap.read_text("utf-8", errors="replace").split()) if cap else None
 
 
 def load_reg(reg: Path, class_word: str | None, dataset_root: Path) -> tuple[list[RegImage], list[str]]:
@@ -505,8 +510,8 @@ def export_kohya(
                     how = _write_reg(r, tmp / sub.rel, opts["link"])
                     setattr(res, how, getattr(res, how) + 1)
                     if r.caption:
-                        (tmp / sub.rel / (Path(r.name).stem + CAPTION_EXTENSION)).write_text(
-                            r.caption + "\n", "utf-8"
+                        (tmp / sub.rel / (Path(r.name).stem + CAPTION_EXTENSION)).write_bytes(
+                            caption_bytes(r.caption, _reg_caption_file(r.source))
                         )
                     reg_records.append({"file": f"{sub.rel}/{r.name}", "source": str(r.source), "sha256": r.sha256,
                                         "caption": r.caption})  # fmt: skip
@@ -516,8 +521,8 @@ def export_kohya(
                                  link=opts["link"])  # fmt: skip
             for it, name in zip(sub.items, names, strict=True):
                 if it.caption:
-                    (tmp / sub.rel / (Path(name).stem + CAPTION_EXTENSION)).write_text(
-                        it.caption + "\n", "utf-8"
+                    (tmp / sub.rel / (Path(name).stem + CAPTION_EXTENSION)).write_bytes(
+                        caption_bytes(it.caption, it.caption_file)
                     )
                 records.append({"file": f"{sub.rel}/{name}", "source": it.rec.path, "sha256": it.rec.sha256,
                                 "split": it.split, "caption": it.caption, "subset": sub.rel,

@@ -227,6 +227,61 @@ def _check_settings(
         )
 
 
+# -- images smaller than the training resolution ------------------------------------------------------
+def small_images(sizes: dict[str, tuple[int, int]], settings: BucketSettings) -> dict[str, Any] | None:
+    """Images with fewer pixels than the resolution squared: how many, and how far the trainer enlarges them.
+
+    Without no-upscale each is scaled up to cover its bucket (``worst_scale``: up to which factor); with it
+    (sd-scripts' ``bucket_no_upscale``) each trains at its own size, cropped to a multiple of the step.
+    None when there is none. ``sizes`` is path -> (width, height) as the trainer sees it (EXIF applied).
+    """
+    resolution, no_upscale = settings.resolution, settings.no_upscale
+    area = resolution * resolution
+    small = {p: wh for p, wh in sizes.items() if wh[0] and wh[1] and wh[0] * wh[1] < area}
+    if not small:
+        return None
+    buckets = None if no_upscale else settings.buckets()
+    placed = {p: place(w, h, settings, buckets) for p, (w, h) in small.items()}
+    worst = max(placed, key=lambda p: (placed[p].scale, p))
+    smallest = min(small, key=lambda p: (small[p][0] * small[p][1], p))
+    return {
+        "count": len(small),
+        "of": len(sizes),
+        "resolution": resolution,
+        "no_upscale": no_upscale,
+        "upscaled": sum(pl.upscaled for pl in placed.values()),
+        "worst_scale": round(placed[worst].scale, 4),
+        "worst": {"path": worst, "size": list(small[worst]), "bucket": list(placed[worst].bucket)},
+        "smallest": {
+            "path": smallest,
+            "size": list(small[smallest]),
+            "bucket": list(placed[smallest].bucket),
+        },
+        "zero_bucket": sorted(p for p, pl in placed.items() if 0 in pl.bucket),
+    }
+
+
+def small_images_message(info: dict[str, Any], fix: str = "--no-upscale") -> str:
+    """One line about ``small_images``: how many, by how much, and what to do (``fix`` names the option)."""
+    n, of, res = info["count"], info["of"], info["resolution"]
+    sm = info["smallest"]
+    head = f"{n} of {of} image(s) are smaller than the {res} px training resolution"
+    if info["no_upscale"]:
+        w, h = sm["size"]
+        bw, bh = sm["bucket"]
+        msg = (f"{head}: with bucket_no_upscale they train at their own size, cropped to a multiple of the "
+               f"bucket step (smallest {sm['path']}: {w}x{h} in bucket {bw}x{bh})")  # fmt: skip
+        if info["zero_bucket"]:
+            msg += (f"; {len(info['zero_bucket'])} have a side under the bucket step (e.g. "
+                    f"{info['zero_bucket'][0]}) and get a bucket side of 0: remove or enlarge them")  # fmt: skip
+        return msg
+    wo = info["worst"]
+    return (f"{head} and are upscaled to fill their buckets (up to x{info['worst_scale']:.2f}: {wo['path']}, "
+            f"{wo['size'][0]}x{wo['size'][1]} to bucket {wo['bucket'][0]}x{wo['bucket'][1]}), which blurs "
+            f"them; replace them with larger originals, or use {fix} (sd-scripts' bucket_no_upscale: "
+            "each trains at its own size)")  # fmt: skip
+
+
 # -- the preflight report ----------------------------------------------------------------------------
 @dataclass
 class BucketReport:

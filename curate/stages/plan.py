@@ -120,7 +120,7 @@ TRAIN_FIELDS = (
     "mixed_precision", "gradient_checkpointing", "max_grad_norm", "scale_weight_norms", "keep_tokens",
     "shuffle_caption", "caption_dropout", "flip_aug", "cache_latents", "cache_text_encoder_outputs", "seed",
     "save_every_n_epochs", "keep_last_n", "sample_every_n_steps", "sample_prompts", "log_dir", "compile",
-    "num_repeats",
+    "num_repeats", "bucket_no_upscale",
 )  # fmt: skip
 
 _TABLES = {
@@ -192,6 +192,9 @@ class Plan:
     steps_per_epoch: int = 0
     warnings: list[str] = field(default_factory=list)
     suggestion: dict[str, Any] = field(default_factory=dict)  # network type: a suggestion, [train] keeps lora
+    small_images: dict[str, Any] | None = (
+        None  # images smaller than the resolution (stages.bucket.small_images)
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -419,8 +422,13 @@ def plan(
     class_word: str | None = None,
     overrides: dict[str, Any] | None = None,
     kind: str | None = None,
+    no_upscale: bool = False,
 ) -> Plan:
-    """Plan from the manifest: the training images (kept, not in val), their buckets, tags and captions."""
+    """Plan from the manifest: the training images (kept, not in val), their buckets, tags and captions.
+
+    ``no_upscale``: sd-scripts' bucket_no_upscale, written into [train] (also when the last `curate bucket`
+    used it); images smaller than the resolution are counted either way, with a warning when they are enlarged.
+    """
     kept = manifest.kept_images()
     if not kept:
         raise CurateError(manifest.nothing_kept("plan"))
@@ -488,6 +496,26 @@ def plan(
         p.warnings.append(
             "no buckets stored: steps assume one bucket; run `curate bucket` for the exact count"
         )
+    import dataclasses
+
+    from .bucket import family_settings, small_images, small_images_message
+
+    settings = bs if bs is not None and bs.resolution == p.train["resolution"] else None
+    try:
+        settings = settings or family_settings(model, resolution=p.train["resolution"])
+    except CurateError:  # a [plan] resolution no bucket settings take: the trainer says so in one line
+        return p
+    no_upscale = no_upscale or settings.no_upscale
+    if no_upscale:
+        settings = dataclasses.replace(settings, no_upscale=True)
+        p.train["bucket_no_upscale"] = True
+        source = "--no-upscale" if not (bs and bs.no_upscale) else "the last `curate bucket --no-upscale`"
+        p.reasons["bucket_no_upscale"] = f"{source}: no image is enlarged"
+    p.small_images = small_images({r.path: (r.width, r.height) for r in images}, settings)
+    if p.small_images and not no_upscale:
+        p.warnings.append(small_images_message(p.small_images))
+    elif p.small_images:
+        p.reasons["bucket_no_upscale"] = f"{source}: {small_images_message(p.small_images)}"
     return p
 
 
