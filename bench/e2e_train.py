@@ -147,7 +147,8 @@ def step_img_s_cpu(unet_dir: Path, bs: int, res: int, rank: int, steps: int = 6)
 
 
 def step_img_s_gpu(family: str, bs: int, rank: int, out: str | None) -> dict:
-    """The bench step (bench/train_step.py, variant graph = the default of `curate train`): its JSON figure."""
+    """The bench step (bench/train_step.py, variant graph+bf16norm = the default of `curate train` under bf16:
+    CUDA graphs, GroupNorm / LayerNorm in bf16): its JSON figure."""
     import torch
 
     from bench import train_step as B
@@ -156,7 +157,7 @@ def step_img_s_gpu(family: str, bs: int, rank: int, out: str | None) -> dict:
     name, cfg = ("sdxl-1024", B.SDXL) if family == "sdxl" else ("sd15-512", B.SD15)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        B.run_variant(name, cfg, bs, "graph", rank=rank)
+        B.run_variant(name, cfg, bs, "graph+bf16norm", rank=rank)
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
     emit({"case": "bench_step", **res}, out)
     return res

@@ -168,7 +168,8 @@ class TrainConfig:
     # graph = the same, warning when it cannot; eager = the fast step's code without graphs; off = the plain step
     fast: str = "auto"
     # the frozen UNet's GroupNorm / LayerNorm under bf16 autocast: auto = in bf16 (fp32 statistics, bf16 output;
-    # 15 % faster steps and 20 % less memory at SD1.5 bs8, trainer_bridge/kernels.py); fp32 = autocast's fp32 norms
+    # 15 % faster steps and 20 % less memory at SD1.5 bs8, trainer_bridge/kernels.py) unless compile is set (the
+    # compiled kernels fuse autocast's casts themselves); fp32 = autocast's fp32 norms
     norms: str = "auto"
 
     def __post_init__(self) -> None:
