@@ -20,24 +20,27 @@ from torch import nn
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn")
 
 
+def _in_input_dtype(mod: nn.Module, x: torch.Tensor, norm, *args) -> torch.Tensor | None:
+    """norm(x, *args, weight, bias, eps) with autocast off and the affine parameters in x's half dtype, or None
+    (the module's own forward) for fp32 inputs or outside autocast."""
+    if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    w = None if mod.weight is None else mod.weight.to(x.dtype)
+    b = None if mod.bias is None else mod.bias.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return norm(x, *args, w, b, mod.eps)
+
+
 class _GroupNormInputDtype(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        w = None if self.weight is None else self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
+        y = _in_input_dtype(self, x, F.group_norm, self.num_groups)
+        return super().forward(x) if y is None else y
 
 
 class _LayerNormInputDtype(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        w = None if self.weight is None else self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        y = _in_input_dtype(self, x, F.layer_norm, self.normalized_shape)
+        return super().forward(x) if y is None else y
 
 
 def bf16_norms(model: nn.Module) -> int:
