@@ -79,17 +79,13 @@ def kernels(out, bs: int, levers: str, steps: int = 3) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import bench.train_step as T
-    from trainer_bridge.kernels import bf16_norms, set_attention_backend
 
     torch.backends.cuda.matmul.allow_tf32 = True
     lv = set(levers.replace("-", "+").split("+"))
-    set_attention_backend({"cudnnattn": "cudnn", "flashattn": "flash", "effattn": "efficient"}.get(
-        next((x for x in lv if x.endswith("attn")), ""), "auto"))  # fmt: skip
     cfg = T.SD15 if T.DEV == "cuda" else T.TINY
-    unet, fwd, opt, params = T.build(cfg, 32, False, False)
-    if "bf16norm" in lv:
-        bf16_norms(unet)
-    x, h, added = T.batch(cfg, bs, False)
+    unet, fwd, opt, params = T.build(cfg, 32, "cl" in lv, False)
+    cl = T.apply_levers(unet, lv)["channels_last"] or "cl" in lv
+    x, h, added = T.batch(cfg, bs, cl)
     gen = torch.Generator(T.DEV).manual_seed(0)
     fs = T.fast(fwd, opt, params) if "graph" in lv else None
 

@@ -154,6 +154,26 @@ def mem_gib(reserved: bool = False) -> float:
     return round((torch.cuda.memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30, 2)
 
 
+def apply_levers(unet, levers: set[str]) -> dict:
+    """The eager levers of a variant, applied in place: attention backend (cudnnattn / flashattn / effattn),
+    clpatch (channels-last, transformer outputs kept NHWC), bf16norm, qkv. Returns what each did."""
+    from trainer_bridge.kernels import bf16_norms, set_attention_backend
+
+    attn = set_attention_backend({"cudnnattn": "cudnn", "flashattn": "flash", "effattn": "efficient"}.get(
+        next((lv for lv in levers if lv.endswith("attn")), ""), "auto"))  # fmt: skip
+    if "clpatch" in levers:  # channels-last convs and transformer outputs kept channels-last
+        from trainer_bridge.kernels import channels_last as to_channels_last
+
+        to_channels_last(unet)
+    norms16 = bf16_norms(unet) if "bf16norm" in levers else 0  # GroupNorm / LayerNorm in bf16, not fp32
+    fused_qkv = 0
+    if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
+        from trainer_bridge.fused_qkv import fuse_qkv_lora
+
+        fused_qkv = fuse_qkv_lora(unet)
+    return dict(attention=attn, channels_last="clpatch" in levers, bf16_norms=norms16, fused_qkv=fused_qkv)
+
+
 def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, channels_last=False):
     """One figure of ours: build, warm up (capture / compile), time `blocks` x `iters` steps, report the median."""
     import gc
@@ -171,21 +191,9 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
     channels_last = channels_last or "cl" in levers
     torch.backends.cudnn.benchmark = "cudnn" in levers  # cuDNN tries the conv algorithms once per shape
     unet, fwd, opt, params = build(cfg, rank, channels_last, False)
-    fused_qkv = 0
-    from trainer_bridge.kernels import bf16_norms, set_attention_backend
-
-    attn = set_attention_backend({"cudnnattn": "cudnn", "flashattn": "flash", "effattn": "efficient"}.get(
-        next((lv for lv in levers if lv.endswith("attn")), ""), "auto"))  # fmt: skip
-    if "clpatch" in levers:  # channels-last convs and transformer outputs kept channels-last
-        from trainer_bridge.kernels import channels_last as to_channels_last
-
-        to_channels_last(unet)
-        channels_last = True
-    norms16 = bf16_norms(unet) if "bf16norm" in levers else 0  # GroupNorm / LayerNorm in bf16, not fp32
-    if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
-        from trainer_bridge.fused_qkv import fuse_qkv_lora
-
-        fused_qkv = fuse_qkv_lora(unet)
+    applied = apply_levers(unet, levers)
+    channels_last = channels_last or applied["channels_last"]
+    attn, norms16, fused_qkv = applied["attention"], applied["bf16_norms"], applied["fused_qkv"]
     if compile_:
         fwd = torch.compile(unet, dynamic=False, backend="inductor" if DEV == "cuda" else "aot_eager")
     x, h, added = batch(cfg, bs, channels_last)
