@@ -107,8 +107,18 @@ def test_regional_compile_matches_plain_step(family, sd15_dir, sdxl_dir, dataset
     a, _ = load_lora(plain.lora_path)
     b, _ = load_lora(regional.lora_path)
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-5, msg=k)
+    # the regions run channels-last, which sums in another order: the same numbers to fp32 rounding, which the
+    # fp16 file then rounds. lora_up starts at zero (its values are the update): compared as a whole. lora_down
+    # (|w| < 0.25 here, where one fp16 step is 2^-13): at most one fp16 step apart, in a few % of the elements
+    ups = [k for k in a if k.endswith("lora_up.weight")]
+    moved = sum(a[k].float().norm() ** 2 for k in ups) ** 0.5
+    off = sum((b[k].float() - a[k].float()).norm() ** 2 for k in ups) ** 0.5
+    assert moved > 0 and off / moved < 1e-3, (off, moved)  # measured 2.5e-5 (sd15), 7.2e-5 (sdxl)
+    downs = [k for k in a if k.endswith("lora_down.weight")]
+    assert max(float(a[k].float().abs().max()) for k in downs) < 0.25
+    worst = max(float((b[k].float() - a[k].float()).abs().max()) for k in downs)
+    differ = sum(int((b[k] != a[k]).sum()) for k in downs) / sum(a[k].numel() for k in downs)
+    assert worst <= 2**-13 and differ < 0.05, (worst, differ)  # measured: 1.05 % differ (sdxl), by one step
 
 
 def test_compile_option_values(sd15_dir, dataset, tmp_path):  # noqa: F811
