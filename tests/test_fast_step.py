@@ -29,6 +29,7 @@ def test_fast_step_matches_plain_step(family, sd15_dir, sdxl_dir, dataset, tmp_p
     plain = train(tiny_config(base, dataset, tmp_path / "plain", fast="off", **kw))
     fast = train(tiny_config(base, dataset, tmp_path / "fast", fast="eager", **kw))
     assert plain.steps == fast.steps == 8
+    assert (plain.timings["step"], fast.timings["step"], fast.timings["norms"]) == ("plain", "eager", "none")
     assert len(plain.losses) == 8 and plain.losses[0] != plain.losses[1]  # real, varying numbers
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
     a, _ = load_lora(plain.lora_path)

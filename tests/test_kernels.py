@@ -92,3 +92,13 @@ def test_train_config_norms_option():
     assert TrainConfig(norms="fp32").norms == "fp32"
     with pytest.raises(TrainError, match="norms must be 'auto' or 'fp32'"):
         TrainConfig(norms="bf16")
+
+
+def test_summary_table_says_how_the_steps_ran():
+    from curate.commands.train import _step_kind
+
+    assert _step_kind({"step": "graph", "norms": "bf16", "compile": False}) == "CUDA graphs, bf16 norms"
+    assert _step_kind({"step": "graph", "norms": "fp32", "compile": "regional"}) == (
+        "CUDA graphs, fp32 norms, regional compile"
+    )
+    assert _step_kind({"step": "plain", "norms": "none", "compile": False}) == "plain"

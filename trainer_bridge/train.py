@@ -342,10 +342,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     unet.train()
     # norms in bf16, not autocast's fp32 round trip; compiled code fuses those casts itself (and was measured so)
+    switched_norms = 0
     if amp is torch.bfloat16 and cfg.norms == "auto" and not cfg.compile:
         from trainer_bridge.kernels import bf16_norms
 
-        bf16_norms(unet)
+        switched_norms = bf16_norms(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
@@ -461,6 +462,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
                           loss_kw=loss_kw, device=dev, world=world, train_te=train_te, scaler=scaler)  # fmt: skip
     if fast is not None and (lyco is not None or any(it.subset.is_reg for it in items)):
         fast = None  # the graph step has no per-sample loss weights: with reg images (prior_loss_weight) step plainly
+    # which step and kernels this run uses, for --json and the bench (plain / eager / graph; norms bf16 / fp32)
+    timings["step"] = "plain" if fast is None else "graph" if fast.capture else "eager"
+    timings["norms"] = "bf16" if switched_norms else "fp32" if amp is not None else "none"
+    timings["compile"] = cfg.compile
 
     @torch.no_grad()
     def validation_loss() -> float:

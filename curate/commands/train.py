@@ -164,6 +164,14 @@ def _cell(v) -> str:
     return "yes" if v is True else "no" if v is False else str(v)
 
 
+def _step_kind(t: dict) -> str:
+    """How the steps ran: CUDA graphs / eager / plain, the norms' precision, and compile."""
+    kind = {"graph": "CUDA graphs", "eager": "fast step, no graphs", "plain": "plain"}.get(t.get("step"), "-")
+    norms = {"bf16": ", bf16 norms", "fp32": ", fp32 norms"}.get(t.get("norms"), "")
+    comp = {True: ", compiled", "regional": ", regional compile"}.get(t.get("compile"), "")
+    return kind + norms + comp
+
+
 def summary_table(t: dict):
     """Where the time of a training went: model load, latent and text-encoder caches, steps (steady img/s), total."""
 
@@ -181,6 +189,7 @@ def summary_table(t: dict):
         ("text-encoder cache", cache_row("te", t.get("te_cache_s", 0.0), "captions")),
         ("training steps", f"{t.get('train_s', 0.0):.1f} s"),
         ("steady speed", f"{steady:.2f} img/s" if steady else "n/a (too few steps after the warm-up)"),
+        ("step", _step_kind(t)),
         ("total wall time", f"{t.get('total_s', 0.0):.1f} s"),
     ]
     return table("training time", ["", "value"], rows)
