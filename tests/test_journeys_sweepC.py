@@ -1,0 +1,114 @@
+"""New-user journeys across today's features: a kohya folder with a 0_bg/ folder through bucket, split, plan,
+export and train (the 0 repeats warning the same everywhere), and the reasons `curate check` prints.
+Folders are built in tmp_path and the CLI runs through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.images import textured
+from tests.test_roundtrip_train import no_model_loads
+
+run = CliRunner().invoke
+ZERO = "0_bg/ has 0 repeats, so sd-scripts skips it"
+
+
+def kohya_with_bg(root: Path) -> Path:
+    """root/10_char/ (four 512x512 images, hand captions) and root/0_bg/ (two 768x512 images)."""
+    for i in range(4):
+        (root / "10_char").mkdir(parents=True, exist_ok=True)
+        textured(512, 512, seed=i).save(root / "10_char" / f"c{i}.png")
+        (root / "10_char" / f"c{i}.txt").write_bytes(f"char, pose{i}\r\n".encode())
+    for i in range(2):
+        (root / "0_bg").mkdir(exist_ok=True)
+        textured(768, 512, seed=20 + i).save(root / "0_bg" / f"bg{i}.png")
+        (root / "0_bg" / f"bg{i}.txt").write_text("background")
+    return root
+
+
+def cli(*args) -> str:
+    r = run(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_bucket_leaves_a_zero_repeat_folder_out_with_its_warning(tmp_path):
+    """`curate bucket` is the preflight of sd-scripts' buckets: a 0_bg/ folder's images are not trained, so
+    they are in no bucket of the report (their 640x384 bucket would be one of its own), and the report
+    says so once, as plan and export do."""
+    ds = kohya_with_bg(tmp_path / "ds")
+    cli("scan", ds)
+    rep = json.loads(cli("bucket", ds, "--json"))
+    assert rep["buckets"] == [{"width": 512, "height": 512, "images": 4}]
+    assert sorted(rep["images"]) == [f"10_char/c{i}.png" for i in range(4)]
+    assert sum(ZERO in w for w in rep["warnings"]) == 1, rep["warnings"]
+    assert "its 2 image(s) are left out" in next(w for w in rep["warnings"] if ZERO in w)
+    assert not rep["small_buckets"]  # the two bg images made a lonely 640x384 bucket before
+    text = flat(cli("bucket", ds))
+    assert text.count(ZERO) == 1 and "4 images in 1 buckets" in text, text
+    # the images are still bucketed in the manifest: renamed to 10_bg/ they train at once
+    db = sqlite3.connect(ds / ".curate" / "manifest.db")
+    rows = db.execute("select f.path, i.bucket_w from files f join images i using(sha256)").fetchall()
+    assert {p: w for p, w in rows if p.startswith("0_bg")} == {"0_bg/bg0.png": 640, "0_bg/bg1.png": 640}
+
+
+def test_plan_and_export_count_a_zero_repeat_folder_alike(tmp_path):
+    """With one 0_bg/ image dealt into validation, export leaves both out (train and val) and says 2; plan
+    said 1 (it counted the training side only). Both name the folder's 2 kept images."""
+    ds = kohya_with_bg(tmp_path / "ds")
+    cli("scan", ds)
+    cli("split", ds, "--val", "0.4", "--seed", "0")
+    db = sqlite3.connect(ds / ".curate" / "manifest.db")
+    sides = dict(db.execute("select f.path, i.split from files f join images i using(sha256)").fetchall())
+    assert sorted(sides[f"0_bg/bg{i}.png"] for i in range(2)) == ["train", "val"], sides  # the case in hand
+    plan = flat(cli("plan", ds, "--out", tmp_path / "train.toml"))
+    export = flat(cli("export", ds, tmp_path / "out", "--format", "kohya"))
+    for text in (plan, export):
+        assert text.count(ZERO) == 1, text
+        assert f"{ZERO}: its 2 image(s) are left out" in text, text
+    assert not list((tmp_path / "out").rglob("bg*")) and not list((tmp_path / "out").glob("*/*_bg"))
+
+
+def test_second_train_reusing_the_export_still_warns_about_0_bg(tmp_path, monkeypatch):
+    """`curate train` twice on the same data: the second run reuses the export, and still says that 0_bg/ is
+    left out (it printed nothing before, so the second run read as if every folder trained)."""
+    no_model_loads(monkeypatch)  # the export (or its reuse) comes before the model: stop there
+    ds = kohya_with_bg(tmp_path / "ds")
+    cli("scan", ds)  # a curated dataset: train exports it into OUTPUT/data
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "o"), "--set", "resolution=64"]
+    first = run(app, args)
+    assert "exported 4 training" in flat(first.output), first.output
+    second = run(app, args)
+    assert "reusing the export" in second.output, second.output
+    for r in (first, second):
+        assert flat(r.output).count(ZERO) == 1, r.output
+        assert isinstance(r.exception, AssertionError)  # reached the model load, after the warnings
+
+
+def test_check_prints_no_negative_zero_and_names_each_fix(tmp_path):
+    """A flat, dark image in a git-free folder: `curate check` gives each rule's fix, and a constant image's
+    entropy reads 0.00 bits, not -0.00."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (600, 600), (3, 3, 3)).save(ds / "flat.png")
+    r = run(app, ["check", str(ds)])
+    assert r.exit_code == 1, r.output
+    text = flat(r.output.replace("│", " "))
+    assert "-0.00" not in text, text
+    assert "entropy 0.00 bits < 2.0" in text, text
+    for key in ("min_entropy", "min_brightness"):
+        assert f"lower {key} in [filter] of curate.toml" in text, (key, text)
