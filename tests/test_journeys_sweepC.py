@@ -87,7 +87,8 @@ def test_second_train_reusing_the_export_still_warns_about_0_bg(tmp_path, monkey
     base = tmp_path / "base"
     base.mkdir()
     (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    args = ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "o"), "--set", "resolution=64"]
+    out = tmp_path / "o"
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(out), "--set", "resolution=64"]
     first = run(app, args)
     assert "exported 4 training" in flat(first.output), first.output
     second = run(app, args)
