@@ -93,6 +93,8 @@ def _training_data(
             layout.warnings[:] = [w for w in layout.warnings if "keep_tokens = 0 there" not in w]
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
+            for w in layout.warnings:  # still true of what trains (a 0_name folder left out, ...)
+                console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
             return str(target / "dataset.toml")
         edited = _edited_in_export(target, old) if old else []
         if edited:  # a fix made in the export itself: replacing the folder would lose it without a word
