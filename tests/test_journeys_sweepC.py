@@ -113,3 +113,22 @@ def test_check_prints_no_negative_zero_and_names_each_fix(tmp_path):
     assert "entropy 0.00 bits < 2.0" in text, text
     for key in ("min_entropy", "min_brightness"):
         assert f"lower {key} in [filter] of curate.toml" in text, (key, text)
+
+
+def test_no_upscale_refusal_names_the_dataset_file_not_its_export_copy(tmp_path, monkeypatch):
+    """A 40x300 image kept in a curated dataset, trained with --no-upscale: the one-line refusal names the
+    person's file (ds/10_char/thin.png), the one to remove or enlarge, not the hashed copy in OUTPUT/data."""
+    no_model_loads(monkeypatch)  # the refusal comes before any model loads
+    ds = kohya_with_bg(tmp_path / "ds")
+    textured(40, 300, seed=9).save(ds / "10_char" / "thin.png")
+    cli("scan", ds)
+    cli("keep", ds, ds / "10_char" / "thin.png")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "o"
+    r = run(app, ["train", str(ds), "--base", str(base), "--output-dir", str(out), "--no-upscale"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    line = flat(next(ln for ln in r.output.split("\nerror:")[1:]))
+    assert str(ds / "10_char" / "thin.png") in line and "(40x300)" in line, line
+    assert str(out / "data") not in line, line

@@ -130,6 +130,20 @@ def _training_data(
     return str(target / "dataset.toml")
 
 
+def _name_sources(message: str, target: Path, source: Path) -> str:
+    """``message`` with each exported image's path in ``target`` replaced by its file in the dataset ``source``
+    (the one a person removes or enlarges; the export is rewritten from it)."""
+    from ..export.fingerprint import read_export_record
+
+    record = read_export_record(target) or {}
+    for rec in record.get("images") or []:
+        if not isinstance(rec, dict) or not rec.get("file") or not rec.get("source"):
+            continue
+        for base in {target, target.resolve()}:
+            message = message.replace(str(base / rec["file"]), str(source / rec["source"]))
+    return message
+
+
 def _edited_in_export(target: Path, record: dict) -> list[tuple[str, str]]:
     """(caption file in the export, its source image) for each exported caption whose text is no longer what
     the export wrote (kept in its curate_export.json), i.e. edited there by hand."""
@@ -362,7 +376,12 @@ def register(app: typer.Typer) -> None:
             raise CurateError(
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except CurateError as exc:  # a refusal about an exported copy: name the dataset's file instead
+            if source is None or cfg.data == str(source):
+                raise
+            raise type(exc)(_name_sources(str(exc), Path(cfg.data).parent, Path(source))) from None
         if result.lora_path is None and result.state_path is None:
             return None
         return result
