@@ -132,3 +132,21 @@ def test_no_upscale_refusal_names_the_dataset_file_not_its_export_copy(tmp_path,
     line = flat(next(ln for ln in r.output.split("\nerror:")[1:]))
     assert str(ds / "10_char" / "thin.png") in line and "(40x300)" in line, line
     assert str(out / "data") not in line, line
+
+
+def test_plan_warns_about_a_reg_folder_inside_the_dataset_as_export_does(tmp_path):
+    """ds/reg/1_person/ inside the dataset trains as training images (export warns): plan counts those images
+    among its training images, so it gives the same warning, once."""
+    ds = kohya_with_bg(tmp_path / "ds")
+    for i in range(3):
+        (ds / "reg" / "1_person").mkdir(parents=True, exist_ok=True)
+        textured(512, 512, seed=30 + i).save(ds / "reg" / "1_person" / f"r{i}.png")
+    cli("scan", ds)
+    cli("split", ds, "--val", "0")
+    inside = "3 image(s) under reg/ in the dataset are exported as training images"
+    export = flat(cli("export", ds, tmp_path / "out", "--format", "kohya"))
+    plan = json.loads(cli("plan", ds, "--json"))
+    assert export.count(inside) == 1, export
+    assert sum(inside in w for w in plan["warnings"]) == 1, plan["warnings"]
+    text = flat(cli("plan", ds))
+    assert text.count(inside) == 1 and "7 training images" in text, text  # 4 in 10_char + 3 under reg/
