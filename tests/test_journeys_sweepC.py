@@ -150,3 +150,27 @@ def test_plan_warns_about_a_reg_folder_inside_the_dataset_as_export_does(tmp_pat
     assert sum(inside in w for w in plan["warnings"]) == 1, plan["warnings"]
     text = flat(cli("plan", ds))
     assert text.count(inside) == 1 and "7 training images" in text, text  # 4 in 10_char + 3 under reg/
+
+
+def test_a_kohya_folder_trained_as_is_reads_a_bom_caption_like_the_export(tmp_path, monkeypatch):
+    """A kohya folder trained as it is (never scanned), shuffle_caption on, one caption saved with a UTF-8 BOM
+    (Windows Notepad) and one with CRLF: every caption still starts with 'char', so it is pinned
+    (keep_tokens = 1), as `curate export` (which drops the BOM) would pin it; before, the BOM made the first
+    tag '\\ufeffchar' and the folder was left unpinned with a warning."""
+    from trainer_bridge.data import read_caption
+
+    no_model_loads(monkeypatch)
+    ds = tmp_path / "ds"
+    (ds / "10_char").mkdir(parents=True)
+    for i, data in enumerate([b"\xef\xbb\xbfchar, red hair\n", b"char, smile\r\n", b"char, hat"]):
+        textured(128, 128, seed=i).save(ds / "10_char" / f"c{i}.png")
+        (ds / "10_char" / f"c{i}.txt").write_bytes(data)
+    assert read_caption(ds / "10_char" / "c0.png", ".txt") == "char, red hair"
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(tmp_path / "o")]
+    r = run(app, [*args, "--set", "shuffle_caption=true", "--set", "resolution=64"])
+    text = flat(r.output)
+    assert "10_char: every caption starts with 'char': keep_tokens = 1 there" in text, r.output
+    assert "do not start with" not in text, r.output
