@@ -436,7 +436,7 @@ def write_captions(
                 except UnicodeDecodeError:
                     cur = f.read_bytes().decode("utf-8", "replace")
                 do, text = w.decide(rel, cur, b.text)
-                effective.setdefault(b.sha256, text.strip())
+                effective.setdefault(b.sha256, text.lstrip("\ufeff").strip())  # a BOM is no part of the text
                 if do:
                     if cur is not None and w.ours.get(rel) != digest(cur):
                         w.backup(rel, cur)
