@@ -177,8 +177,8 @@ def test_a_kohya_folder_trained_as_is_reads_a_bom_caption_like_the_export(tmp_pa
 
 
 def test_tag_with_a_trigger_reads_a_bom_caption_as_starting_with_it(tmp_path):
-    """`curate tag --trigger char` over hand captions that all start with 'char', one saved with a UTF-8 BOM:
-    no caption lacks the trigger (the export pins it, keep_tokens = 1), so no warning says otherwise, and the
+    """`curate tag --trigger char` over hand captions that all start with 'char', one saved with a UTF-8 BOM,
+    and a 0_bg/ folder (left out of the export) whose caption does not: no exported caption lacks the trigger (the export pins it, keep_tokens = 1), so no warning says otherwise, and the
     caption stored for the image has no BOM."""
     from tests.tiny_wd14 import build
 
@@ -188,6 +188,9 @@ def test_tag_with_a_trigger_reads_a_bom_caption_as_starting_with_it(tmp_path):
     for i, data in enumerate([b"\xef\xbb\xbfchar, red hair\n", b"char, smile\r\n", b"char, hat"]):
         textured(256, 256, seed=i).save(ds / "10_char" / f"c{i}.png")
         (ds / "10_char" / f"c{i}.txt").write_bytes(data)
+    (ds / "0_bg").mkdir()  # not exported (0 repeats): its caption pins nothing either way
+    textured(256, 256, seed=7).save(ds / "0_bg" / "bg.png")
+    (ds / "0_bg" / "bg.txt").write_text("background")
     cli("scan", ds)
     r = run(app, ["tag", str(ds), "--model", str(model), "--trigger", "char", "--json"])
     assert r.exit_code == 0, r.output
@@ -196,7 +199,7 @@ def test_tag_with_a_trigger_reads_a_bom_caption_as_starting_with_it(tmp_path):
     assert again.exit_code == 0 and "do not start with the trigger" not in flat(again.output), again.output
     db = sqlite3.connect(ds / ".curate" / "manifest.db")
     caps = sorted(c for (c,) in db.execute("select caption from images"))
-    assert caps == ["char, hat", "char, red hair", "char, smile"], caps
+    assert caps == ["background", "char, hat", "char, red hair", "char, smile"], caps
     assert (
         ds / "10_char" / "c0.txt"
     ).read_bytes() == b"\xef\xbb\xbfchar, red hair\n"  # the file is untouched

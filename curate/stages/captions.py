@@ -584,9 +584,12 @@ def rebuild(
     ]
     dropped = sorted({t for b in built for t in b.dropped_common})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    from ..export.kohya import zero_repeat_folder  # a 0_name folder is not exported: it pins nothing
+
     n = len(cfg.trigger)  # compared as the export compares them (export/kohya.py's _stored_trigger_tokens)
     lack = [b.paths[0] for b, t in zip(built, texts, strict=True)
-            if n and [p.strip() for p in t.split(",")][:n] != list(cfg.trigger)]  # fmt: skip
+            if n and [p.strip() for p in t.split(",")][:n] != list(cfg.trigger)
+            and not all(zero_repeat_folder(p) for p in b.paths)]  # fmt: skip
     return CaptionResult(len(built), cfg.keep_tokens, list(cfg.trigger), res, dropped, over, settings, lack)
 
 
