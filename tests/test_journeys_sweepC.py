@@ -205,3 +205,25 @@ def test_tag_with_a_trigger_reads_a_bom_caption_as_starting_with_it(tmp_path):
     ).read_bytes() == b"\xef\xbb\xbfchar, red hair\n"  # the file is untouched
     cli("export", ds, tmp_path / "out", "--format", "kohya")
     assert "keep_tokens = 1" in (tmp_path / "out" / "dataset.toml").read_text()
+
+
+def test_restore_says_why_a_caption_stayed_quarantined_and_where_it_is(tmp_path):
+    """filter --apply quarantines a small image with its caption; the person writes a new caption in its
+    place; restore brings the image back, keeps the new caption and leaves the old one quarantined: its
+    `skipped` line says a file is already there and where the quarantined copy is (it said only
+    "not restored: <path>")."""
+    ds = kohya_with_bg(tmp_path / "ds")
+    textured(100, 100, seed=5).save(ds / "10_char" / "tiny.png")
+    (ds / "10_char" / "tiny.txt").write_bytes(b"char, tiny\r\n")
+    cli("scan", ds)
+    assert "moved 1 file(s) with 1 caption" in flat(cli("filter", ds, "--min-side", "150", "--apply"))
+    (ds / "10_char" / "tiny.txt").write_text("my new caption")
+    r = run(app, ["restore", str(ds)])
+    assert r.exit_code == 1, r.output
+    assert (ds / "10_char" / "tiny.png").is_file()
+    assert (ds / "10_char" / "tiny.txt").read_text() == "my new caption"
+    kept = ds / ".curate" / "quarantine" / "10_char" / "tiny.txt"
+    assert kept.read_bytes() == b"char, tiny\r\n"
+    line = flat(r.output)
+    assert "skipped 10_char/tiny.txt: a file is already there (left as it is)" in line, r.output
+    assert ".curate/quarantine/10_char/tiny.txt" in line, r.output
