@@ -62,14 +62,16 @@ def test_bucket_leaves_a_zero_repeat_folder_out_with_its_warning(tmp_path):
 
 
 def test_plan_and_export_count_a_zero_repeat_folder_alike(tmp_path):
-    """With one 0_bg/ image dealt into validation, export leaves both out (train and val) and says 2; plan
-    said 1 (it counted the training side only). Both name the folder's 2 kept images."""
+    """With one 0_bg/ image in validation (a split stored before split left 0_name folders out, or one moved
+    there by hand), export leaves both out (train and val) and says 2; plan said 1 (it counted the training
+    side only). Both name the folder's 2 kept images."""
     ds = kohya_with_bg(tmp_path / "ds")
     cli("scan", ds)
     cli("split", ds, "--val", "0.4", "--seed", "0")
     db = sqlite3.connect(ds / ".curate" / "manifest.db")
-    sides = dict(db.execute("select f.path, i.split from files f join images i using(sha256)").fetchall())
-    assert sorted(sides[f"0_bg/bg{i}.png"] for i in range(2)) == ["train", "val"], sides  # the case in hand
+    sha = db.execute("select sha256 from files where path = '0_bg/bg1.png'").fetchone()[0]
+    with db:
+        db.execute("update images set split = 'val' where sha256 = ?", (sha,))
     plan = flat(cli("plan", ds, "--out", tmp_path / "train.toml"))
     export = flat(cli("export", ds, tmp_path / "out", "--format", "kohya"))
     for text in (plan, export):
@@ -227,3 +229,24 @@ def test_restore_says_why_a_caption_stayed_quarantined_and_where_it_is(tmp_path)
     line = flat(r.output)
     assert "skipped 10_char/tiny.txt: a file is already there (left as it is)" in line, r.output
     assert ".curate/quarantine/10_char/tiny.txt" in line, r.output
+
+
+def test_split_deals_no_zero_repeat_folder_image_into_validation(tmp_path):
+    """A 0_bg/ folder is never trained or validated on (export leaves it out of both): split deals only the
+    other images, so a --val 0.25 of 10_char's 4 images is 1 image, not a share taken by 0_bg/ images that
+    then vanish from dataset_val.toml. The summary says the folder was left out."""
+    ds = kohya_with_bg(tmp_path / "ds")
+    for i in range(2, 6):
+        textured(768, 512, seed=20 + i).save(ds / "0_bg" / f"bg{i}.png")
+    cli("scan", ds)
+    db = sqlite3.connect(ds / ".curate" / "manifest.db")
+    for seed in range(4):
+        res = json.loads(cli("split", ds, "--val", "0.25", "--seed", seed, "--json"))
+        sides = dict(db.execute("select f.path, i.split from files f join images i using(sha256)").fetchall())
+        assert {p: s for p, s in sides.items() if p.startswith("0_bg")} == {
+            f"0_bg/bg{i}.png": "train" for i in range(6)
+        }
+        assert sum(s == "val" for p, s in sides.items() if p.startswith("10_char")) == 1, (seed, sides)
+        assert (res["train"], res["val"]) == (3, 1), res
+    assert any(ZERO in n for n in res["notes"]), res
+    assert flat(cli("split", ds, "--val", "0.25")).count(ZERO) == 1
