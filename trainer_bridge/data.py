@@ -267,12 +267,15 @@ def read_dataset(cfg: TrainConfig, family: str = "") -> DatasetSpec:
 
 
 def read_caption(path: Path, ext: str) -> str | None:
-    """The caption file's first line, stripped (as sd-scripts reads it); None when there is no caption file."""
+    """The caption file's first line, stripped (as sd-scripts reads it); None when there is no caption file.
+
+    A UTF-8 BOM (Windows editors) is dropped, as `curate export` drops it: sd-scripts would read it into the
+    first tag, which then matches no class token or trigger."""
     cap = path.with_suffix(ext)
     if not cap.is_file():
         return None
     try:
-        lines = cap.read_text(encoding="utf-8").splitlines()
+        lines = cap.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise TrainError(f"caption file {cap} is not UTF-8 text; re-save it as UTF-8") from None
     return lines[0].strip() if lines else ""

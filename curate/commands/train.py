@@ -93,6 +93,8 @@ def _training_data(
             layout.warnings[:] = [w for w in layout.warnings if "keep_tokens = 0 there" not in w]
         if old and old.get("fingerprint") == layout.fingerprint() and (target / "dataset.toml").is_file():
             console.print(f"reusing the export in {escape(str(target))} (unchanged)", highlight=False)
+            for w in layout.warnings:  # still true of what trains (a 0_name folder left out, ...)
+                console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
             return str(target / "dataset.toml")
         edited = _edited_in_export(target, old) if old else []
         if edited:  # a fix made in the export itself: replacing the folder would lose it without a word
@@ -126,6 +128,20 @@ def _training_data(
             why = "0 changed (the export format changed)"
         console.print(f"re-exported: {why}; {counts} images in {escape(str(target))}", highlight=False)
     return str(target / "dataset.toml")
+
+
+def _name_sources(message: str, target: Path, source: Path) -> str:
+    """``message`` with each exported image's path in ``target`` replaced by its file in the dataset ``source``
+    (the one a person removes or enlarges; the export is rewritten from it)."""
+    from ..export.fingerprint import read_export_record
+
+    record = read_export_record(target) or {}
+    for rec in record.get("images") or []:
+        if not isinstance(rec, dict) or not rec.get("file") or not rec.get("source"):
+            continue
+        for base in {target, target.resolve()}:
+            message = message.replace(str(base / rec["file"]), str(source / rec["source"]))
+    return message
 
 
 def _edited_in_export(target: Path, record: dict) -> list[tuple[str, str]]:
@@ -369,7 +385,12 @@ def register(app: typer.Typer) -> None:
             raise CurateError(
                 "no training data: pass a dataset folder (curate train ./ds) or set data in [train]"
             )
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except CurateError as exc:  # a refusal about an exported copy: name the dataset's file instead
+            if source is None or cfg.data == str(source):
+                raise
+            raise type(exc)(_name_sources(str(exc), Path(cfg.data).parent, Path(source))) from None
         if result.lora_path is None and result.state_path is None:
             return None
         return result

@@ -124,6 +124,22 @@ def zero_repeat_warnings(paths: list[str]) -> list[str]:
     ]
 
 
+def reg_inside_warnings(paths: list[str]) -> list[str]:
+    """One line when some of ``paths`` lie under a ``reg/`` folder of the dataset: they train as training images."""
+    inside = [
+        p
+        for p in paths
+        if len(PurePosixPath(p).parts) > 1 and PurePosixPath(p).parts[0].lower() in REG_FOLDER_NAMES
+    ]
+    if not inside:
+        return []
+    top = PurePosixPath(inside[0]).parts[0]
+    return [
+        f"{len(inside)} image(s) under {top}/ in the dataset are exported as training images, not "
+        f"regularization (e.g. {inside[0]}); move {top}/ out of the dataset and pass --reg FOLDER"
+    ]
+
+
 def folder_name(repeats: int, trigger: str | None, class_word: str | None) -> str:
     words = " ".join(w for w in (trigger, class_word) if w)
     return f"{repeats}_{words or 'images'}"
@@ -373,14 +389,7 @@ def kohya_layout(
         sub = subsets.setdefault(key, Subset(top, key.split("/", 1)[1], n, tokens))
         sub.items.append(it)
         concept_folders[key] = concept is not None
-    inside = [it.rec.path for it in items if PurePosixPath(it.rec.path).parts[0].lower() in REG_FOLDER_NAMES
-              and len(PurePosixPath(it.rec.path).parts) > 1]  # fmt: skip
-    if inside:
-        top = PurePosixPath(inside[0]).parts[0]
-        warnings.append(
-            f"{len(inside)} image(s) under {top}/ in the dataset are exported as training images, not "
-            f"regularization (e.g. {inside[0]}); move {top}/ out of the dataset and pass --reg FOLDER"
-        )
+    warnings += reg_inside_warnings([it.rec.path for it in items])
     for r in reg_images:
         key = f"reg/{r.concept.folder if r.concept.tokens else '1_reg'}"
         sub = subsets.setdefault(

@@ -368,14 +368,17 @@ def bucket_images(
     updates: dict[str, dict[str, Any]] = {
         r.sha256: {"bucket_w": None, "bucket_h": None} for r in manifest.images(include_errors=True)
     }
+    from ..export.kohya import zero_repeat_folder, zero_repeat_warnings
+
     for rec in images:
         if not rec.width or not rec.height:
             continue
         pl = place(rec.width, rec.height, settings, buckets)
-        rep.placements[rec.path] = pl
         updates[rec.sha256] = {"bucket_w": pl.bucket[0], "bucket_h": pl.bucket[1]}
+        if zero_repeat_folder(rec.path) is None:  # a 0_name folder is bucketed but trains in no bucket
+            rep.placements[rec.path] = pl
     rep.counts = dict(sorted(Counter(pl.bucket for pl in rep.placements.values()).items()))
-    rep.warnings = _warnings(rep)
+    rep.warnings = zero_repeat_warnings([r.path for r in images]) + _warnings(rep)
     if store:
         manifest.update_images(updates.items())
         manifest.set_meta(META_KEY, json.dumps(asdict(settings)))

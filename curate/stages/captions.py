@@ -436,7 +436,7 @@ def write_captions(
                 except UnicodeDecodeError:
                     cur = f.read_bytes().decode("utf-8", "replace")
                 do, text = w.decide(rel, cur, b.text)
-                effective.setdefault(b.sha256, text.strip())
+                effective.setdefault(b.sha256, text.lstrip("\ufeff").strip())  # a BOM is no part of the text
                 if do:
                     if cur is not None and w.ours.get(rel) != digest(cur):
                         w.backup(rel, cur)
@@ -584,9 +584,12 @@ def rebuild(
     ]
     dropped = sorted({t for b in built for t in b.dropped_common})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    from ..export.kohya import zero_repeat_folder  # a 0_name folder is not exported: it pins nothing
+
     n = len(cfg.trigger)  # compared as the export compares them (export/kohya.py's _stored_trigger_tokens)
     lack = [b.paths[0] for b, t in zip(built, texts, strict=True)
-            if n and [p.strip() for p in t.split(",")][:n] != list(cfg.trigger)]  # fmt: skip
+            if n and [p.strip() for p in t.split(",")][:n] != list(cfg.trigger)
+            and not all(zero_repeat_folder(p) for p in b.paths)]  # fmt: skip
     return CaptionResult(len(built), cfg.keep_tokens, list(cfg.trigger), res, dropped, over, settings, lack)
 
 

@@ -34,12 +34,16 @@ def reasons_for(rec: ImageRecord, cfg: FilterConfig, *, config_fix: bool = False
         hint = fix("lower with --min-sharpness", "lower min_sharpness")
         out.append(("blurry", f"sharpness {s['sharpness']:.1f} < {cfg.min_sharpness} ({hint})"))
     if "brightness" in s and s["brightness"] < cfg.min_brightness:
-        out.append(("too-dark", f"mean brightness {s['brightness']:.2f} < {cfg.min_brightness}"))
+        hint = fix("lower with --min-brightness", "lower min_brightness")
+        out.append(("too-dark", f"mean brightness {s['brightness']:.2f} < {cfg.min_brightness} ({hint})"))
     if "brightness" in s and s["brightness"] > cfg.max_brightness:
-        out.append(("too-bright", f"mean brightness {s['brightness']:.2f} > {cfg.max_brightness}"))
+        hint = fix("raise --max-brightness", "raise max_brightness")
+        out.append(("too-bright", f"mean brightness {s['brightness']:.2f} > {cfg.max_brightness} ({hint})"))
     if "entropy" in s and s["entropy"] < cfg.min_entropy:
+        hint = fix("lower with --min-entropy", "lower min_entropy")
+        bits = max(0.0, s["entropy"])  # a constant image's -0.0 would print as -0.00
         out.append(
-            ("low-information", f"entropy {s['entropy']:.2f} bits < {cfg.min_entropy} (near-constant image)")
+            ("low-information", f"entropy {bits:.2f} bits < {cfg.min_entropy} (near-constant image; {hint})")
         )
     for flag in rec.flags:
         if flag in cfg.reject_flags:

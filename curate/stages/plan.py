@@ -432,11 +432,13 @@ def plan(
     kept = manifest.kept_images()
     if not kept:
         raise CurateError(manifest.nothing_kept("plan"))
-    from ..export.kohya import zero_repeat_folder, zero_repeat_warnings
+    from ..export.kohya import reg_inside_warnings, zero_repeat_folder, zero_repeat_warnings
 
-    zero = zero_repeat_warnings([r.path for r in kept if r.split != "val"])  # the export leaves them out
+    zero = zero_repeat_warnings([r.path for r in kept])  # the export leaves them out, val images too
+    trains = [r.path for r in kept if zero_repeat_folder(r.path) is None]
+    zero += reg_inside_warnings(trains)  # a reg/ folder inside the dataset trains as training images
     images = [r for r in kept if r.split != "val" and zero_repeat_folder(r.path) is None]
-    if not images and zero:
+    if not images and any(r.split != "val" and zero_repeat_folder(r.path) for r in kept):
         raise CurateError(
             "every training image is in a 0_<name> folder, which sd-scripts skips (0 repeats); rename the "
             "folder N_<name> with N >= 1 (e.g. 10_<name>)"

@@ -455,7 +455,16 @@ def _restore_one(
         if move_id is not None:
             with manifest.transaction():
                 manifest.conn.execute("UPDATE moves SET state='done' WHERE id=?", (move_id,))
-        res.skipped.append((rel, f"not restored: {exc}"))
+        if isinstance(exc, FileExistsError):  # never overwritten: say what is where, and what to do
+            try:
+                where = src.relative_to(manifest.root).as_posix()
+            except ValueError:
+                where = str(src)
+            why = (f"a file is already there (left as it is); the quarantined one stays at {where}: compare "
+                   "them and move it back by hand if you want it")  # fmt: skip
+        else:
+            why = f"not restored: {exc}"
+        res.skipped.append((rel, why))
         return False
     with manifest.transaction():
         if move_id is not None:

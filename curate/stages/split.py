@@ -177,12 +177,23 @@ def split(
     records = manifest.kept_images()
     if not records:
         raise CurateError(manifest.nothing_kept("split"))
+    from ..export.kohya import zero_repeat_folder, zero_repeat_warnings
+
+    # a 0_name folder is neither trained nor validated on (sd-scripts skips it, export leaves it out of both):
+    # deal only the others, so it takes no validation share; its images stay on the train side
+    skipped = [r for r in records if zero_repeat_folder(r.path) is not None]
+    if len(skipped) < len(records):
+        records = [r for r in records if zero_repeat_folder(r.path) is None]
+    else:  # every kept image is in a 0_name folder: split them as before (plan and export refuse them)
+        skipped = []
     sides, labels = assign(records, val, seed, balance_tag, phash_threshold)
     moved = apply_moves(manifest, records, sides, labels)
     crossing = crossing_groups(records, sides, labels)  # type: ignore[arg-type]
     if crossing:  # construction makes this impossible; keep the assertion where it matters
         raise AssertionError(f"near-duplicate group split across train/val: {crossing[0]}")
     updates: dict[str, dict[str, Any]] = {r.sha256: {"split": None} for r in manifest.images()}
+    for r in skipped:
+        updates[r.sha256] = {"split": "train"}
     for sha, side in sides.items():
         updates[sha] = {"split": side}
     manifest.update_images(updates.items())
@@ -203,6 +214,7 @@ def split(
         strata=strata,
         moved_by_hand=moved,
     )
+    res.notes += zero_repeat_warnings([r.path for r in skipped])
     if moved:
         res.notes.append(
             f"{moved} image(s) moved by hand in `curate review` stay on their side, with their near-duplicates "
