@@ -71,7 +71,9 @@ REGIONS = {"sd15": 20, "sdxl": 20}  # region blocks of the tiny UNets (tests/tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_regional_compile_matches_plain_step(family, sd15_dir, sdxl_dir, dataset, tmp_path, monkeypatch):  # noqa: F811
+def test_regional_compile_matches_plain_step(
+    family, sd15_dir, sdxl_dir, dataset, tmp_path, monkeypatch, capsys
+):  # noqa: F811
     """compile = "regional" (each UNet block compiled on its own, trainer_bridge/regions.py) under the fast
     step's code gives the plain step's losses and LoRA file, over 3 bucket shapes and grad accumulation.
 
@@ -99,6 +101,10 @@ def test_regional_compile_matches_plain_step(family, sd15_dir, sdxl_dir, dataset
     finally:
         torch._dynamo.reset()
     assert breaks == 0, dict(counters["graph_break"])
+    said = capsys.readouterr().out
+    assert said.count("warning: compile on a CPU") == 1, (
+        said
+    )  # the regional run says it is slow here; plain not
     # identical blocks share a graph: fewer graphs than region blocks x 3 bucket shapes
     assert 0 < graphs < REGIONS[family] * 3, graphs
     assert plain.losses[0] != plain.losses[1]

@@ -178,6 +178,12 @@ def test_a_zero_repeat_folder_is_left_out_of_export_and_plan_as_sd_scripts_skips
     assert [(Path(s["image_dir"]).name, s["num_repeats"]) for s in subsets] == [("5_char", 5)]
     assert sorted(p.name for p in (tmp_path / "out" / "img").iterdir()) == ["5_char"]  # no 10_ fallback
 
+    # the diffusers format has no repeats: the images are exported, with one line saying so
+    d = json.loads(ok(["export", str(ds), str(tmp_path / "outd"), "--format", "diffusers", "--json"]).stdout)
+    dz = [w for w in d["warnings"] if "0_bg" in w]
+    assert len(dz) == 1 and "its 3 image(s) are exported like the others" in dz[0], d["warnings"]
+    assert len(list((tmp_path / "outd" / "train").glob("*.png"))) == 5
+
     plan = json.loads(ok(["plan", str(ds), "--json"]).stdout)
     assert plan["warnings"][0] == zero[0]
     assert plan["total_steps"] == 2 * 10 * 10 // plan["train"]["batch_size"]  # 2 images x 10 repeats x 10 ep

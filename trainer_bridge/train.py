@@ -369,6 +369,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # compile = true: one static graph of the whole UNet per bucket shape; "regional": each repeated block compiled
     # in place (identical blocks share compiled code), the UNet itself called as is; the fast step graphs it
     unet_fwd = torch.compile(unet_ddp, dynamic=False) if cfg.compile is True else unet_ddp
+    if cfg.compile and dev.type != "cuda":
+        say("warning: compile on a CPU first builds C++ kernels for every block and bucket shape (minutes) and "
+            "rarely trains faster; it is meant for CUDA GPUs (set compile = false here)")  # fmt: skip
     if cfg.compile == "regional":  # with channels-last convs: 141 vs 136 img/s at SD1.5 bs8 (bench/README.md)
         from trainer_bridge.kernels import channels_last
         from trainer_bridge.regions import compile_regions

@@ -26,6 +26,21 @@ from .common import (
 SPLIT_DIRS = {"train": "train", "val": "validation"}
 
 
+def zero_repeat_notes(paths: list[str]) -> list[str]:
+    """One line per ``0_<name>`` folder: sd-scripts would skip it, but this format has no repeat counts, so its
+    images are exported like the others (the person may have meant them left out)."""
+    from collections import Counter
+
+    from .kohya import zero_repeat_folder
+
+    folders = Counter(f for f in map(zero_repeat_folder, paths) if f is not None)
+    return [
+        f"{folder}/ has 0 repeats (sd-scripts would skip it), but the diffusers format has no repeat counts: its "
+        f"{n} image(s) are exported like the others; `curate reject` them or move them out to leave them out"
+        for folder, n in sorted(folders.items())
+    ]
+
+
 def export_diffusers(
     manifest: Manifest,
     out: Path,
@@ -40,6 +55,7 @@ def export_diffusers(
     out = Path(out)
     check_target(out, manifest.root)
     items, warnings = collect(manifest, trigger, class_word)
+    warnings += zero_repeat_notes([it.rec.path for it in items])
     settings = resolve_settings(manifest, settings, warnings)
     res = ExportResult(out.resolve(), "diffusers", warnings=warnings)
     link = link_mode(link)
