@@ -71,9 +71,7 @@ REGIONS = {"sd15": 20, "sdxl": 20}  # region blocks of the tiny UNets (tests/tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_regional_compile_matches_plain_step(
-    family, sd15_dir, sdxl_dir, dataset, tmp_path, monkeypatch, capsys
-):  # noqa: F811
+def test_regional_compile_matches_plain_step(family, sd15_dir, sdxl_dir, dataset, tmp_path, monkeypatch, capsys):  # noqa: F811  # fmt: skip
     """compile = "regional" (each UNet block compiled on its own, trainer_bridge/regions.py) under the fast
     step's code gives the plain step's losses and LoRA file, over 3 bucket shapes and grad accumulation.
 
