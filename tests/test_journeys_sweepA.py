@@ -87,16 +87,9 @@ def test_status_json_lists_the_rejected_files_the_table_shows(tmp_path):
 
 
 def _post(url: str, api: str, body: object) -> tuple[int, dict]:
-    import http.client
-    from urllib.parse import urlsplit
+    from tests.test_review import post_api
 
-    u = urlsplit(url)
-    c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    c.request("POST", f"/api/{api}?{u.query}", json.dumps(body), {"Content-Type": "application/json"})
-    r = c.getresponse()
-    out = json.loads(r.read())
-    c.close()
-    return r.status, out
+    return post_api(url, api, body)
 
 
 def test_review_api_refuses_unknown_files_and_non_text_captions(tmp_path):

@@ -33,6 +33,16 @@ def model_folder(base: Path, pipeline: str = "StableDiffusionPipeline") -> Path:
     return base
 
 
+def scanned_pair(tmp_path: Path, caption: str) -> Path:
+    """tmp_path/ds: two 64 px pictures p0/p1 with hand captions ``caption.format(i=...)``, scanned."""
+    ds = tmp_path / "ds"
+    for i in range(2):
+        picture(ds / f"p{i}.png", 64, 64, i)
+        (ds / f"p{i}.txt").write_text(caption.format(i=i))
+    assert run(app, ["scan", str(ds)]).exit_code == 0
+    return ds
+
+
 def kohya_folder(root: Path) -> Path:
     """root/3_mychar/ with two pictures and hand-written captions."""
     for i in range(2):
@@ -260,11 +270,7 @@ def test_train_exports_at_the_resolution_it_trains(tmp_path, monkeypatch):
     import tomllib
 
     no_model_loads(monkeypatch)
-    ds = tmp_path / "ds"
-    for i in range(2):
-        picture(ds / f"p{i}.png", 64, 64, i)
-        (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
-    assert run(app, ["scan", str(ds)]).exit_code == 0
+    ds = scanned_pair(tmp_path, "mychar, tag{i}")
     base = model_folder(tmp_path / "sdxl", "StableDiffusionXLPipeline")
     out = tmp_path / "out"
     for extra, want in (([], 1024), (["--set", "resolution=768"], 768)):
@@ -282,11 +288,7 @@ def test_caption_settings_given_to_train_reach_the_export(tmp_path, monkeypatch)
     import tomllib
 
     no_model_loads(monkeypatch)
-    ds = tmp_path / "ds"
-    for i in range(2):
-        picture(ds / f"p{i}.png", 64, 64, i)
-        (ds / f"p{i}.txt").write_text(f"mychar, red, tag{i}")
-    assert run(app, ["scan", str(ds)]).exit_code == 0
+    ds = scanned_pair(tmp_path, "mychar, red, tag{i}")
     base = model_folder(tmp_path / "sd15")
     out = tmp_path / "out"
     args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]
@@ -326,11 +328,7 @@ def test_caption_edited_inside_the_training_export_is_not_replaced(tmp_path, mon
     that makes the next `curate train` re-export: the re-export would silently replace the fix, so it stops with
     one line naming the file and what to do; the fixed file is untouched."""
     no_model_loads(monkeypatch)
-    ds = tmp_path / "ds"
-    for i in range(2):
-        picture(ds / f"p{i}.png", 64, 64, i)
-        (ds / f"p{i}.txt").write_text(f"mychar, tag{i}")
-    assert run(app, ["scan", str(ds)]).exit_code == 0
+    ds = scanned_pair(tmp_path, "mychar, tag{i}")
     base = model_folder(tmp_path / "sd15")
     out = tmp_path / "out"
     args = ["train", str(ds), "--base", str(base), "--output-dir", str(out)]

@@ -369,14 +369,20 @@ def _groups(out: dict) -> dict[str, tuple[str, ...]]:
     return {g["keeper"]: tuple(sorted(m for m in g["members"] if m != g["keeper"])) for g in out["groups"]}
 
 
-def _post(url: str, api: str, body: dict) -> dict:
+def post_api(url: str, api: str, body: object) -> tuple[int, dict]:
+    """POST a JSON body to the review page's /api/<api> (with the page's token query); (status, reply)."""
     u = urlsplit(url)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
     c.request("POST", f"/api/{api}?{u.query}", json.dumps(body), {"Content-Type": "application/json"})
     r = c.getresponse()
     out = json.loads(r.read())
     c.close()
-    assert r.status == 200 and out["ok"], out
+    return r.status, out
+
+
+def _post(url: str, api: str, body: dict) -> dict:
+    status, out = post_api(url, api, body)
+    assert status == 200 and out["ok"], out
     return out
 
 
