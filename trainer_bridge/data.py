@@ -553,21 +553,27 @@ def prune_latent_cache(cache_dir: Path, vid: str, keep: set[Path]) -> int:
     changed since they were encoded, or encoded at a bucket this run no longer has. Files of another vid (another
     VAE or base model), files named otherwise (the te/ folder, a user's notes) and files without the cache's
     tensors are left alone. Returns how many were removed."""
-    from safetensors import SafetensorError, safe_open
-
     ours = re.compile(
         rf"[0-9a-f]{{20}}_{re.escape(vid)}_[0-9]+x[0-9]+(_r[0-9]+x[0-9]+)?\.safetensors"
     )  # encode_latents' names
+    return _prune_cache(cache_dir, ours, keep, lambda sf: {"latent", "crop"} <= set(sf.keys()))
+
+
+def _prune_cache(cache_dir: Path, name: re.Pattern, keep: set[Path], ours) -> int:
+    """Unlink the files of cache_dir (not in keep) whose name fully matches `name` and for which ours(safe_open
+    handle) is true; files that do not read as safetensors are not ours to judge. Returns how many went."""
+    from safetensors import SafetensorError, safe_open
+
     removed = 0
     for f in sorted(cache_dir.iterdir()):
-        if f in keep or not ours.fullmatch(f.name) or not f.is_file():
+        if f in keep or not name.fullmatch(f.name) or not f.is_file():
             continue
         try:
             with safe_open(str(f), "pt") as sf:
-                keys = set(sf.keys())
+                mine = ours(sf)
         except (SafetensorError, OSError):
             continue  # not readable as the cache writes them: not ours to judge
-        if {"latent", "crop"} <= keys:
+        if mine:
             f.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -729,21 +735,7 @@ def prune_text_cache(cache_dir: Path, tid: str, keep: set[Path]) -> int:
     """Remove the cache's own entries for this text-encoder id (tid) that this run did not use: captions edited
     or gone since they were encoded. Files of another tid (another base model, clip_skip or dtype), files
     named otherwise and files without the cache's metadata are left alone. Returns how many were removed."""
-    from safetensors import SafetensorError, safe_open
-
-    removed = 0
-    for f in sorted(cache_dir.iterdir()):
-        if f in keep or not TE_CACHE_NAME.fullmatch(f.name) or not f.is_file():
-            continue
-        try:
-            with safe_open(str(f), "pt") as sf:
-                meta = sf.metadata() or {}
-        except (SafetensorError, OSError):
-            continue  # not readable as the cache writes them: not ours to judge
-        if meta.get("te_id") == tid:
-            f.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return _prune_cache(cache_dir, TE_CACHE_NAME, keep, lambda sf: (sf.metadata() or {}).get("te_id") == tid)
 
 
 def encode_text_cached(tokenizers: list, text_encoders: list, captions: list[str], device, clip_skip: int,
