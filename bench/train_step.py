@@ -166,12 +166,18 @@ def apply_levers(unet, levers: set[str]) -> dict:
 
         to_channels_last(unet)
     norms16 = bf16_norms(unet) if "bf16norm" in levers else 0  # GroupNorm / LayerNorm in bf16, not fp32
+    pointwise = 0
+    if "cpw" in levers:  # GroupNorm + GEGLU as small dynamic-shape inductor kernels (after bf16norm: wins)
+        from trainer_bridge.kernels import compiled_pointwise
+
+        pointwise = compiled_pointwise(unet, "inductor" if DEV == "cuda" else "aot_eager")
     fused_qkv = 0
     if "qkv" in levers:  # one matmul for the q/k/v LoRA down-projections of each self-attention
         from trainer_bridge.fused_qkv import fuse_qkv_lora
 
         fused_qkv = fuse_qkv_lora(unet)
-    return dict(attention=attn, channels_last="clpatch" in levers, bf16_norms=norms16, fused_qkv=fused_qkv)
+    return dict(attention=attn, channels_last="clpatch" in levers, bf16_norms=norms16, fused_qkv=fused_qkv,
+                pointwise=pointwise)  # fmt: skip
 
 
 def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, channels_last=False):
@@ -248,7 +254,7 @@ def run_variant(name, cfg, bs, variant, rank=32, blocks=3, iters=10, out=None, c
               step_ms=[round(t * 1e3, 2) for t in times], first_step_s=round(first_s, 1),
               tflop_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / dt / 1e12, 1),
               peak_mem_gib=mem_gib(), reserved_gib=mem_gib(reserved=True),
-              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv, bf16_norms=norms16, attention=attn,
+              graphs=fs.captures if fs else 0, graphed=bool(fs and fs.capture), regions=len(regions), fused_qkv=fused_qkv, bf16_norms=norms16, pointwise=applied["pointwise"], attention=attn,
               compiled_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()) - breaks0,
               recompiles_after_first=counters["stats"]["unique_graphs"] - graphs0 - graphs,
               lora_params_m=round(sum(p.numel() for p in params) / 1e6, 2),

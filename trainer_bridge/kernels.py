@@ -9,6 +9,7 @@ CUDA kernels still accumulate mean and variance in fp32, only the stored output 
     n = bf16_norms(unet)              # in place; returns how many norms were switched
     n = channels_last(unet)           # NHWC convs without layout copies; returns the transformers patched
     set_attention_backend("cudnn")    # SDPA backend for the whole process: auto | flash | efficient | cudnn
+    n = compiled_pointwise(unet)      # GroupNorm and GEGLU as small inductor kernels (any layout, any shape)
 """
 
 from __future__ import annotations
@@ -102,3 +103,88 @@ def set_attention_backend(name: str) -> str:
         b.enable_cudnn_sdp(want["cudnn"])
     b.enable_math_sdp(name == "auto")  # a forced backend that cannot run must fail, not fall back to math
     return name
+
+
+def _group_norm_nchw(x, weight, bias, eps: float):
+    """GroupNorm of a contiguous (B, C, ...) x: statistics over (C/G, spatial) of each group, in fp32."""
+    b, c = x.shape[:2]
+    g, cg = weight.shape
+    xg = x.reshape(b, g, cg, -1)
+    xf = xg.float()
+    mean = xf.mean((2, 3), keepdim=True)
+    var = (xf - mean).square().mean((2, 3), keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float()[None, :, :, None] + bias.float()[
+        None, :, :, None
+    ]
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def _group_norm_nhwc(x, weight, bias, eps: float):
+    """GroupNorm of a channels-last (B, C, H, W) x without leaving the layout: the grouped view is (B, HW, G, C/G)."""
+    b, c, h, w = x.shape
+    g, cg = weight.shape
+    xg = x.permute(0, 2, 3, 1).reshape(b, h * w, g, cg)
+    xf = xg.float()
+    mean = xf.mean((1, 3), keepdim=True)
+    var = (xf - mean).square().mean((1, 3), keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    return y.to(x.dtype).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _geglu(h):
+    a, gate = h.chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, backend: str):
+    key = (fn, backend)
+    if key not in _COMPILED:  # one dynamic-shape compile serves every channel count, batch and bucket size
+        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=backend)
+    return _COMPILED[key]
+
+
+class _GroupNormCompiled(nn.GroupNorm):
+    backend = "inductor"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        c, g = x.shape[1], self.num_groups
+        fn = _compiled(_group_norm_nhwc if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                       else _group_norm_nchw, self.backend)  # fmt: skip
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, self.weight.view(g, c // g), self.bias.view(g, c // g), self.eps)
+
+
+def _geglu_forward(self, hidden_states, *args, **kwargs):
+    h = self.proj(hidden_states)
+    if h.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(h.device.type):
+        return _geglu(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return _compiled(_geglu, self.backend)(h)
+
+
+def compiled_pointwise(model: nn.Module, backend: str = "inductor") -> int:
+    """The memory-bound pieces that eager PyTorch runs as several passes, as small compiled kernels: every
+    affine nn.GroupNorm (fp32 statistics, output in the input's dtype and memory layout, so channels-last stays
+    channels-last) and every diffusers GEGLU (chunk, gelu and product in one pass). The functions are compiled
+    once with dynamic shapes, so bucket sizes and channel counts add no compiles. Returns the modules switched."""
+    import types
+
+    import torch._dynamo
+
+    # one compile per (layout, eps, input requires grad): a handful, above dynamo's default limit of 8 in all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm) and m.affine:
+            m.__class__ = type("_GroupNormCompiled", (_GroupNormCompiled,), {"backend": backend})
+            n += 1
+        elif type(m).__name__ == "GEGLU" and hasattr(m, "proj"):
+            m.backend = backend
+            m.forward = types.MethodType(_geglu_forward, m)
+            n += 1
+    return n
