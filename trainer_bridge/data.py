@@ -692,7 +692,11 @@ def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], de
     hs, pooled = [], None
     for i, (tok, te) in enumerate(zip(tokenizers, text_encoders, strict=True)):
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)  # fmt: skip
+                  return_tensors="pt").input_ids  # fmt: skip
+        # a pageable host->device copy waits for the whole GPU queue (per micro-step when the text encoders are not
+        # cached): copy from pinned memory without blocking instead
+        cuda = torch.device(device).type == "cuda"
+        ids = ids.pin_memory().to(device, non_blocking=True) if cuda else ids.to(device)
         if len(text_encoders) == 1 and clip_skip >= 2:
             h = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
             clip = getattr(te, "module", te)  # DDP-wrapped while training

@@ -174,6 +174,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from trainer_bridge.export import BASE_MODEL_VERSION, save_lora
     from trainer_bridge.loss import diffusion_loss
     from trainer_bridge.models import check_family, load_base
+    from trainer_bridge.readback import Readback
     from trainer_bridge.state import check_resume, load_state, restore_rng, save_state
 
     rank, world = dist.rank(), dist.world()  # DDP: (0, 1) on one device
@@ -489,7 +490,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                         **{k: v for k, v in loss_kw.items() if k in ("v_prediction", "min_snr_gamma", "autocast_dtype")}) * len(batch)  # fmt: skip
         for m in all_mods:
             m.train()
-        sums = dist.all_reduce_sum(torch.stack([total, torch.tensor(float(len(mine)), device=dev)]))  # DDP
+        sums = dist.all_reduce_sum(torch.stack([total, torch.full_like(total, float(len(mine)))]))  # DDP
         return (sums[0] / sums[1]).item()
 
     # ---------------------------------------------------------------- bookkeeping
@@ -677,13 +678,41 @@ def _train(cfg: TrainConfig) -> TrainResult:
         disable=not main,
     )
     task = progress.add_task("training", total=total_steps, completed=global_step)
-    loss_sum, loss_n, t_log, step_log = torch.zeros((), device=dev), 0, time.time(), global_step
+    # this log interval's train loss: the sum on the device, the count on the host
+    loss_sum, loss_n = torch.zeros((), device=dev), 0
     ep_sum, ep_n = torch.zeros((), device=dev), 0  # this epoch's train loss (for the epochs table)
     epoch = start_epoch
-    # steady-state speed: images over the time between log points (each one syncs), leaving out the first interval
-    # and any interval with a batch shape not seen before (graph capture, compile, cuDNN autotune)
+    # steady-state speed: images over the time between log points' losses reaching the host (the GPU has run those
+    # steps then), leaving out the first interval and any interval with a batch shape not seen before (graph
+    # capture, compile, cuDNN autotune)
     steady = {"img": 0, "s": 0.0, "iv_t": None, "iv_img": 0, "dirty": True, "shapes": set()}
     t_loop = time.perf_counter()
+    # the interval losses come back from the device without a host sync (trainer_bridge/readback.py); show() takes
+    # them as they arrive, with what the log point recorded: step -> epoch, images, dirty
+    readback = Readback(dev)
+    logged: dict[int, dict[str, Any]] = {}
+    last_shown = {"t": time.time(), "step": global_step}
+
+    def show(arrived: list[tuple[int, float]]) -> None:
+        """Log interval losses that reached the host: result.losses, tensorboard, the progress bar, the speed."""
+        for step, avg in arrived:
+            at = logged.pop(step)
+            now = time.perf_counter()
+            if steady["iv_t"] is not None and not at["dirty"]:
+                steady["img"] += at["img"]
+                steady["s"] += now - steady["iv_t"]
+            steady["iv_t"] = now
+            dt = time.time() - last_shown["t"]
+            it_s = (step - last_shown["step"]) / dt if dt else 0.0
+            last_shown.update(t=time.time(), step=step)
+            vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
+            result.losses.append(avg)
+            progress.update(
+                task, description=f"epoch {at['epoch'] + 1} loss {avg:.4f} {it_s:.2f} it/s {vram:.1f} GiB"
+            )
+            if writer:
+                writer.add_scalar("loss/train", avg, step)
+                writer.add_scalar("perf/it_per_s", it_s, step)
 
     def finish(r: TrainResult) -> TrainResult:
         timings["train_s"] = time.perf_counter() - t_loop
@@ -762,46 +791,33 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 progress.update(task, completed=global_step)
 
                 if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
+                    # the interval's mean on the device (a fill, not a host->device copy), read back later
                     sums = dist.all_reduce_sum(
-                        torch.stack([loss_sum, torch.tensor(float(loss_n), device=dev)])
+                        torch.stack([loss_sum, torch.full_like(loss_sum, float(loss_n))])
                     )
-                    avg = (sums[0] / sums[1]).item()  # the one host sync on 1 device, every log interval
-                    now = time.perf_counter()
-                    if steady["iv_t"] is not None and not steady["dirty"]:
-                        steady["img"] += steady["iv_img"]
-                        steady["s"] += now - steady["iv_t"]
-                    steady.update(iv_t=now, iv_img=0, dirty=False)
-                    dt = time.time() - t_log
-                    it_s = (global_step - step_log) / dt if dt else 0.0
-                    vram = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
-                    result.losses.append(avg)
-                    progress.update(
-                        task, description=f"epoch {epoch + 1} loss {avg:.4f} {it_s:.2f} it/s {vram:.1f} GiB"
-                    )
+                    readback.push(global_step, sums[0] / sums[1])  # DDP: summed over the ranks first
+                    logged[global_step] = {"epoch": epoch, "img": steady["iv_img"], "dirty": steady["dirty"]}
+                    steady.update(iv_img=0, dirty=False)
                     if writer:
-                        writer.add_scalar("loss/train", avg, global_step)
                         writer.add_scalar("lr/unet", scheduler.get_last_lr()[0], global_step)
-                        writer.add_scalar("perf/it_per_s", it_s, global_step)
-                    loss_sum, loss_n, t_log, step_log = (
-                        torch.zeros((), device=dev),
-                        0,
-                        time.time(),
-                        global_step,
-                    )
+                    loss_sum, loss_n = torch.zeros((), device=dev), 0
+                show(readback.poll())  # the losses whose copies have arrived (on a CPU: at once)
                 if (
                     main
                     and cfg.sample_every_n_steps
                     and cfg.sample_prompts
                     and global_step % cfg.sample_every_n_steps == 0
                 ):
+                    show(readback.flush())  # before the sample, whose time is left out of the speed
                     sample(global_step)
                     steady.update(iv_t=time.perf_counter(), iv_img=0)  # the sample's time is not step time
                 done = global_step >= total_steps
                 stopping = stop["flag"]
                 if world > 1:  # DDP: a Ctrl-C seen by any rank stops all of them after the same step (1 sync)
-                    flag = torch.tensor([float(stopping)], device=dev)
+                    flag = torch.full((1,), float(stopping), device=dev)
                     stopping = dist.all_reduce_sum(flag).item() > 0
                 if not done and (stopping or (cfg.stop_after_steps and global_step >= cfg.stop_after_steps)):
+                    show(readback.flush())
                     nb = pos + per_step if pos + per_step < n else 0
                     ep = epoch if nb else epoch + 1
                     result.lora_path, result.state_path = save(f"{cfg.output_name}-step{global_step:06d}", ep,
@@ -813,13 +829,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 if done:
                     break
             start_batch = 0
+            show(readback.flush())  # the epoch's losses, before validation and saves
             if val_idx:
                 v = validation_loss()
                 result.val_losses.append(v)
                 say(f"epoch {epoch + 1}: val loss {v:.4f} ({len(val_idx)} images)")
                 if writer:
                     writer.add_scalar("loss/val", v, global_step)
-            sums = dist.all_reduce_sum(torch.stack([ep_sum, torch.tensor(float(ep_n), device=dev)]))  # DDP
+            sums = dist.all_reduce_sum(torch.stack([ep_sum, torch.full_like(ep_sum, float(ep_n))]))  # DDP
             train_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else None  # one host sync per epoch
             ep_sum, ep_n = torch.zeros((), device=dev), 0
             last = global_step >= total_steps or epoch == epochs - 1
