@@ -10,6 +10,9 @@ source "$(dirname "$0")/gpu_cases.sh"
 D=graph+bf16norm
 run_case cpw 230 250 sd15-512:8:peer-eager,sd15-512:8:$D,sd15-512:8:$D+cpw,sd15-512:8:$D+cpw+clpatch,sd15-512:8:$D+cpw+clpatch+qkv,sd15-512:16:$D,sd15-512:16:$D+cpw+clpatch+qkv
 if [[ ${DRY:-0} != 1 ]]; then
+  timeout -k 5 60 python3 -m pytest tests/test_readback.py -m gpu -v -W ignore -p no:cacheprovider \
+    >"$OUT/gpu_tests_readback.txt" 2>&1
+  tail -4 "$OUT/gpu_tests_readback.txt"
   timeout -k 5 $(($(left) - 30)) python3 -m pytest tests/test_fast_step_gpu.py -k regional \
     -v -W ignore -p no:cacheprovider --durations=5 >"$OUT/gpu_tests.txt" 2>&1
   tail -4 "$OUT/gpu_tests.txt"
