@@ -24,12 +24,16 @@ from typing import Any
 class Readback:
     """Non-blocking device -> host reads of scalars, handed back in push order as (step, value) pairs."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, spare: int = 4) -> None:
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         self.pending: deque[tuple[int, Any, Any]] = deque()  # (step, host copy or float, event or None)
-        self.spare: list[
-            Any
-        ] = []  # pinned buffers whose values were read, for reuse (no allocation per push)
+        # pinned buffers for reuse, allocated here: cudaHostAlloc synchronizes the device, so a push must not
+        # allocate (measured on the H200: a first push that allocated made the GPU drain its queue)
+        self.spare: list[Any] = []
+        if self.cuda:
+            import torch
+
+            self.spare = [torch.empty((), dtype=torch.float32, pin_memory=True) for _ in range(spare)]
 
     def push(self, step: int, value: Any) -> None:
         """Start reading `value` (a 0-dim tensor) for `step`."""
