@@ -114,24 +114,35 @@ def test_train_late_readback_gives_the_synchronous_numbers(sd15_dir, dataset, tm
 
 @pytest.mark.gpu
 def test_cuda_readback_waits_for_the_copy_not_the_host():
-    """On CUDA the read is a non-blocking copy + event: push and poll do no host sync (sync debug mode "error"),
-    poll says nothing while the GPU is busy, flush gives the exact float a synchronous .item() gives."""
+    """On CUDA the read is a non-blocking copy + event: push and poll do no host sync (sync debug mode "error")
+    and return while the GPU is still busy; flush gives the exact float a synchronous .item() gives."""
+    import time
+
     dev = torch.device("cuda")
     rb = RB.Readback(dev)
     vals = [torch.randn((), device=dev) / 3 for _ in range(4)]
     torch.cuda.synchronize()
+    busy = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        torch.cuda._sleep(200_000_000)  # the GPU stays busy well past the pushes and the first poll
+        busy[0].record()
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued ahead of the copies
+        busy[1].record()
+        t = time.perf_counter()
         for k, v in enumerate(vals[:3]):
             rb.push(k, v * 1.0)
         first = rb.poll()
+        host_s = time.perf_counter() - t
         events = [e for *_, e in rb.pending]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert first == [] and len(events) == 3 and all(isinstance(e, torch.cuda.Event) for e in events)
+    busy[1].synchronize()
+    busy_s = busy[0].elapsed_time(busy[1]) / 1e3
+    # the host came back long before the GPU finished its queue: the pushes and the poll did not wait for it
+    assert busy_s > 0.2 and host_s < busy_s / 4, (host_s, busy_s)
+    assert first == [] and len(events) == 3 and all(isinstance(e, torch.cuda.Event) for e in events), first
     assert rb.flush() == [(k, v.item()) for k, v in enumerate(vals[:3])]
-    assert len(rb.spare) == 4  # the buffers allocated up front (an allocation in push would sync) are free again
+    assert len(rb.spare) == 4  # the buffers allocated up front (allocating in push would sync) are free again
     rb.push(3, vals[3])
     assert len(rb.spare) == 3 and rb.flush() == [(3, vals[3].item())]
 
