@@ -33,7 +33,7 @@ class Readback:
         if self.cuda:
             import torch
 
-            self.spare = [torch.empty((), dtype=torch.float32, pin_memory=True) for _ in range(spare)]
+            self.spare = [torch.empty(1, dtype=torch.float32, pin_memory=True) for _ in range(spare)]
 
     def push(self, step: int, value: Any) -> None:
         """Start reading `value` (a 0-dim tensor) for `step`."""
@@ -61,6 +61,7 @@ class Readback:
 
         if not self.cuda or value.device.type != "cuda":
             return value.item(), None
+        value = value.reshape(-1)  # copied as a 1-element tensor (see the note in __init__)
         host = next((b for b in self.spare if b.dtype == value.dtype and b.shape == value.shape), None)
         if host is None:
             host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
