@@ -120,3 +120,102 @@ def test_a_quarantined_file_restored_and_moved_is_one_row(tmp_path):
     assert (ds / ".curate" / "quarantine" / "sub" / "q0.png").is_file()
     ok("restore", ds)
     assert (ds / "sub" / "q0.png").is_file() and rows(ds)["sub/q0.png"][0] == "ok"
+
+
+# ---------------------------------------------------------------- (b) metadata.jsonl and the quarantine
+def _diffusers_dataset(ds: Path) -> bytes:
+    """Five pictures, an exact copy and a tiny one, each with a line in ds/metadata.jsonl (one more column);
+    sub/ has its own metadata.jsonl (file_name relative to it). Returns the root file's bytes."""
+    lines = []
+    for i in range(5):
+        image(ds / f"img{i}.png", i + 80, 512)
+        lines.append(json.dumps({"file_name": f"img{i}.png", "text": f"cap {i}", "score": i}))
+    (ds / "img0_copy.png").write_bytes((ds / "img0.png").read_bytes())
+    lines.insert(1, json.dumps({"file_name": "img0_copy.png", "text": "copy caption", "score": 9}))
+    image(ds / "tiny.png", 99, 40)
+    lines.append(json.dumps({"file_name": "tiny.png", "text": "tiny caption", "score": 7}))
+    body = ("\r\n".join(lines) + "\r\n").encode()  # Windows line ends, kept as they are
+    (ds / "metadata.jsonl").write_bytes(body)
+    image(ds / "sub" / "s0.png", 90, 512)
+    image(ds / "sub" / "s1.png", 91, 512)
+    (ds / "sub" / "metadata.jsonl").write_text('{"file_name": "s0.png", "text": "sub 0"}\n'
+                                               '{"file_name": "s1.png", "text": "sub 1"}')  # fmt: skip
+    return body
+
+
+def _names(meta: Path) -> list[str]:
+    return [json.loads(ln)["file_name"] for ln in meta.read_text().splitlines() if ln.strip()]
+
+
+def test_a_quarantined_image_takes_its_metadata_jsonl_line_along_and_restore_brings_it_back(tmp_path):
+    """filter/dedupe --apply moved tiny.png and img0_copy.png to the quarantine but their lines stayed in the
+    dataset's metadata.jsonl: the folder trained as it is (HF imagefolder) then fails on the missing file,
+    and `curate tag --format jsonl` kept rewriting the lines. Now the lines leave with the images (kept in
+    the quarantine) and restore puts each back in its place: the file is byte for byte as it was."""
+    ds = tmp_path / "ds"
+    body = _diffusers_dataset(ds)
+    sub_body = (ds / "sub" / "metadata.jsonl").read_bytes()
+    ok("scan", ds)
+    out = run(app, ["filter", str(ds), "--apply"])
+    assert out.exit_code == 0, out.output
+    assert "1 metadata.jsonl caption line" in " ".join(out.stdout.split()), out.stdout
+    ok("dedupe", ds, "--apply")
+    ok("reject", ds, "sub/s1.png", "--reason", "off-model")
+    doc = json.loads(ok("apply", ds, "--json"))
+    assert doc["moved"] == ["sub/s1.png"] and doc["jsonl_lines"] == ["sub/metadata.jsonl::sub/s1.png"], doc
+    assert not (ds / "tiny.png").exists() and not (ds / "img0_copy.png").exists()
+    assert _names(ds / "metadata.jsonl") == [f"img{i}.png" for i in range(5)]
+    assert (ds / "metadata.jsonl").read_bytes().count(b"\r\n") == 5  # the other lines untouched
+    assert _names(ds / "sub" / "metadata.jsonl") == ["s0.png"]
+
+    ok("split", ds, "--val", "0.3", "--seed", "0")
+    export = json.loads(ok("export", ds, tmp_path / "out", "--format", "diffusers", "--json"))
+    assert export["train"] + export["val"] == 6, export
+    texts = sorted(
+        json.loads(ln)["text"]
+        for m in (tmp_path / "out").rglob("metadata.jsonl")
+        for ln in m.read_text().splitlines()
+    )
+    assert texts == ["cap 0", "cap 1", "cap 2", "cap 3", "cap 4", "sub 0"]
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is not None:  # the folder itself loads as HF imagefolder: no line names a missing image
+        ds_rows = datasets.load_dataset("imagefolder", data_dir=str(ds), split="train",
+                                        cache_dir=str(tmp_path / "hf"))  # fmt: skip
+        assert sorted(ds_rows["text"]) == ["cap 0", "cap 1", "cap 2", "cap 3", "cap 4", "sub 0"]
+
+    r = run(app, ["restore", str(ds), "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.stdout)["jsonl_lines"]) == [
+        "metadata.jsonl::img0_copy.png",
+        "metadata.jsonl::tiny.png",
+        "sub/metadata.jsonl::sub/s1.png",
+    ]
+    assert (ds / "metadata.jsonl").read_bytes() == body
+    assert (ds / "sub" / "metadata.jsonl").read_bytes() == sub_body
+    assert not (ds / ".curate" / "quarantine" / "metadata_lines.jsonl").exists()
+    ok("scan", ds)
+    ok("keep", ds, "tiny.png")
+    with db(ds) as c:
+        caps = dict(c.execute("SELECT image, text FROM user_captions"))
+    assert caps["tiny.png"] == "tiny caption" and caps["sub/s1.png"] == "sub 1", caps
+
+
+def test_a_line_rewritten_while_its_image_was_quarantined_is_not_overwritten_on_restore(tmp_path):
+    ds = tmp_path / "ds"
+    _diffusers_dataset(ds)
+    ok("scan", ds)
+    ok("reject", ds, "img2.png", "--reason", "blurry")
+    ok("apply", ds)
+    assert "img2.png" not in _names(ds / "metadata.jsonl")
+    with (ds / "metadata.jsonl").open("a") as fh:
+        fh.write('{"file_name": "img2.png", "text": "my new caption"}\n')
+    r = run(app, ["restore", str(ds)])
+    assert r.exit_code == 1 and (ds / "img2.png").is_file(), r.output
+    assert "metadata.jsonl has another line for img2.png now" in " ".join(r.output.split()), r.output
+    lines = (ds / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["text"] for ln in lines if "img2" in ln] == ["my new caption"]
+    store = (ds / ".curate" / "quarantine" / "metadata_lines.jsonl").read_text()
+    assert json.loads(store)["line"].startswith('{"file_name": "img2.png", "text": "cap 2"')
