@@ -219,3 +219,18 @@ def test_a_line_rewritten_while_its_image_was_quarantined_is_not_overwritten_on_
     assert [json.loads(ln)["text"] for ln in lines if "img2" in ln] == ["my new caption"]
     store = (ds / ".curate" / "quarantine" / "metadata_lines.jsonl").read_text()
     assert json.loads(store)["line"].startswith('{"file_name": "img2.png", "text": "cap 2"')
+
+
+def test_a_metadata_jsonl_file_name_with_dot_slash_is_that_image_s_caption(tmp_path):
+    """HF imagefolder joins file_name to the metadata's folder, so "./a.png" is a.png; curate looked the
+    name up as written: a.png had no caption (export wrote curate's empty one) and lost its other columns."""
+    ds = tmp_path / "ds"
+    image(ds / "a.png", 1, 256)
+    image(ds / "sub" / "b.png", 2, 256)
+    (ds / "metadata.jsonl").write_text(
+        '{"file_name": "./a.png", "text": "a dog", "rating": 5}\n{"file_name": "sub//b.png", "text": "a cat"}\n'
+    )
+    ok("scan", ds)
+    ok("export", ds, tmp_path / "out", "--format", "diffusers")
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted((r["text"], r.get("rating")) for r in rows) == [("a cat", None), ("a dog", 5)]
