@@ -234,3 +234,44 @@ def test_a_metadata_jsonl_file_name_with_dot_slash_is_that_image_s_caption(tmp_p
     ok("export", ds, tmp_path / "out", "--format", "diffusers")
     rows = [json.loads(ln) for ln in (tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()]
     assert sorted((r["text"], r.get("rating")) for r in rows) == [("a cat", None), ("a dog", 5)]
+
+
+# ---------------------------------------------------------------- exporting over an older export
+def test_train_re_export_never_deletes_files_a_person_put_in_the_old_export(tmp_path, monkeypatch):
+    """`curate train` re-exports into OUTPUT/data when the dataset changed, replacing the old export as a
+    whole: an image the user had dropped into the export's concept folder and their notes were deleted
+    without a word. Now the run stops with one line naming a file; sd-scripts' latent caches beside the
+    exported images are no reason to stop (they are rebuilt)."""
+    from tests.test_roundtrip_train import no_model_loads
+
+    no_model_loads(monkeypatch)  # the export comes before the model: stop there
+    ds = tmp_path / "ds"
+    for s in range(4):
+        image(ds / "10_char" / f"c{s}.png", s + 100, 128)
+    ok("scan", ds)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "o"
+    args = ["train", str(ds), "--base", str(base), "--output-dir", str(out), "--set", "resolution=64"]
+    first = run(app, args)
+    assert isinstance(first.exception, AssertionError), first.output  # exported, then reached the model
+    data = out / "data"
+    exported = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    assert len(exported) == 4, exported
+    stem = exported[0][: -len(".png")]
+    (data / f"{stem}_0064x0064_sd.npz").write_bytes(b"latents")  # sd-scripts' cache: curate's to replace
+    image(ds / "10_char" / "c9.png", 109, 128)  # the dataset changed: the next run re-exports
+    second = run(app, args)
+    assert isinstance(second.exception, AssertionError), second.output  # the cache alone does not stop it
+    assert len(list(data.rglob("*.png"))) == 5
+    mine = data / "img" / "10_char" / "my_extra.png"
+    image(mine, 7, 128)
+    (data / "notes.md").write_text("what I changed")
+    image(ds / "10_char" / "c8.png", 108, 128)
+    third = run(app, args)
+    assert third.exit_code != 0 and not isinstance(third.exception, AssertionError), third.output
+    text = " ".join(third.output.split())
+    assert "holds 2 file(s) the earlier export did not write (e.g. img/10_char/my_extra.png)" in text, text
+    assert "Traceback" not in third.output
+    assert mine.is_file() and (data / "notes.md").read_text() == "what I changed"
