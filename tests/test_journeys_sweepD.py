@@ -275,3 +275,40 @@ def test_train_re_export_never_deletes_files_a_person_put_in_the_old_export(tmp_
     assert "holds 2 file(s) the earlier export did not write (e.g. img/10_char/my_extra.png)" in text, text
     assert "Traceback" not in third.output
     assert mine.is_file() and (data / "notes.md").read_text() == "what I changed"
+
+
+# ---------------------------------------------------------------- check: captions left without their image
+def test_check_names_captions_whose_image_is_gone(tmp_path):
+    """a1.png deleted after the scan, its a1.txt left; metadata.jsonl names gone.png (loading the folder with
+    datasets then fails): `curate check` said "all rules pass". b.jpg beside a deleted b.png keeps b.txt."""
+    ds = tmp_path / "ds"
+    for i in range(3):
+        image(ds / f"a{i}.png", i + 120, 128)
+        (ds / f"a{i}.txt").write_text(f"cap {i}")
+    image(ds / "b.png", 130, 128)
+    image(ds / "b.jpg", 131, 128)
+    (ds / "b.txt").write_text("b")
+    (ds / "notes.txt").write_text("not a caption: no image was ever called notes")
+    (ds / "sub").mkdir()
+    image(ds / "sub" / "s.png", 132, 128)
+    (ds / "sub" / "metadata.jsonl").write_text(
+        '{"file_name": "s.png", "text": "s"}\n{"file_name": "gone.png", "text": "g"}\n'
+    )
+    ok("scan", ds)
+
+    def orphans() -> dict[str, str]:
+        r = run(app, ["check", str(ds), "--json"])  # the 128 px images are too small too: exit 1 anyway
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        return {v["path"]: v["detail"] for v in json.loads(r.stdout)["violations"]
+                if v["rule"] == "caption-without-image"}  # fmt: skip
+
+    assert list(orphans()) == ["sub/metadata.jsonl"]  # gone.png: from the start
+    (ds / "a1.png").unlink()
+    (ds / "b.png").unlink()
+    found = orphans()
+    assert sorted(found) == ["a1.txt", "sub/metadata.jsonl"], found
+    assert found["sub/metadata.jsonl"].startswith("line 2 names gone.png, which is not there")
+    assert "its image a1.png is gone" in found["a1.txt"]
+    (ds / "a1.txt").unlink()
+    (ds / "sub" / "metadata.jsonl").write_text('{"file_name": "s.png", "text": "s"}\n')
+    assert orphans() == {}
