@@ -312,3 +312,32 @@ def test_check_names_captions_whose_image_is_gone(tmp_path):
     (ds / "a1.txt").unlink()
     (ds / "sub" / "metadata.jsonl").write_text('{"file_name": "s.png", "text": "s"}\n')
     assert orphans() == {}
+
+
+# ---------------------------------------------------------------- split again after adding images
+def test_split_again_after_adding_images_keeps_the_earlier_validation_images(tmp_path):
+    """split --val 0.1 on 20 images, 10 more added, split --val 0.2: the groups were shuffled as a list, so
+    one more image reordered all of them and the validation images of the first split went to train (both
+    sides dealt afresh: the earlier run's validation losses compare with nothing). Now each group's place in
+    the seeded order is its own, and the earlier validation images stay."""
+    ds = tmp_path / "ds"
+    for s in range(20):
+        image(ds / f"p{s:02d}.png", s + 200, 64)
+    ok("scan", ds)
+
+    def sides() -> dict[str, str]:
+        with db(ds) as c:
+            return dict(c.execute("SELECT f.path, i.split FROM files f JOIN images i USING(sha256)"))
+
+    first = json.loads(ok("split", ds, "--val", "0.1", "--seed", "0", "--json"))
+    assert (first["train"], first["val"]) == (18, 2), first
+    val_before = {p for p, s in sides().items() if s == "val"}
+    for s in range(20, 30):
+        image(ds / f"p{s:02d}.png", s + 200, 64)
+    ok("scan", ds)
+    second = json.loads(ok("split", ds, "--val", "0.2", "--seed", "0", "--json"))
+    assert (second["train"], second["val"]) == (24, 6), second
+    now = sides()
+    assert {p: now[p] for p in val_before} == {p: "val" for p in val_before}
+    assert json.loads(ok("split", ds, "--val", "0.2", "--seed", "0", "--json")) == second  # deterministic
+    assert sides() == now
