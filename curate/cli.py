@@ -191,6 +191,8 @@ def _apply_and_print(ds: Dataset, as_json: bool) -> dict:
     res = ds.apply()
     if not as_json:
         side = f" with {len(res.sidecars)} caption / cache sidecar(s)" if res.sidecars else ""
+        if res.jsonl_lines:
+            side += f"{' and' if side else ' with'} {len(res.jsonl_lines)} metadata.jsonl caption line(s)"
         console.print(
             f"moved {len(res.moved)} file(s){side} to .curate/quarantine (batch {res.batch}); "
             "undo: curate restore"
@@ -599,6 +601,8 @@ def restore(
         print_json(res.as_dict())
     else:
         side = f" and {len(res.sidecars)} sidecar(s)" if res.sidecars else ""
+        if res.jsonl_lines:
+            side += f" and {len(res.jsonl_lines)} metadata.jsonl caption line(s)"
         console.print(f"restored {len(res.moved)} file(s){side}")
     _print_skipped(res.skipped)
     _exit_if_skipped(res.as_dict())

@@ -150,12 +150,50 @@ def check_target(out: Path, dataset_root: Path, *, replace: bool = False) -> Non
             "choose a folder outside it"
         )
     if replace and out.is_dir() and (out / EXPORT_RECORD).is_file():
+        foreign = foreign_files(out)
+        if foreign:
+            raise CurateError(
+                f"{out} holds {len(foreign)} file(s) the earlier export did not write (e.g. {foreign[0]}); "
+                "the re-export replaces that folder as a whole, so move them out of it (put images in the "
+                "dataset and run `curate scan`), then rerun"
+            )
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CurateError(
             f"{out} already exists and is not empty; export never overwrites: choose a new folder"
             + (" (it is not a curate export, so curate will not replace it)" if replace else "")
         )
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in the earlier export ``out`` that it did not write, nor sd-scripts' latent / text-encoder
+    caches beside its images: a person's (an image added by hand, notes), which replacing it would delete."""
+    import json
+
+    from ..stages.quarantine import _owners
+
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text("utf-8"))
+    except (OSError, ValueError):
+        return []
+    ours = {EXPORT_RECORD, "dataset.toml", "dataset_val.toml"}
+    stems: set[str] = set()
+    for im in [*(record.get("images") or []), *(record.get("reg") or [])]:
+        f = str(im.get("file", "")) if isinstance(im, dict) else ""
+        if f:
+            ours |= {f, os.path.splitext(f)[0] + ".txt"}
+            stems.add(os.path.splitext(f)[0])
+    found = []
+    for dirpath, _dirs, files in os.walk(out):
+        for name in files:
+            rel = Path(dirpath, name).relative_to(out).as_posix()
+            folder = rel.rpartition("/")[0]
+            if rel in ours or (
+                name.endswith(".npz") and any(f"{folder}/{o}".lstrip("/") in stems for o in _owners(name))
+            ):
+                continue
+            found.append(rel)
+    return sorted(found)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 import time
 import uuid
 from collections import Counter
@@ -263,6 +264,13 @@ def build_captions(
 
 
 # -- writing ---------------------------------------------------------------------------------------
+def jsonl_name(value: Any) -> str:
+    """A metadata.jsonl ``file_name`` as a path relative to the file's folder: ``./a.png`` and ``sub//a.png``
+    are ``a.png`` and ``sub/a.png`` (HF imagefolder joins it to the folder, so it finds them)."""
+    name = str(value).replace("\\", "/")
+    return posixpath.normpath(name) if name else name
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -303,7 +311,7 @@ def _current_text(manifest: Manifest, target: str) -> str | None:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(obj, dict) and str(obj.get("file_name")) == name:
+            if isinstance(obj, dict) and jsonl_name(obj.get("file_name")) == name:
                 return obj.get("text")
         return None
     f = root / target
@@ -400,7 +408,7 @@ def write_captions(
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     raise CurateError(f"{meta} has a line that is not JSON; fix or move it away") from None
-                entries[str(obj.get("file_name"))] = obj
+                entries[jsonl_name(obj.get("file_name"))] = obj
         changed, overwrote_user = False, False
         todo: list[tuple[str, str, str]] = []
         for b in built:

@@ -97,6 +97,50 @@ def _captions(m: Manifest, cfg: Config) -> list[Violation]:
     return check_captions(m, cfg)
 
 
+@rule("orphan-captions")
+def _orphan_captions(m: Manifest, cfg: Config) -> list[Violation]:
+    """Captions left without their image: a metadata.jsonl line naming a file that is not there (HF
+    imagefolder fails on it when the folder is loaded) and the .txt / .caption of an image deleted since
+    it was scanned."""
+    from ..io import IMAGE_EXTENSIONS, STATE_DIR
+    from .quarantine import _file_name
+
+    root = m.root
+    out: list[Violation] = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (dirpath == str(root) and d == STATE_DIR)]
+        if "metadata.jsonl" not in files:
+            continue
+        meta = Path(dirpath, "metadata.jsonl")
+        rel = meta.relative_to(root).as_posix()
+        try:
+            lines = meta.read_bytes().splitlines()
+        except OSError:
+            continue
+        for n, line in enumerate(lines, 1):
+            name = _file_name(line)
+            if name is not None and not os.path.lexists(Path(dirpath, name)):
+                out.append(Violation(rel, "caption-without-image", f"line {n} names {name}, which is not there "
+                                     "(loading the folder with datasets fails on it): remove the line or put the "
+                                     "image back"))  # fmt: skip
+    gone = [r[0] for r in m.conn.execute("SELECT path FROM files WHERE status='missing'")]
+    for img in gone:
+        stem = os.path.splitext(img)[0]
+        folder = (root / img).parent
+        try:
+            others = {e.name for e in os.scandir(folder)}
+        except OSError:
+            continue
+        if any(os.path.splitext(o)[0] == Path(stem).name and os.path.splitext(o)[1].lower() in IMAGE_EXTENSIONS
+               for o in others):  # fmt: skip
+            continue  # a.jpg is still there beside a deleted a.png: the caption is a.jpg's
+        for ext in (".txt", ".caption"):
+            if Path(stem).name + ext in others:
+                out.append(Violation(stem + ext, "caption-without-image", f"its image {img} is gone since the "
+                                     "scan: delete the caption or put the image back"))  # fmt: skip
+    return out
+
+
 def check(
     manifest: Manifest, cfg: Config, rules: list[str] | None = None, only: Only = None
 ) -> list[Violation]:

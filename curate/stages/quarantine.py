@@ -19,6 +19,11 @@ files (``a.txt``, ``a.caption``) and the latent / text-encoder caches sd-scripts
 (``a.png`` rejected, ``a.jpg`` kept) stays. An image whose sidecar already exists in the quarantine is not
 moved at all (nothing is overwritten); restore moves each sidecar back unless a file took its place.
 
+An image's line in a ``metadata.jsonl`` (HF imagefolder: ``file_name`` relative to the file's folder, in its
+folder or any above) leaves that file with it, or a diffusers dataset trained as it is points at an image that
+is gone (``datasets`` fails on it); the line is kept in ``.curate/quarantine/metadata_lines.jsonl`` with its
+place, and restore puts it back there unless the file meanwhile has a line for that image.
+
 The quarantine keeps its own index, ``.curate/quarantine/index.json`` (written atomically before the
 moves of a batch and after them), listing what it holds, so ``restore`` works without the manifest.
 """
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CurateError
-from ..io import IMAGE_EXTENSIONS, STATE_DIR, PathOutside, atomic_write_text, inside
+from ..io import IMAGE_EXTENSIONS, STATE_DIR, PathOutside, atomic_write, atomic_write_text, inside
 from ..manifest import Manifest
 
 QUARANTINE = "quarantine"
@@ -56,10 +61,11 @@ class MoveResult:
     moved: list[str] = field(default_factory=list)  # images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     sidecars: list[str] = field(default_factory=list)  # captions / latent caches moved with their images
+    jsonl_lines: list[str] = field(default_factory=list)  # <dir/>metadata.jsonl::<image>: caption lines moved
 
     def as_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "moved": self.moved, "sidecars": self.sidecars,
-                "skipped": [list(s) for s in self.skipped]}  # fmt: skip
+                "jsonl_lines": self.jsonl_lines, "skipped": [list(s) for s in self.skipped]}  # fmt: skip
 
 
 def _owners(name: str) -> list[str]:
@@ -263,6 +269,9 @@ def apply_rejects(manifest: Manifest, *, dry_run: bool = False) -> MoveResult:
     if dry_run:
         res.moved = [rel for rel, _, _ in plan]
         res.sidecars = [s for rel, _, _ in plan for s, _, _ in sidecars.get(rel, [])]
+        res.jsonl_lines = [
+            f"{m}::{rel}" for m, found in _jsonl_lines(root, res.moved).items() for rel in found
+        ]
         return res
     if plan:
         index = read_index(qdir)
@@ -289,6 +298,7 @@ def apply_rejects(manifest: Manifest, *, dry_run: bool = False) -> MoveResult:
             keep = [e for e in entries if e["src"] in attempted and e["state"] != "failed"]
             with contextlib.suppress(OSError):
                 write_index(qdir, index + keep)
+            _take_jsonl_lines(root, qdir, batch, res)
     if not res.moved:
         res.batch = None
     return res
@@ -435,6 +445,7 @@ def restore(manifest: Manifest, *, batch: str | None = None, all_batches: bool =
             with contextlib.suppress(OSError):
                 if left != index:
                     write_index(qdir, left)
+        _give_jsonl_lines(root, qdir, {rel for _, rel in restored}, res)
     if batch is None:
         for stray in _unlisted(qdir, listed):
             res.skipped.append(
@@ -487,3 +498,174 @@ def _unlisted(qdir: Path, listed: set[str]) -> list[str]:
             if rel not in listed:
                 out.append(rel)
     return sorted(out)
+
+
+# -- metadata.jsonl lines ------------------------------------------------------------------------------
+JSONL = "metadata.jsonl"  # curate.stages.user_captions.JSONL
+LINES_NAME = (
+    "metadata_lines.jsonl"  # the lines taken out of the dataset's metadata.jsonl files, with their place
+)
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    return data.splitlines(keepends=True)
+
+
+def _file_name(line: bytes) -> str | None:
+    """The ``file_name`` of one metadata.jsonl line (normalised, relative to the file's folder), or None."""
+    text = line.decode("utf-8", "replace").lstrip("\ufeff").strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    name = obj.get("file_name") if isinstance(obj, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    return os.path.normpath(name).replace(os.sep, "/")
+
+
+def _jsonl_files(root: Path, rel: str) -> list[tuple[str, str]]:
+    """(metadata.jsonl path, the file_name of ``rel`` in it) for every folder from ``rel``'s up to the root."""
+    parts = rel.split("/")
+    out = []
+    for i in range(len(parts) - 1, -1, -1):
+        d = "/".join(parts[:i])
+        meta = f"{d}/{JSONL}" if d else JSONL
+        if os.path.isfile(root / meta) and not os.path.islink(root / meta):
+            out.append((meta, "/".join(parts[i:])))
+    return out
+
+
+def _jsonl_lines(root: Path, images: list[str]) -> dict[str, list[str]]:
+    """metadata.jsonl path -> the images among ``images`` that have a line in it."""
+    wanted: dict[str, dict[str, str]] = {}  # meta -> file_name -> image
+    for rel in images:
+        for meta, name in _jsonl_files(root, rel):
+            wanted.setdefault(meta, {})[name] = rel
+    out: dict[str, list[str]] = {}
+    for meta, names in wanted.items():
+        try:
+            lines = _split_lines((root / meta).read_bytes())
+        except OSError:
+            continue
+        found = {names[n] for n in map(_file_name, lines) if n in names}
+        if found:
+            out[meta] = sorted(found)
+    return out
+
+
+def _read_lines_store(qdir: Path) -> list[dict[str, Any]]:
+    try:
+        text = (qdir / LINES_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict) and {"metadata", "image", "line", "at"} <= obj.keys():
+                out.append(obj)
+    return out
+
+
+def _write_lines_store(qdir: Path, entries: list[dict[str, Any]]) -> None:
+    path = qdir / LINES_NAME
+    if not entries:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # curate's own record, empty now
+        return
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))  # ASCII: any bytes
+
+
+def _take_jsonl_lines(root: Path, qdir: Path, batch: str, res: MoveResult) -> None:
+    """Take the lines of the images ``res`` moved out of their metadata.jsonl files (kept in the quarantine's
+    metadata_lines.jsonl first, so a line is never only in memory)."""
+    if not res.moved:
+        return
+    store = _read_lines_store(qdir)
+    for meta, images in _jsonl_lines(root, res.moved).items():
+        path = root / meta
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            res.skipped.extend(
+                (f"{meta}::{rel}", f"its caption line stays: {exc.strerror}") for rel in images
+            )
+            continue
+        names = {name: rel for rel in images for m, name in _jsonl_files(root, rel) if m == meta}
+        lines = _split_lines(data)
+        taken = [(i, ln) for i, ln in enumerate(lines) if _file_name(ln) in names]
+        new = [{"batch": batch, "metadata": meta, "image": names[_file_name(ln)], "at": i,
+                "line": ln.decode("utf-8", "surrogateescape")} for i, ln in taken]  # fmt: skip
+        try:
+            _write_lines_store(qdir, store + new)
+            with atomic_write(path, "wb") as fh:
+                fh.write(b"".join(ln for i, ln in enumerate(lines) if i not in {t for t, _ in taken}))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                _write_lines_store(qdir, store)
+            why = f"its caption line stays in {meta} (cannot rewrite it: {exc.strerror}); remove it by hand"
+            res.skipped.extend((f"{meta}::{rel}", why) for rel in images)
+            continue
+        store += new
+        res.jsonl_lines += [f"{meta}::{rel}" for rel in images]
+
+
+def _give_jsonl_lines(root: Path, qdir: Path, restored: set[str], res: MoveResult) -> None:
+    """Put the metadata.jsonl lines of the ``restored`` images back where they were; a line the file has
+    again (the same text) is dropped from the store, one it has with other text stays there, said."""
+    store = _read_lines_store(qdir)
+    mine = [e for e in store if e["image"] in restored]
+    if not mine:
+        return
+    left = [e for e in store if e["image"] not in restored]
+    by_meta: dict[str, list[dict[str, Any]]] = {}
+    for e in mine:
+        by_meta.setdefault(e["metadata"], []).append(e)
+    for meta, entries in sorted(by_meta.items()):
+        try:
+            path = inside(root, meta)
+            lines = _split_lines(path.read_bytes()) if _lexists(path) else []
+        except (PathOutside, OSError) as exc:
+            left += entries
+            res.skipped.extend(
+                (f"{meta}::{e['image']}", f"caption line not restored: {exc}") for e in entries
+            )
+            continue
+        present = {_file_name(ln): ln for ln in lines}
+        back = []
+        # newest batch first, each batch's lines by their places then: undoing in the order of applying
+        entries = sorted(sorted(entries, key=lambda e: e["at"]), key=lambda e: str(e["batch"]), reverse=True)
+        for e in entries:
+            raw = e["line"].encode("utf-8", "surrogateescape")
+            name = _file_name(raw)
+            have = present.get(name)
+            if have is None:
+                back.append((e, raw))
+            elif have.rstrip(b"\r\n") != raw.rstrip(b"\r\n"):
+                left.append(e)
+                res.skipped.append((f"{meta}::{e['image']}", f"{meta} has another line for {name} now (left as "
+                                    f"it is); the quarantined line stays in {LINES_NAME}: compare them"))  # fmt: skip
+        for e, raw in back:  # every line back: the file is byte for byte as it was
+            at = min(int(e["at"]), len(lines))
+            if at == len(lines) and lines and not lines[-1].endswith((b"\n", b"\r")):
+                lines[-1] += b"\n"
+            if at < len(lines) and not raw.endswith((b"\n", b"\r")):
+                raw += b"\n"
+            lines.insert(at, raw)
+        if not back:
+            continue
+        try:
+            with atomic_write(path, "wb") as fh:
+                fh.write(b"".join(lines))
+        except OSError as exc:
+            left += [e for e, _ in back]
+            res.skipped.extend(
+                (f"{meta}::{e['image']}", f"caption line not restored: {exc}") for e, _ in back
+            )
+            continue
+        res.jsonl_lines += [f"{meta}::{e['image']}" for e, _ in back]
+    with contextlib.suppress(OSError):
+        _write_lines_store(qdir, left)

@@ -414,11 +414,18 @@ def _popcount(x):
 def carry_over_moves(manifest: Manifest, arrived: list[tuple[str, str]]) -> int:
     """A new path whose bytes are those of a file now missing is that file moved (into a concept folder,
     say): its filter / dedupe rejects and the person's keep / reject go with it, so a rejected image does
-    not come back as new. Returns how many moves were carried over."""
+    not come back as new, and the old path's row is dropped (one file, one row: a 'missing' row left
+    beside it was counted and listed as a lost file, and took the decisions back when the file returned
+    there). A caption file curate wrote that moved with it stays curate's. Returns how many moves."""
     if not arrived:
         return 0
+    from .captions import TABLES as CAPTION_TABLES
+
+    manifest.ensure_table(CAPTION_TABLES)
     gone: dict[str, list[str]] = {}
-    for path, sha in manifest.conn.execute("SELECT path, sha256 FROM files WHERE status='missing'"):
+    for path, sha in manifest.conn.execute(
+        "SELECT path, sha256 FROM files WHERE status='missing' ORDER BY path"
+    ):
         gone.setdefault(sha, []).append(path)
     st = ",".join("?" * len(STALE_STAGES))
     n = 0
@@ -430,16 +437,40 @@ def carry_over_moves(manifest: Manifest, arrived: list[tuple[str, str]]) -> int:
             old = olds.pop(0)  # one new path per old one: copies made elsewhere stay new files
             n += 1
             manifest.conn.execute(
-                f"INSERT OR REPLACE INTO rejects(path, stage, reason, detail) SELECT ?, stage, reason, detail"
+                f"DELETE FROM rejects WHERE path=? AND stage IN ({st})", (rel, *STALE_STAGES)
+            )
+            manifest.conn.execute(
+                f"INSERT INTO rejects(path, stage, reason, detail) SELECT ?, stage, reason, detail"
                 f" FROM rejects WHERE path=? AND stage IN ({st})",
                 (rel, old, *STALE_STAGES),
             )
-            manifest.conn.execute(
-                "INSERT OR IGNORE INTO decisions(path, decision, reason, at) SELECT ?, decision, reason, at"
-                " FROM decisions WHERE path=?",
-                (rel, old),
-            )
+            if manifest.conn.execute("SELECT 1 FROM decisions WHERE path=?", (old,)).fetchone():
+                manifest.conn.execute("DELETE FROM decisions WHERE path=?", (rel,))
+                manifest.conn.execute(
+                    "INSERT INTO decisions(path, decision, reason, at) SELECT ?, decision, reason, at"
+                    " FROM decisions WHERE path=?",
+                    (rel, old),
+                )
+            _carry_caption_records(manifest, old, rel)
+            for table in ("files", "rejects", "decisions"):
+                manifest.conn.execute(f"DELETE FROM {table} WHERE path=?", (old,))
     return n
+
+
+def _carry_caption_records(manifest: Manifest, old: str, new: str) -> None:
+    """The caption files curate wrote beside ``old`` (``a.txt``, ``a.caption``) are curate's beside ``new``
+    too when they moved along (same text): re-tagging may rewrite them, as before the move."""
+    old_stem, new_stem = os.path.splitext(old)[0], os.path.splitext(new)[0]
+    for ext in (".txt", ".caption"):
+        row = manifest.conn.execute(
+            "SELECT sha256, digest, at FROM caption_files WHERE target=?", (old_stem + ext,)
+        ).fetchone()
+        if row is None or (manifest.root / (old_stem + ext)).exists():
+            continue  # none written there, or it stayed behind
+        manifest.conn.execute(
+            "INSERT OR IGNORE INTO caption_files(target, sha256, digest, at) VALUES (?,?,?,?)",
+            (new_stem + ext, row[0], row[1], row[2]),
+        )
 
 
 def forget_stale_rejects(manifest: Manifest, rel: str) -> None:

@@ -9,8 +9,8 @@ stratum (e.g. per character), so each stratum gets its share.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,12 +106,12 @@ def assign(
         counts = Counter(stratum_of(records[k], balance_tag) for k in idx)
         s = min(counts, key=lambda x: (-counts[x], x))
         by_stratum.setdefault(s, []).append(idx)
-    rng = random.Random(seed)
     out: dict[str, str] = {}
     for s in sorted(by_stratum):
-        # Canonical order first (by smallest hash in the group), then the seeded shuffle.
-        groups = sorted(by_stratum[s], key=lambda idx: min(records[k].sha256 for k in idx))
-        rng.shuffle(groups)
+        # A seeded order of each group's own key (its smallest content hash), not a shuffle of the list: images
+        # added later fall in between without reordering the others, so a re-split (a larger --val, more
+        # images) keeps the earlier validation images there instead of dealing both sides afresh.
+        groups = sorted(by_stratum[s], key=lambda idx: _order_key(seed, min(records[k].sha256 for k in idx)))
         n = sum(len(g) for g in groups)
         target = val * n
         taken = 0
@@ -128,6 +128,10 @@ def assign(
         for k in smallest:
             out[records[k].sha256] = "val"
     return out, labels
+
+
+def _order_key(seed: int, sha: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
 
 
 def crossing_groups(

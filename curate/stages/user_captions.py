@@ -24,7 +24,7 @@ from ..errors import CurateError
 from ..io import STATE_DIR, atomic_write_text, atomic_write_texts
 from ..manifest import Manifest
 from .captions import TABLES as CAPTION_TABLES
-from .captions import digest, reconcile_pending
+from .captions import digest, jsonl_name, reconcile_pending
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS user_captions (
@@ -101,7 +101,7 @@ def _jsonl_entries(path: Path) -> dict[str, str]:
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj.get("file_name") is not None:
-            out[str(obj["file_name"])] = obj["text"]
+            out[jsonl_name(obj["file_name"])] = obj["text"]
     return out
 
 
@@ -122,7 +122,7 @@ def jsonl_columns(root: Path, rel: str, cache: dict[str, dict[str, dict]] | None
                     except json.JSONDecodeError:
                         continue
                     if isinstance(obj, dict) and obj.get("file_name") is not None:
-                        objs[str(obj["file_name"])] = obj
+                        objs[jsonl_name(obj["file_name"])] = obj
             cache[d] = objs
         obj = cache[d].get("/".join(parts[i:]))
         if obj is not None:
@@ -279,7 +279,7 @@ def write_user_text(
                 obj = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
                 obj = None
-            if isinstance(obj, dict) and str(obj.get("file_name")) in (name, image) and not found:
+            if isinstance(obj, dict) and jsonl_name(obj.get("file_name")) in (name, image) and not found:
                 obj["text"] = text
                 found = True
                 line = json.dumps(obj, ensure_ascii=False)
