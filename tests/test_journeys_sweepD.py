@@ -7,25 +7,14 @@ CLI runs through typer's CliRunner."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from curate.cli import app
-from tests.images import textured
+from tests.test_journeys_gapsA import db, image  # the same two helpers
 
 run = CliRunner().invoke
-
-
-def image(path: Path, seed: int, size: int = 96) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    textured(size, size, seed).save(path)
-    return path
-
-
-def db(root: Path) -> sqlite3.Connection:
-    return sqlite3.connect(root / ".curate" / "manifest.db")
 
 
 def ok(*args) -> str:
